@@ -287,6 +287,36 @@ void kvr_kv_seq_advance(struct kvr_kv_seq *s, int n_new) {
     }
 }
 
+int kvr_kv_seq_restore(struct kvr_kv_seq *s, int n_past) {
+    struct kvr_kv_pool *pool = s->pool;
+    int bt = pool->block_tokens;
+    if (n_past < 1 || s->n_past != 0 || s->n_held != 0)
+        return KVR_EINVAL;
+    if (s->policy.policy == KVR_KV_DENSE && n_past > s->n_tokens_max)
+        return KVR_ECONTEXT;
+    int lb_end = ceil_div(n_past, bt);
+    int lb_begin = kv_recent_begin(s, n_past) / bt;
+    if (lb_begin < s->n_sink_blocks)
+        lb_begin = s->n_sink_blocks;
+    if (lb_begin > lb_end)
+        lb_begin = lb_end;
+    int n_sink = s->n_sink_blocks < lb_end ? s->n_sink_blocks : lb_end;
+    if (n_sink + (lb_end - lb_begin) > pool->n_free)
+        return KVR_ENOSPC;
+    s->lb_begin = s->lb_end = s->tab_base = lb_begin;
+    if (lb_end > lb_begin && tab_fit(s, lb_end) != KVR_OK)
+        return KVR_ENOMEM;
+    for (int lb = 0; lb < n_sink; lb++)
+        s->sink_blk[lb] = pool->free_stack[--pool->n_free];
+    for (int lb = lb_begin; lb < lb_end; lb++)
+        s->tab[lb - s->tab_base] = pool->free_stack[--pool->n_free];
+    s->lb_end = lb_end;
+    s->n_held = n_sink + (lb_end - lb_begin);
+    s->n_past = n_past;
+    s->n_reserved = lb_end * bt;
+    return KVR_OK;
+}
+
 int kvr_kv_seq_n_past(const struct kvr_kv_seq *s) { return s->n_past; }
 
 int kvr_kv_seq_n_blocks(const struct kvr_kv_seq *s) { return s->n_held; }

@@ -104,6 +104,13 @@ int kvr_kv_seq_reserve(struct kvr_kv_seq *seq, int n_new);
  * no later query can see (window and sink eviction). */
 void kvr_kv_seq_advance(struct kvr_kv_seq *seq, int n_new);
 
+/* Prepares an empty sequence to receive the cache of n_past tokens made elsewhere:
+ * takes blocks only for the positions its policy still holds after n_past tokens (the
+ * sinks and the window; all of them under dense), as if they had been written here and
+ * evicted by kvr_kv_seq_advance. Fill them with kvr_kv_seq_import. All or nothing:
+ * KVR_ENOSPC, KVR_ECONTEXT (dense past n_tokens_max), KVR_EINVAL (not empty, n_past < 1). */
+int kvr_kv_seq_restore(struct kvr_kv_seq *seq, int n_past);
+
 /* Drops every token and block (recompute starts each step from scratch). */
 void kvr_kv_seq_reset(struct kvr_kv_seq *seq);
 

@@ -57,6 +57,9 @@ struct kvr_engine {
     int *logit_row;       /* rows that need logits */
     float **logit_dst;    /* where each such row's logits go */
 
+    void (*layer_hook)(void *ud, const struct kvr_forward_item *items, int n_items, int layer);
+    void *layer_hook_ud;
+
     /* Current forward call, read by the parallel tasks. */
     struct kvr_forward_item *items;
     int n_items;
@@ -216,6 +219,14 @@ void kvr_engine_free(struct kvr_engine *e) {
 }
 
 const struct kvr_engine_params *kvr_engine_params(const struct kvr_engine *e) { return &e->p; }
+
+void kvr_engine_set_layer_hook(struct kvr_engine *e,
+                               void (*fn)(void *ud, const struct kvr_forward_item *items,
+                                          int n_items, int layer),
+                               void *ud) {
+    e->layer_hook = fn;
+    e->layer_hook_ud = ud;
+}
 
 /* ---- row-wise elementwise work ------------------------------------------------- */
 
@@ -511,6 +522,8 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
         kvr_matmul(e->tp, e->k, e->xb, w->wk + lkv, T, kvd, d, 0.0f);
         kvr_matmul(e->tp, e->v, e->xb, w->wv + lkv, T, kvd, d, 0.0f);
         run_rows(e, ROW_ROPE_STORE);
+        if (e->layer_hook)
+            e->layer_hook(e->layer_hook_ud, items, n_items, l);
         attention(e);
         kvr_matmul(e->tp, e->x, e->xb2, w->wo + ld, T, d, d, 1.0f);
         run_rows(e, ROW_RMSNORM_FFN);

@@ -41,6 +41,15 @@ void kvr_engine_free(struct kvr_engine *e);
 
 const struct kvr_engine_params *kvr_engine_params(const struct kvr_engine *e);
 
+/* Installs fn to be called on the calling thread after layer `layer` of every forward
+ * call has stored its K and V for all items (before that layer's attention): the
+ * prefill node encodes and ships layer l while layer l+1 computes. fn must not call
+ * the engine. NULL removes it. */
+void kvr_engine_set_layer_hook(struct kvr_engine *e,
+                               void (*fn)(void *ud, const struct kvr_forward_item *items,
+                                          int n_items, int layer),
+                               void *ud);
+
 /* Runs items through the model: reserves cache slots (kvr_kv_seq_reserve), writes K/V of
  * every new token, writes the requested logits, then advances each sequence (eviction
  * by its policy). Checks everything before computing: KVR_EINVAL (a token id outside the
