@@ -1,0 +1,1256 @@
+/* grpc_server.c - the coordinator's gRPC front end on gRPC's C core API.
+ * One thread runs the completion queue: it accepts calls (a request_call is always armed),
+ * drives each call's state machine, validates Generate requests and hands them to the
+ * router. The router thread calls back through coord_grpc_stream_ops. This file is the one
+ * edge where kvr_status becomes a gRPC status (style.md sections 5 and 10). */
+#include "grpc_server.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/time.h>
+
+#include "kvrelay.pb-c.h"
+#include "log.h"
+#include "status.h"
+
+/* The proto enums mirror C enums; peers rely on equal values. */
+_Static_assert(KVRELAY__V1__KV_POLICY__KV_POLICY_DENSE == (int)KVR_KV_DENSE, "KvPolicy");
+_Static_assert(KVRELAY__V1__KV_POLICY__KV_POLICY_WINDOW == (int)KVR_KV_WINDOW, "KvPolicy");
+_Static_assert(KVRELAY__V1__KV_POLICY__KV_POLICY_RECOMPUTE == (int)KVR_KV_RECOMPUTE, "KvPolicy");
+_Static_assert(KVRELAY__V1__KV_POLICY__KV_POLICY_SINK == (int)KVR_KV_SINK, "KvPolicy");
+_Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_LENGTH == (int)COORD_FINISH_LENGTH,
+               "FinishReason");
+_Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_STOP == (int)COORD_FINISH_STOP,
+               "FinishReason");
+_Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_CONTEXT == (int)COORD_FINISH_CONTEXT,
+               "FinishReason");
+_Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_CANCELLED == (int)COORD_FINISH_CANCELLED,
+               "FinishReason");
+_Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_ERROR == (int)COORD_FINISH_ERROR,
+               "FinishReason");
+
+#define KVR_GRPC_DEFAULT_WINDOW 256       /* kv_window when absent (clamped to the context) */
+#define KVR_GRPC_DEFAULT_SINKS  4         /* kv_sinks when absent (clamped below the window) */
+#define KVR_GRPC_MAX_TOKENS     (1 << 24) /* explicit max_tokens limit under windowed policies */
+#define KVR_GRPC_MSG_LEN        256       /* status messages: one line, at most this many bytes */
+
+/* ---------------------------------------------------------------------------------------
+ * Status mapping: the one table (docs/API.md repeats it; change both together).
+ * ------------------------------------------------------------------------------------- */
+
+static const struct {
+    int status;
+    grpc_status_code code;
+} status_map[] = {
+    {KVR_OK, GRPC_STATUS_OK},
+    {KVR_EINVAL, GRPC_STATUS_INVALID_ARGUMENT},
+    {KVR_ERANGE, GRPC_STATUS_INVALID_ARGUMENT},
+    {KVR_ECONTEXT, GRPC_STATUS_INVALID_ARGUMENT},
+    {KVR_EFULL, GRPC_STATUS_RESOURCE_EXHAUSTED},     /* admission queue full */
+    {KVR_ETIMEDOUT, GRPC_STATUS_RESOURCE_EXHAUSTED}, /* no decode memory before the deadline */
+    {KVR_ENOSPC, GRPC_STATUS_RESOURCE_EXHAUSTED},    /* can never fit on any decode node */
+    {KVR_ENOMEM, GRPC_STATUS_RESOURCE_EXHAUSTED},
+    {KVR_EUNAVAIL, GRPC_STATUS_UNAVAILABLE}, /* node died, no nodes, shutting down */
+    {KVR_EMPI, GRPC_STATUS_UNAVAILABLE},
+    {KVR_ECANCELED, GRPC_STATUS_CANCELLED},
+    {KVR_ENOTSUP, GRPC_STATUS_UNIMPLEMENTED},
+    {KVR_ECHECKSUM, GRPC_STATUS_DATA_LOSS}, /* corrupt KV transfer */
+    {KVR_EFORMAT, GRPC_STATUS_DATA_LOSS},
+    {KVR_ETRUNC, GRPC_STATUS_DATA_LOSS},
+    {KVR_EMAGIC, GRPC_STATUS_DATA_LOSS},
+    {KVR_EVERSION, GRPC_STATUS_DATA_LOSS},
+    {KVR_ELENGTH, GRPC_STATUS_DATA_LOSS},
+    {KVR_EOVERFLOW, GRPC_STATUS_DATA_LOSS},
+    {KVR_ECOMPRESS, GRPC_STATUS_DATA_LOSS},
+    {KVR_EFINGERPRINT, GRPC_STATUS_INTERNAL}, /* nodes run different models */
+    {KVR_ESHAPE, GRPC_STATUS_INTERNAL},
+    {KVR_EIO, GRPC_STATUS_INTERNAL},
+    {KVR_ENOENT, GRPC_STATUS_INTERNAL},
+    {KVR_EGRPC, GRPC_STATUS_INTERNAL},
+    {KVR_EAGAIN, GRPC_STATUS_INTERNAL},
+    {KVR_EINTERNAL, GRPC_STATUS_INTERNAL},
+};
+
+int coord_grpc_code_from_status(int status) {
+    for (size_t i = 0; i < sizeof status_map / sizeof status_map[0]; i++)
+        if (status_map[i].status == status)
+            return (int)status_map[i].code;
+    return (int)GRPC_STATUS_INTERNAL;
+}
+
+const char *coord_grpc_code_name(int code) {
+    static const char *const names[] = {
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    };
+    if (code < 0 || code >= (int)(sizeof names / sizeof names[0]))
+        return "UNKNOWN_CODE";
+    return names[code];
+}
+
+double coord_clock_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Types
+ * ------------------------------------------------------------------------------------- */
+
+enum rpc_method {
+    RPC_UNKNOWN = 0,
+    RPC_GENERATE,
+    RPC_CLUSTER_STATUS,
+    RPC_HEALTH,
+};
+
+static const struct {
+    const char *path;
+    enum rpc_method method;
+} methods[] = {
+    {"/kvrelay.v1.Inference/Generate", RPC_GENERATE},
+    {"/kvrelay.v1.Inference/ClusterStatus", RPC_CLUSTER_STATUS},
+    {"/kvrelay.v1.Inference/Health", RPC_HEALTH},
+};
+
+enum tag_kind {
+    TAG_NEW_CALL,
+    TAG_SHUTDOWN,
+    TAG_RECV,  /* RECV_MESSAGE of the request */
+    TAG_SEND,  /* any batch that sends (message, status or both); one in flight per call */
+    TAG_CLOSE, /* RECV_CLOSE_ON_SERVER, armed at accept: completes when the call is over */
+};
+
+struct rpc_call;
+
+/* Completion-queue tags point at these, embedded in their owner. */
+struct tag {
+    enum tag_kind kind;
+    struct rpc_call *call; /* NULL for server tags */
+};
+
+/* What the router holds: a handle to the call it streams to. */
+struct coord_stream {
+    struct rpc_call *call;
+};
+
+/* One RPC. Lifetime: freed when the gRPC side is released (no outstanding batch, which
+ * implies the call is over since RECV_CLOSE_ON_SERVER is outstanding until then) and the
+ * router no longer holds the stream (finish delivered, or never submitted). */
+struct rpc_call {
+    struct coord_grpc *g; /* used only while call != NULL */
+    const struct kvr_tokenizer *tok;
+    uint64_t serial; /* server-local number for logs */
+    enum rpc_method method;
+    struct tag t_recv, t_send, t_close;
+    struct coord_stream stream;
+    double t_arrival; /* coord_clock_now() at accept */
+
+    pthread_mutex_t mu;        /* guards all below; held around every start_batch of the call */
+    grpc_call *call;           /* NULL once released */
+    int n_batches;             /* started and not yet completed */
+    int router_holds;          /* the router may still call tokens/finish */
+    int closed;                /* RECV_CLOSE_ON_SERVER completed */
+    int close_cancelled;       /* its out-param: 1 = cancelled, deadline, disconnect */
+    int md_sent;               /* initial metadata started */
+    int status_sent;           /* the status has been started: nothing more to send */
+    int send_busy;             /* a TAG_SEND batch is in flight */
+    grpc_byte_buffer *recv_bb; /* the request, owned until parsed */
+    grpc_byte_buffer *send_bb; /* the message in flight, destroyed at its completion */
+
+    /* Generate only. */
+    int submitted; /* the router accepted it; req_id is valid */
+    uint64_t req_id;
+    int cancel_sent; /* coord_router_cancel called */
+    int *q;          /* (q_cap) token ids received, not yet sent: q[q_head..q_tail) */
+    int q_head, q_tail, q_cap;
+    int prev_token;    /* the token before the next one to render */
+    int n_sent;        /* token messages started */
+    char *prompt_text; /* owned until the first message goes out */
+    int first_sent;
+    uint64_t seed;
+    int finished; /* finish() arrived; fields below valid */
+    int fin_status;
+    enum coord_finish fin_reason;
+    struct coord_usage fin_usage;
+    char fin_msg[KVR_GRPC_MSG_LEN];
+};
+
+struct coord_grpc {
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    pthread_t thread;
+    struct coord_router *router;
+    const struct kvr_tokenizer *tok;
+    int seq_len, vocab_size;
+    int max_piece_len; /* longest vocabulary string: bounds bytes per prompt token */
+    int port;
+    int grace_ms;
+    grpc_metadata md[1]; /* initial metadata every call sends: "kvr-server: kvrelay" */
+
+    /* The armed request_call (CQ thread only). */
+    grpc_call *nc_call;
+    grpc_call_details nc_details;
+    grpc_metadata_array nc_md;
+    struct tag tag_new, tag_shutdown;
+    int armed;
+    int cq_shut;
+    uint64_t n_accepted;
+
+    atomic_int stopping;
+    atomic_int n_calls; /* calls not yet released */
+    pthread_mutex_t mu; /* guards shutdown_seen */
+    pthread_cond_t cv;
+    int shutdown_seen;
+};
+
+/* protobuf-c string fields are char * even when only read (packing). */
+static char *mutable_str(const char *s) {
+    union {
+        const char *c;
+        char *m;
+    } u = {.c = s};
+    return u.m;
+}
+
+/* Copies msg into out as one line (newlines become spaces), truncated to len. */
+static void one_line(char *out, size_t len, const char *msg) {
+    size_t i = 0;
+    for (; msg && msg[i] && i + 1 < len; i++)
+        out[i] = (msg[i] == '\n' || msg[i] == '\r') ? ' ' : msg[i];
+    out[i] = '\0';
+}
+
+/* Packs m into a byte buffer (owned, destroy with grpc_byte_buffer_destroy); NULL on ENOMEM.
+ * Token messages are a few bytes and pack on the stack; the slice and byte buffer are gRPC's
+ * own allocations, which the C core API has no way to avoid. */
+static grpc_byte_buffer *pack_message(const ProtobufCMessage *m) {
+    size_t n = protobuf_c_message_get_packed_size(m);
+    uint8_t small[512];
+    grpc_slice slice;
+    if (n <= sizeof small) {
+        protobuf_c_message_pack(m, small);
+        slice = grpc_slice_from_copied_buffer((const char *)small, n);
+    } else {
+        uint8_t *buf = malloc(n);
+        if (!buf)
+            return NULL;
+        protobuf_c_message_pack(m, buf);
+        slice = grpc_slice_new(buf, n, free);
+    }
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    return bb;
+}
+
+/* Reads bb whole into a slice (unref it after use). Returns 0 when the reader fails
+ * (e.g. a message compressed with an algorithm we cannot undo). */
+static int read_message(grpc_byte_buffer *bb, grpc_slice *out) {
+    grpc_byte_buffer_reader r;
+    if (!grpc_byte_buffer_reader_init(&r, bb))
+        return 0;
+    *out = grpc_byte_buffer_reader_readall(&r);
+    grpc_byte_buffer_reader_destroy(&r);
+    return 1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Call lifetime
+ * ------------------------------------------------------------------------------------- */
+
+static void call_free(struct rpc_call *c) {
+    if (c->recv_bb)
+        grpc_byte_buffer_destroy(c->recv_bb);
+    if (c->send_bb)
+        grpc_byte_buffer_destroy(c->send_bb);
+    free(c->q);
+    free(c->prompt_text);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+/* With c->mu held: releases the gRPC side once no batch is outstanding. Returns 1 when
+ * the caller must call_free(c) after unlocking (nobody else can reach c any more). */
+static int call_settle(struct rpc_call *c) {
+    if (c->call && c->n_batches == 0) {
+        grpc_call_unref(c->call);
+        c->call = NULL;
+        /* The last touch of g: after this the server may be destroyed. */
+        atomic_fetch_sub(&c->g->n_calls, 1);
+        c->g = NULL;
+    }
+    return c->call == NULL && !c->router_holds;
+}
+
+/* With c->mu held: starts ops under tag; counts it, or on failure logs and returns 0 (no
+ * completion will come, so nothing is counted). */
+static int call_start(struct rpc_call *c, const grpc_op *ops, size_t n, struct tag *t) {
+    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, t, NULL);
+    if (e != GRPC_CALL_OK) {
+        KVR_LOG_ERROR("call=%llu grpc_call_start_batch (%zu ops, tag %d): %s",
+                      (unsigned long long)c->serial, n, (int)t->kind, grpc_call_error_to_string(e));
+        return 0;
+    }
+    c->n_batches++;
+    return 1;
+}
+
+static void add_initial_md(struct rpc_call *c, grpc_op *ops, size_t *n) {
+    if (c->md_sent)
+        return;
+    grpc_op *op = &ops[(*n)++];
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_SEND_INITIAL_METADATA;
+    op->data.send_initial_metadata.count = 1;
+    op->data.send_initial_metadata.metadata = c->g->md;
+}
+
+/* With c->mu held: sends an optional last message (takes ownership of bb) and the status.
+ * On failure the call is cancelled so that RECV_CLOSE_ON_SERVER still ends it. */
+static void call_finish(struct rpc_call *c, grpc_byte_buffer *bb, grpc_status_code code,
+                        const char *msg) {
+    if (!c->call || c->closed || c->status_sent) {
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        return;
+    }
+    char line[KVR_GRPC_MSG_LEN];
+    one_line(line, sizeof line, msg);
+    grpc_slice details = grpc_slice_from_copied_string(line);
+    grpc_op ops[3];
+    size_t n = 0;
+    add_initial_md(c, ops, &n);
+    if (bb) {
+        grpc_op *op = &ops[n++];
+        memset(op, 0, sizeof *op);
+        op->op = GRPC_OP_SEND_MESSAGE;
+        op->data.send_message.send_message = bb;
+    }
+    grpc_op *op = &ops[n++];
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    op->data.send_status_from_server.status = code;
+    op->data.send_status_from_server.status_details = &details;
+    if (call_start(c, ops, n, &c->t_send)) {
+        c->md_sent = c->status_sent = c->send_busy = 1;
+        c->send_bb = bb;
+        if (code != GRPC_STATUS_OK)
+            KVR_LOG_INFO("call=%llu req=%llu -> %s: %s", (unsigned long long)c->serial,
+                         (unsigned long long)c->req_id, coord_grpc_code_name((int)code), line);
+    } else {
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        grpc_call_cancel(c->call, NULL);
+    }
+    grpc_slice_unref(details);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Generate: validation at the edge
+ * ------------------------------------------------------------------------------------- */
+
+/* Checks req and fills out (tokens owned by the caller on success). Returns KVR_OK, or
+ * KVR_EINVAL with a one-line reason in err, or KVR_ENOMEM. */
+static int generate_validate(const struct coord_grpc *g, const Kvrelay__V1__GenerateRequest *req,
+                             struct coord_request *out, char *err, size_t err_len) {
+    int *tokens = NULL;
+    int n = 0, rc = KVR_EINVAL;
+    size_t plen = req->prompt ? strlen(req->prompt) : 0;
+    memset(out, 0, sizeof *out);
+
+    if (plen && req->n_prompt_tokens) {
+        snprintf(err, err_len, "give prompt or prompt_tokens, not both");
+        goto out;
+    }
+    if (!plen && !req->n_prompt_tokens) {
+        snprintf(err, err_len, "empty prompt: give prompt (text) or prompt_tokens");
+        goto out;
+    }
+    int pol = (int)req->kv_policy;
+    if (pol < (int)KVR_KV_DENSE || pol > (int)KVR_KV_SINK) {
+        snprintf(err, err_len, "unknown kv_policy %d", pol);
+        goto out;
+    }
+    float temp = req->temperature;
+    if (!isfinite(temp) || temp < 0.0f) {
+        snprintf(err, err_len, "temperature must be a finite number >= 0 (got %g)", (double)temp);
+        goto out;
+    }
+    float top_p = req->top_p;
+    if (!(top_p >= 0.0f && top_p <= 1.0f)) {
+        snprintf(err, err_len, "top_p must be in [0, 1] (got %g)", (double)top_p);
+        goto out;
+    }
+    if (req->max_tokens < 0) {
+        snprintf(err, err_len, "max_tokens must be >= 0 (got %d)", (int)req->max_tokens);
+        goto out;
+    }
+
+    /* Policy parameters: absent fields take defaults that always pass the check. */
+    struct kvr_kv_policy_params pp = {.policy = (enum kvr_kv_policy)pol};
+    int has_window =
+        req->kv_window_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_WINDOW_OPT_KV_WINDOW;
+    int has_sinks = req->kv_sinks_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_SINKS_OPT_KV_SINKS;
+    pp.window = has_window
+                    ? (int)req->kv_window
+                    : (g->seq_len < KVR_GRPC_DEFAULT_WINDOW ? g->seq_len : KVR_GRPC_DEFAULT_WINDOW);
+    if (has_sinks)
+        pp.sinks = (int)req->kv_sinks;
+    else
+        pp.sinks = pp.window - 1 < KVR_GRPC_DEFAULT_SINKS ? (pp.window > 1 ? pp.window - 1 : 0)
+                                                          : KVR_GRPC_DEFAULT_SINKS;
+    if (pp.policy != KVR_KV_SINK)
+        pp.sinks = 0;
+    if (pp.policy == KVR_KV_DENSE)
+        pp.window = 0;
+    char perr[160];
+    if (kvr_kv_policy_check(&pp, g->seq_len, perr, (int)sizeof perr) != KVR_OK) {
+        snprintf(err, err_len, "%s", perr);
+        goto out;
+    }
+
+    /* The prompt's tokens, BOS first. Every policy needs the prompt to fit in the context:
+     * the prefill pass runs it whole at positions 0..n-1. */
+    if (req->n_prompt_tokens) {
+        if (req->n_prompt_tokens > (size_t)g->seq_len) {
+            snprintf(err, err_len, "prompt_tokens has %zu ids, over the model context of %d",
+                     req->n_prompt_tokens, g->seq_len);
+            goto out;
+        }
+        int bos = req->prompt_tokens[0] != KVR_TOKEN_BOS;
+        rc = KVR_ENOMEM;
+        if (!(tokens = malloc((req->n_prompt_tokens + (size_t)bos) * sizeof *tokens)))
+            goto out;
+        rc = KVR_EINVAL;
+        if (bos)
+            tokens[n++] = KVR_TOKEN_BOS;
+        for (size_t i = 0; i < req->n_prompt_tokens; i++) {
+            int32_t id = req->prompt_tokens[i];
+            if (id < 0 || id >= g->vocab_size) {
+                snprintf(err, err_len, "prompt_tokens[%zu] = %d is outside the vocabulary [0, %d)",
+                         i, (int)id, g->vocab_size);
+                goto out;
+            }
+            tokens[n++] = (int)id;
+        }
+    } else {
+        /* A token covers at most max_piece_len bytes of text (plus the dummy-prefix space),
+         * so a longer text is over the context without encoding it (BPE is quadratic). */
+        if (plen + 1 > (size_t)g->seq_len * (size_t)g->max_piece_len) {
+            snprintf(err, err_len, "prompt of %zu bytes is over the model context of %d tokens",
+                     plen, g->seq_len);
+            goto out;
+        }
+        rc = KVR_ENOMEM;
+        if (!(tokens = malloc((plen + 3) * sizeof *tokens)))
+            goto out;
+        int erc = kvr_tokenizer_encode(g->tok, req->prompt, 1, 0, tokens, (int)plen + 3, &n);
+        if (erc != KVR_OK) {
+            rc = erc == KVR_ENOMEM ? KVR_ENOMEM : KVR_EINVAL;
+            snprintf(err, err_len, "cannot tokenize the prompt: %s", kvr_status_str(erc));
+            goto out;
+        }
+        rc = KVR_EINVAL;
+    }
+    if (n > g->seq_len) {
+        snprintf(err, err_len, "prompt is %d tokens, over the model context of %d", n, g->seq_len);
+        goto out;
+    }
+
+    int max_tokens = (int)req->max_tokens;
+    if (max_tokens == 0) {
+        max_tokens = g->seq_len - n;
+        if (max_tokens < 1) {
+            snprintf(err, err_len,
+                     "prompt of %d tokens fills the model context of %d: nothing left "
+                     "to generate with max_tokens 0",
+                     n, g->seq_len);
+            goto out;
+        }
+    } else if (pp.policy == KVR_KV_DENSE && (int64_t)n + max_tokens > g->seq_len) {
+        snprintf(err, err_len,
+                 "prompt (%d tokens) + max_tokens (%d) exceed the model context of %d "
+                 "under kv_policy dense",
+                 n, max_tokens, g->seq_len);
+        goto out;
+    } else if (max_tokens > KVR_GRPC_MAX_TOKENS) {
+        snprintf(err, err_len, "max_tokens %d is over the limit of %d", max_tokens,
+                 KVR_GRPC_MAX_TOKENS);
+        goto out;
+    }
+
+    out->tokens = tokens;
+    out->n_tokens = n;
+    out->max_tokens = max_tokens;
+    out->temperature = temp;
+    out->top_p = (top_p == 0.0f) ? 1.0f : top_p;
+    out->seed = req->seed;
+    out->stop_at_eos = !req->ignore_eos;
+    out->policy = pp;
+    tokens = NULL;
+    rc = KVR_OK;
+out:
+    free(tokens);
+    return rc;
+}
+
+/* The prompt as llama2.c's run prints it: each token's piece after its predecessor. */
+static char *render_prompt(const struct kvr_tokenizer *tok, const int *t, int n) {
+    size_t len = 0;
+    for (int i = 1; i < n; i++)
+        len += strlen(kvr_tokenizer_piece_safe(tok, t[i - 1], t[i]));
+    char *s = malloc(len + 1), *p = s;
+    if (!s)
+        return NULL;
+    for (int i = 1; i < n; i++) {
+        const char *piece = kvr_tokenizer_piece_safe(tok, t[i - 1], t[i]);
+        size_t k = strlen(piece);
+        memcpy(p, piece, k);
+        p += k;
+    }
+    *p = '\0';
+    return s;
+}
+
+static uint64_t pick_seed(uint64_t serial) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t s = ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec) ^
+                 (serial * 0x9E3779B97F4A7C15ull);
+    return s ? s : 1;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Generate: streaming (any thread, c->mu held)
+ * ------------------------------------------------------------------------------------- */
+
+/* Starts the next send if none is in flight: the oldest queued token, else, once the
+ * router finished, the final message and the status. */
+static void generate_pump(struct rpc_call *c) {
+    if (!c->call || c->closed || c->status_sent || c->send_busy)
+        return;
+    Kvrelay__V1__GenerateResponse m;
+    kvrelay__v1__generate_response__init(&m);
+    if (!c->first_sent && c->prompt_text)
+        m.prompt_text = c->prompt_text;
+
+    if (c->q_head < c->q_tail) {
+        int id = c->q[c->q_head];
+        m.token_id = id;
+        m.text = mutable_str(kvr_tokenizer_piece_safe(c->tok, c->prev_token, id));
+        m.index = c->n_sent;
+        grpc_byte_buffer *bb = pack_message(&m.base);
+        if (!bb) {
+            KVR_LOG_ERROR("call=%llu req=%llu: out of memory for a message",
+                          (unsigned long long)c->serial, (unsigned long long)c->req_id);
+            grpc_call_cancel(c->call, NULL);
+            return;
+        }
+        grpc_op ops[2];
+        size_t n = 0;
+        add_initial_md(c, ops, &n);
+        grpc_op *op = &ops[n++];
+        memset(op, 0, sizeof *op);
+        op->op = GRPC_OP_SEND_MESSAGE;
+        op->data.send_message.send_message = bb;
+        if (!call_start(c, ops, n, &c->t_send)) {
+            grpc_byte_buffer_destroy(bb);
+            grpc_call_cancel(c->call, NULL);
+            return;
+        }
+        c->md_sent = c->send_busy = 1;
+        c->send_bb = bb;
+        c->q_head++;
+        c->prev_token = id;
+        c->n_sent++;
+        if (!c->first_sent) {
+            c->first_sent = 1;
+            free(c->prompt_text);
+            c->prompt_text = NULL;
+        }
+        return;
+    }
+    if (!c->finished)
+        return;
+
+    if (c->fin_status == KVR_OK && c->fin_reason != COORD_FINISH_CANCELLED &&
+        c->fin_reason != COORD_FINISH_ERROR) {
+        Kvrelay__V1__Usage u;
+        Kvrelay__V1__Completion done;
+        kvrelay__v1__usage__init(&u);
+        kvrelay__v1__completion__init(&done);
+        const struct coord_usage *cu = &c->fin_usage;
+        u.prompt_tokens = cu->prompt_tokens;
+        u.generated_tokens = cu->generated_tokens;
+        u.queue_ms = cu->queue_ms;
+        u.ttft_ms = cu->ttft_ms;
+        u.tpot_ms = cu->tpot_ms;
+        u.total_ms = cu->total_ms;
+        u.prefill_rank = cu->prefill_rank;
+        u.decode_rank = cu->decode_rank;
+        done.finish_reason = (Kvrelay__V1__FinishReason)c->fin_reason;
+        done.usage = &u;
+        done.seed = c->seed;
+        m.done = &done;
+        grpc_byte_buffer *bb = pack_message(&m.base);
+        if (!bb) {
+            call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+            return;
+        }
+        call_finish(c, bb, GRPC_STATUS_OK, "");
+        return;
+    }
+    grpc_status_code code;
+    const char *msg = c->fin_msg;
+    if (c->fin_status != KVR_OK) {
+        code = (grpc_status_code)coord_grpc_code_from_status(c->fin_status);
+        if (!msg[0])
+            msg = kvr_status_str(c->fin_status);
+    } else if (c->fin_reason == COORD_FINISH_CANCELLED) {
+        code = GRPC_STATUS_CANCELLED;
+        if (!msg[0])
+            msg = "the request was cancelled by the cluster";
+    } else {
+        code = GRPC_STATUS_INTERNAL;
+        if (!msg[0])
+            msg = "the generation failed";
+    }
+    call_finish(c, NULL, code, msg);
+}
+
+static void stream_tokens(struct coord_stream *s, const int *ids, int n) {
+    struct rpc_call *c = s->call;
+    if (n <= 0)
+        return;
+    pthread_mutex_lock(&c->mu);
+    if (c->call && !c->closed && !c->status_sent) {
+        if (c->q_tail + n > c->q_cap && c->q_head > 0) {
+            memmove(c->q, c->q + c->q_head, (size_t)(c->q_tail - c->q_head) * sizeof *c->q);
+            c->q_tail -= c->q_head;
+            c->q_head = 0;
+        }
+        if (c->q_tail + n > c->q_cap) {
+            /* Only when the client reads slower than the cluster generates. */
+            int cap = c->q_cap * 2 > c->q_tail + n ? c->q_cap * 2 : c->q_tail + n;
+            int *q = realloc(c->q, (size_t)cap * sizeof *q);
+            if (!q) {
+                KVR_LOG_ERROR("req=%llu: out of memory queueing %d tokens; cancelling",
+                              (unsigned long long)c->req_id, n);
+                grpc_call_cancel(c->call, NULL);
+                pthread_mutex_unlock(&c->mu);
+                return;
+            }
+            c->q = q;
+            c->q_cap = cap;
+        }
+        memcpy(c->q + c->q_tail, ids, (size_t)n * sizeof *ids);
+        c->q_tail += n;
+        generate_pump(c);
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void stream_finish(struct coord_stream *s, int status, enum coord_finish reason,
+                          const struct coord_usage *u, const char *msg) {
+    struct rpc_call *c = s->call;
+    pthread_mutex_lock(&c->mu);
+    c->finished = 1;
+    c->fin_status = status;
+    c->fin_reason = reason;
+    if (u)
+        c->fin_usage = *u;
+    one_line(c->fin_msg, sizeof c->fin_msg, msg ? msg : "");
+    c->router_holds = 0;
+    generate_pump(c);
+    int dead = call_settle(c);
+    pthread_mutex_unlock(&c->mu);
+    if (dead)
+        call_free(c);
+}
+
+const struct coord_stream_ops coord_grpc_stream_ops = {
+    .tokens = stream_tokens,
+    .finish = stream_finish,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * Request handlers (CQ thread)
+ * ------------------------------------------------------------------------------------- */
+
+/* Handles the request of a Generate call; c->mu is not held; c is alive (its
+ * RECV_CLOSE_ON_SERVER is outstanding and only this thread completes it). */
+static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) {
+    struct coord_grpc *g = c->g;
+    char err[KVR_GRPC_MSG_LEN];
+    struct coord_request req;
+    Kvrelay__V1__GenerateRequest *pb = kvrelay__v1__generate_request__unpack(NULL, len, data);
+    if (!pb) {
+        snprintf(err, sizeof err, "cannot parse GenerateRequest (%zu bytes)", len);
+        pthread_mutex_lock(&c->mu);
+        call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, err);
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    int rc = generate_validate(g, pb, &req, err, sizeof err);
+    uint64_t seed_in = pb->seed;
+    kvrelay__v1__generate_request__free_unpacked(pb, NULL);
+    if (rc != KVR_OK) {
+        pthread_mutex_lock(&c->mu);
+        call_finish(c, NULL, (grpc_status_code)coord_grpc_code_from_status(rc),
+                    rc == KVR_EINVAL ? err : kvr_status_str(rc));
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    c->seed = seed_in ? seed_in : pick_seed(c->serial);
+    req.seed = c->seed;
+    req.t_arrival = c->t_arrival;
+    req.stream = &c->stream;
+    c->prev_token = req.tokens[req.n_tokens - 1];
+    c->prompt_text = render_prompt(g->tok, req.tokens, req.n_tokens);
+    c->q_cap = (req.max_tokens < 256 ? req.max_tokens : 256) + 1;
+    c->q = malloc((size_t)c->q_cap * sizeof *c->q);
+    if (!c->prompt_text || !c->q) {
+        free(req.tokens);
+        pthread_mutex_lock(&c->mu);
+        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    KVR_LOG_DEBUG("call=%llu Generate prompt_tokens=%d max_tokens=%d temperature=%g top_p=%g "
+                  "policy=%s window=%d sinks=%d",
+                  (unsigned long long)c->serial, req.n_tokens, req.max_tokens,
+                  (double)req.temperature, (double)req.top_p, kvr_kv_policy_name(req.policy.policy),
+                  req.policy.window, req.policy.sinks);
+
+    /* The router may call tokens/finish on its thread before submit returns. */
+    pthread_mutex_lock(&c->mu);
+    c->router_holds = 1;
+    pthread_mutex_unlock(&c->mu);
+    uint64_t id = 0;
+    rc = coord_router_submit(g->router, &req, &id);
+    pthread_mutex_lock(&c->mu);
+    if (rc != KVR_OK) {
+        c->router_holds = 0;
+        call_finish(c, NULL, (grpc_status_code)coord_grpc_code_from_status(rc),
+                    rc == KVR_EFULL      ? "the admission queue is full; retry later"
+                    : rc == KVR_EUNAVAIL ? "the cluster is not serving (no nodes, or shutting down)"
+                                         : kvr_status_str(rc));
+    } else {
+        c->submitted = 1;
+        c->req_id = id;
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+static void cluster_status_reply(struct rpc_call *c) {
+    struct coord_cluster_status *st = calloc(1, sizeof *st);
+    Kvrelay__V1__NodeStatus *nodes = calloc(COORD_MAX_NODES, sizeof *nodes);
+    Kvrelay__V1__NodeStatus **ptrs = calloc(COORD_MAX_NODES, sizeof *ptrs);
+    grpc_byte_buffer *bb = NULL;
+    if (st && nodes && ptrs) {
+        coord_router_status(c->g->router, st);
+        Kvrelay__V1__ClusterStatusResponse r;
+        kvrelay__v1__cluster_status_response__init(&r);
+        int n = st->n_nodes < 0 ? 0 : st->n_nodes > COORD_MAX_NODES ? COORD_MAX_NODES : st->n_nodes;
+        for (int i = 0; i < n; i++) {
+            struct coord_node_status *ns = &st->nodes[i];
+            /* role and host are char arrays the router filled: make sure they end. */
+            ns->role[sizeof ns->role - 1] = '\0';
+            ns->host[sizeof ns->host - 1] = '\0';
+            Kvrelay__V1__NodeStatus *p = &nodes[i];
+            kvrelay__v1__node_status__init(p);
+            p->rank = ns->rank;
+            p->role = mutable_str(ns->role);
+            p->host = mutable_str(ns->host);
+            p->alive = ns->alive != 0;
+            p->kv_bytes_total = ns->kv_bytes_total;
+            p->kv_bytes_used = ns->kv_bytes_used;
+            p->kv_bytes_free = ns->kv_bytes_free;
+            p->kv_bytes_reserved = ns->kv_bytes_reserved;
+            p->running = ns->running;
+            p->queued = ns->queued;
+            p->queued_prompt_tokens = ns->queued_prompt_tokens;
+            p->report_age_ms = ns->report_age_ms;
+            ptrs[i] = p;
+        }
+        r.n_nodes = (size_t)n;
+        r.nodes = ptrs;
+        r.waiting_requests = st->waiting_requests;
+        r.running_requests = st->running_requests;
+        r.finished_requests = st->finished_requests;
+        r.seq_len = st->seq_len;
+        r.vocab_size = st->vocab_size;
+        bb = pack_message(&r.base);
+    }
+    pthread_mutex_lock(&c->mu);
+    if (bb)
+        call_finish(c, bb, GRPC_STATUS_OK, "");
+    else
+        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+    pthread_mutex_unlock(&c->mu);
+    free(st);
+    free(nodes);
+    free(ptrs);
+}
+
+/* Serving means a Generate can be placed now: the server is not stopping and at least one
+ * live node can prefill and one can decode (a role other than "prefill"/"decode", such as
+ * a colocated node, counts as both). */
+static void health_reply(struct rpc_call *c) {
+    struct coord_cluster_status *st = calloc(1, sizeof *st);
+    grpc_byte_buffer *bb = NULL;
+    if (st) {
+        coord_router_status(c->g->router, st);
+        int n_pre = 0, n_dec = 0, n_dead = 0;
+        int n = st->n_nodes < 0 ? 0 : st->n_nodes > COORD_MAX_NODES ? COORD_MAX_NODES : st->n_nodes;
+        for (int i = 0; i < n; i++) {
+            const struct coord_node_status *ns = &st->nodes[i];
+            if (!ns->alive) {
+                n_dead++;
+                continue;
+            }
+            int pre = strncmp(ns->role, "decode", sizeof ns->role) != 0;
+            int dec = strncmp(ns->role, "prefill", sizeof ns->role) != 0;
+            n_pre += pre;
+            n_dec += dec;
+        }
+        int stopping = atomic_load(&c->g->stopping);
+        char detail[KVR_GRPC_MSG_LEN];
+        snprintf(detail, sizeof detail,
+                 "%s%d prefill and %d decode nodes alive, %d down; %d waiting, "
+                 "%d running requests",
+                 stopping ? "stopping; " : "", n_pre, n_dec, n_dead, st->waiting_requests,
+                 st->running_requests);
+        Kvrelay__V1__HealthResponse r;
+        kvrelay__v1__health_response__init(&r);
+        r.serving = !stopping && n_pre > 0 && n_dec > 0;
+        r.detail = detail;
+        bb = pack_message(&r.base);
+    }
+    pthread_mutex_lock(&c->mu);
+    if (bb)
+        call_finish(c, bb, GRPC_STATUS_OK, "");
+    else
+        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+    pthread_mutex_unlock(&c->mu);
+    free(st);
+}
+
+static void on_recv(struct rpc_call *c, int success) {
+    pthread_mutex_lock(&c->mu);
+    c->n_batches--;
+    grpc_byte_buffer *bb = c->recv_bb;
+    c->recv_bb = NULL;
+    int gone = !success || c->closed || !c->call;
+    if (gone) {
+        int dead = call_settle(c);
+        pthread_mutex_unlock(&c->mu);
+        if (bb)
+            grpc_byte_buffer_destroy(bb);
+        if (dead)
+            call_free(c);
+        return;
+    }
+    if (!bb) {
+        call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    pthread_mutex_unlock(&c->mu);
+
+    grpc_slice s;
+    if (!read_message(bb, &s)) {
+        grpc_byte_buffer_destroy(bb);
+        pthread_mutex_lock(&c->mu);
+        call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "cannot read the request message");
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    grpc_byte_buffer_destroy(bb);
+    const uint8_t *data = GRPC_SLICE_START_PTR(s);
+    size_t len = GRPC_SLICE_LENGTH(s);
+    switch (c->method) {
+    case RPC_GENERATE:
+        generate_start(c, data, len);
+        break;
+    case RPC_CLUSTER_STATUS:
+    case RPC_HEALTH: {
+        /* Empty messages; still reject bytes that are not a protobuf at all. */
+        ProtobufCMessage *m =
+            c->method == RPC_HEALTH
+                ? (ProtobufCMessage *)kvrelay__v1__health_request__unpack(NULL, len, data)
+                : (ProtobufCMessage *)kvrelay__v1__cluster_status_request__unpack(NULL, len, data);
+        if (!m) {
+            pthread_mutex_lock(&c->mu);
+            call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT,
+                        c->method == RPC_HEALTH ? "cannot parse HealthRequest"
+                                                : "cannot parse ClusterStatusRequest");
+            pthread_mutex_unlock(&c->mu);
+            break;
+        }
+        protobuf_c_message_free_unpacked(m, NULL);
+        if (c->method == RPC_HEALTH)
+            health_reply(c);
+        else
+            cluster_status_reply(c);
+        break;
+    }
+    case RPC_UNKNOWN:
+        break;
+    }
+    grpc_slice_unref(s);
+}
+
+static void on_send(struct rpc_call *c, int success) {
+    pthread_mutex_lock(&c->mu);
+    c->n_batches--;
+    c->send_busy = 0;
+    if (c->send_bb) {
+        grpc_byte_buffer_destroy(c->send_bb);
+        c->send_bb = NULL;
+    }
+    if (success && c->method == RPC_GENERATE)
+        generate_pump(c);
+    int dead = call_settle(c);
+    pthread_mutex_unlock(&c->mu);
+    if (dead)
+        call_free(c);
+}
+
+/* The call is over: status sent, or cancelled, past its deadline or disconnected. */
+static void on_close(struct rpc_call *c, int success) {
+    (void)success;
+    pthread_mutex_lock(&c->mu);
+    c->n_batches--;
+    c->closed = 1;
+    int cancel = c->submitted && c->router_holds && !c->cancel_sent;
+    uint64_t id = c->req_id;
+    struct coord_router *router = c->g ? c->g->router : NULL;
+    if (cancel) {
+        c->cancel_sent = 1;
+        KVR_LOG_INFO("call=%llu req=%llu: client %s; cancelling", (unsigned long long)c->serial,
+                     (unsigned long long)id,
+                     c->close_cancelled ? "cancelled or went away" : "closed");
+    }
+    int dead = call_settle(c);
+    pthread_mutex_unlock(&c->mu);
+    if (dead)
+        call_free(c);
+    /* Outside the lock: the router may deliver finish (and free c) from inside cancel. */
+    if (cancel && router)
+        coord_router_cancel(router, id);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Accepting calls (CQ thread)
+ * ------------------------------------------------------------------------------------- */
+
+static int arm_request(struct coord_grpc *g) {
+    g->nc_call = NULL;
+    grpc_call_error e = grpc_server_request_call(g->server, &g->nc_call, &g->nc_details, &g->nc_md,
+                                                 g->cq, g->cq, &g->tag_new);
+    if (e != GRPC_CALL_OK) {
+        KVR_LOG_ERROR("grpc_server_request_call: %s", grpc_call_error_to_string(e));
+        return KVR_EGRPC;
+    }
+    g->armed = 1;
+    return KVR_OK;
+}
+
+static void on_new_call(struct coord_grpc *g, int success) {
+    g->armed = 0;
+    grpc_call *call = success ? g->nc_call : NULL;
+    enum rpc_method method = RPC_UNKNOWN;
+    char path[128] = "";
+    if (call) {
+        grpc_slice m = g->nc_details.method;
+        size_t len =
+            GRPC_SLICE_LENGTH(m) < sizeof path - 1 ? GRPC_SLICE_LENGTH(m) : sizeof path - 1;
+        memcpy(path, GRPC_SLICE_START_PTR(m), len);
+        path[len] = '\0';
+        for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+            if (GRPC_SLICE_LENGTH(m) == strlen(methods[i].path) && !strcmp(path, methods[i].path))
+                method = methods[i].method;
+    }
+    /* Re-arm first so that the server always has a request_call outstanding. */
+    grpc_call_details_destroy(&g->nc_details);
+    grpc_metadata_array_destroy(&g->nc_md);
+    grpc_call_details_init(&g->nc_details);
+    grpc_metadata_array_init(&g->nc_md);
+    if (success && !atomic_load(&g->stopping))
+        arm_request(g);
+    if (!call)
+        return;
+
+    struct rpc_call *c = calloc(1, sizeof *c);
+    if (!c || pthread_mutex_init(&c->mu, NULL) != 0) {
+        KVR_LOG_ERROR("out of memory accepting a call to %s", path);
+        free(c);
+        grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                     "coordinator out of memory", NULL);
+        grpc_call_unref(call);
+        return;
+    }
+    c->g = g;
+    c->tok = g->tok;
+    c->call = call;
+    c->method = method;
+    c->serial = ++g->n_accepted;
+    c->t_arrival = coord_clock_now();
+    c->t_recv = (struct tag){TAG_RECV, c};
+    c->t_send = (struct tag){TAG_SEND, c};
+    c->t_close = (struct tag){TAG_CLOSE, c};
+    c->stream.call = c;
+    atomic_fetch_add(&g->n_calls, 1);
+
+    pthread_mutex_lock(&c->mu);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->close_cancelled;
+    if (!call_start(c, &op, 1, &c->t_close)) {
+        grpc_call_cancel(c->call, NULL);
+    } else if (method == RPC_UNKNOWN) {
+        char msg[KVR_GRPC_MSG_LEN];
+        snprintf(msg, sizeof msg, "unknown method %s", path);
+        call_finish(c, NULL, GRPC_STATUS_UNIMPLEMENTED, msg);
+    } else {
+        /* Initial metadata goes out at once: a client then knows a kvrelay server took the
+         * call even if its request waits long for a decode node. */
+        grpc_op ops[2];
+        size_t n = 0;
+        add_initial_md(c, ops, &n);
+        memset(&ops[n], 0, sizeof ops[n]);
+        ops[n].op = GRPC_OP_RECV_MESSAGE;
+        ops[n].data.recv_message.recv_message = &c->recv_bb;
+        n++;
+        if (call_start(c, ops, n, &c->t_recv))
+            c->md_sent = 1;
+        else
+            grpc_call_cancel(c->call, NULL);
+    }
+    int dead = call_settle(c);
+    pthread_mutex_unlock(&c->mu);
+    if (dead)
+        call_free(c);
+}
+
+static void *cq_thread(void *arg) {
+    struct coord_grpc *g = arg;
+    for (;;) {
+        /* While stopping, wake up now and then: the last call may be released by the
+         * router's thread, which posts nothing to this queue. */
+        gpr_timespec deadline =
+            atomic_load(&g->stopping)
+                ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(50, GPR_TIMESPAN))
+                : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+        grpc_event ev = grpc_completion_queue_next(g->cq, deadline, NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type == GRPC_OP_COMPLETE) {
+            struct tag *t = ev.tag;
+            switch (t->kind) {
+            case TAG_NEW_CALL:
+                on_new_call(g, ev.success);
+                break;
+            case TAG_SHUTDOWN:
+                pthread_mutex_lock(&g->mu);
+                g->shutdown_seen = 1;
+                pthread_cond_broadcast(&g->cv);
+                pthread_mutex_unlock(&g->mu);
+                break;
+            case TAG_RECV:
+                on_recv(t->call, ev.success);
+                break;
+            case TAG_SEND:
+                on_send(t->call, ev.success);
+                break;
+            case TAG_CLOSE:
+                on_close(t->call, ev.success);
+                break;
+            }
+        }
+        if (!g->cq_shut && !g->armed && atomic_load(&g->n_calls) == 0) {
+            pthread_mutex_lock(&g->mu);
+            int seen = g->shutdown_seen;
+            pthread_mutex_unlock(&g->mu);
+            if (seen) {
+                grpc_completion_queue_shutdown(g->cq);
+                g->cq_shut = 1;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------
+ * Start and stop
+ * ------------------------------------------------------------------------------------- */
+
+int coord_grpc_port(const struct coord_grpc *g) {
+    return g->port;
+}
+
+int coord_grpc_active_calls(const struct coord_grpc *g) {
+    return atomic_load(&g->n_calls);
+}
+
+int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out) {
+    *out = NULL;
+    if (!p || !p->addr || !p->tok || p->seq_len < 1 || p->vocab_size < 1 ||
+        p->shutdown_grace_ms < 0) {
+        KVR_LOG_ERROR("bad parameters (addr, tokenizer, seq_len and vocab_size are required)");
+        return KVR_EINVAL;
+    }
+    struct coord_grpc *g = calloc(1, sizeof *g);
+    if (!g)
+        return KVR_ENOMEM;
+    int rc = KVR_EGRPC, started = 0;
+    grpc_init();
+    g->router = p->router;
+    g->tok = p->tok;
+    g->seq_len = p->seq_len;
+    g->vocab_size = p->vocab_size;
+    g->grace_ms = p->shutdown_grace_ms;
+    g->tag_new = (struct tag){TAG_NEW_CALL, NULL};
+    g->tag_shutdown = (struct tag){TAG_SHUTDOWN, NULL};
+    g->max_piece_len = 1;
+    for (int i = 0; i < p->vocab_size; i++) {
+        const char *v = kvr_tokenizer_vocab(p->tok, i);
+        int len = v ? (int)strlen(v) : 0;
+        if (len > g->max_piece_len)
+            g->max_piece_len = len;
+    }
+    g->md[0].key = grpc_slice_from_static_string("kvr-server");
+    g->md[0].value = grpc_slice_from_static_string("kvrelay");
+    grpc_call_details_init(&g->nc_details);
+    grpc_metadata_array_init(&g->nc_md);
+    atomic_init(&g->stopping, 0);
+    atomic_init(&g->n_calls, 0);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, &ca);
+    pthread_condattr_destroy(&ca);
+
+    /* No SO_REUSEPORT: a second coordinator on the same port must fail to bind, not share. */
+    grpc_arg args[1];
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = mutable_str(GRPC_ARG_ALLOW_REUSEPORT);
+    args[0].value.integer = 0;
+    grpc_channel_args cargs = {.num_args = 1, .args = args};
+    g->cq = grpc_completion_queue_create_for_next(NULL);
+    g->server = grpc_server_create(&cargs, NULL);
+    if (!g->cq || !g->server)
+        goto fail;
+    grpc_server_register_completion_queue(g->server, g->cq, NULL);
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    g->port = grpc_server_add_http2_port(g->server, p->addr, creds);
+    grpc_server_credentials_release(creds);
+    if (g->port <= 0) {
+        KVR_LOG_ERROR("cannot listen on %s (address in use or invalid)", p->addr);
+        goto fail;
+    }
+    grpc_server_start(g->server);
+    started = 1;
+    if (arm_request(g) != KVR_OK)
+        goto fail;
+    if ((errno = pthread_create(&g->thread, NULL, cq_thread, g)) != 0) {
+        KVR_LOG_ERROR("pthread_create: %s", strerror(errno));
+        goto fail;
+    }
+    KVR_LOG_INFO("listening on %s (port %d), context %d, vocab %d", p->addr, g->port, g->seq_len,
+                 g->vocab_size);
+    *out = g;
+    return KVR_OK;
+
+fail:
+    if (started) {
+        /* No thread yet: run the shutdown sequence on this one (no call can be open). */
+        atomic_store(&g->stopping, 1);
+        grpc_server_shutdown_and_notify(g->server, g->cq, &g->tag_shutdown);
+        grpc_server_cancel_all_calls(g->server);
+        cq_thread(g);
+    } else if (g->cq) {
+        grpc_completion_queue_shutdown(g->cq);
+    }
+    /* A server that never started has no listener and may be destroyed without shutdown. */
+    if (g->server)
+        grpc_server_destroy(g->server);
+    if (g->cq) {
+        while (grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+               GRPC_QUEUE_SHUTDOWN) {
+        }
+        grpc_completion_queue_destroy(g->cq);
+    }
+    grpc_call_details_destroy(&g->nc_details);
+    grpc_metadata_array_destroy(&g->nc_md);
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+    grpc_shutdown();
+    return rc;
+}
+
+void coord_grpc_stop(struct coord_grpc *g) {
+    if (!g)
+        return;
+    KVR_LOG_INFO("stopping: %d calls open, grace %d ms", atomic_load(&g->n_calls), g->grace_ms);
+    atomic_store(&g->stopping, 1);
+    grpc_server_shutdown_and_notify(g->server, g->cq, &g->tag_shutdown);
+    if (g->grace_ms > 0) {
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += g->grace_ms / 1000;
+        until.tv_nsec += (long)(g->grace_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&g->mu);
+        while (!g->shutdown_seen)
+            if (pthread_cond_timedwait(&g->cv, &g->mu, &until) == ETIMEDOUT)
+                break;
+        pthread_mutex_unlock(&g->mu);
+    }
+    grpc_server_cancel_all_calls(g->server);
+    pthread_join(g->thread, NULL);
+    grpc_server_destroy(g->server);
+    grpc_completion_queue_destroy(g->cq);
+    grpc_call_details_destroy(&g->nc_details);
+    grpc_metadata_array_destroy(&g->nc_md);
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+    grpc_shutdown();
+}

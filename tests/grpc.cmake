@@ -1,0 +1,12 @@
+# Tests of the coordinator's gRPC front end and the client (issue 6): a real server on a
+# localhost port with a fake router, the real client, raw C-core bytes, and the kvrelay
+# submit/status commands end to end.
+set(KVR_GRPC_TEST_DIR ${CMAKE_CURRENT_SOURCE_DIR})
+
+kvr_unit_test(test_grpc_server
+  SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_grpc_server.c ${KVR_GRPC_TEST_DIR}/unit/fake_router.c
+          ${KVR_GRPC_TEST_DIR}/unit/golden.c
+  LIBS kvr_coord_grpc kvr_client Threads::Threads
+  TIMEOUT 90 LABELS grpc)
+# It runs build/bin/kvrelay submit/status.
+add_dependencies(test_grpc_server kvrelay)
