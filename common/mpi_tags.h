@@ -7,7 +7,7 @@
 #define KVR_MPI_TAGS_H
 
 enum kvr_mpi_tag {
-    KVR_TAG_CTRL = 101,   /* coordinator -> node: PREFILL_REQ, CANCEL, SHUTDOWN */
+    KVR_TAG_CTRL = 101,   /* coordinator -> node: PREFILL_REQ, CANCEL, SHUTDOWN, PING */
     KVR_TAG_SEQ = 102,    /* prefill -> decode: SEQ_BEGIN, KV, SEQ_READY, SEQ_ABORT */
     KVR_TAG_REPORT = 103, /* node -> coordinator: HELLO, STATUS, TOKENS, PREFILL_DONE */
 };
@@ -21,6 +21,7 @@ enum kvr_msg_kind {
     KVR_MSG_PREFILL_REQ = 10, /* coord -> prefill (or colocated decode): run this prompt */
     KVR_MSG_CANCEL = 11,      /* coord -> node: drop request req_id */
     KVR_MSG_SHUTDOWN = 12,    /* coord -> node: finish and exit */
+    KVR_MSG_PING = 13,        /* coord -> node: the coordinator is alive (every second) */
     KVR_MSG_SEQ_BEGIN = 20,   /* prefill -> decode: a sequence's parameters and prompt */
     KVR_MSG_KV = 21,          /* prefill -> decode: one kv_wire message (layer x block) */
     KVR_MSG_SEQ_READY = 22,   /* prefill -> decode: all KV sent; first token, sampler state */

@@ -69,6 +69,8 @@ const char *kvr_msg_kind_name(int kind) {
         return "CANCEL";
     case KVR_MSG_SHUTDOWN:
         return "SHUTDOWN";
+    case KVR_MSG_PING:
+        return "PING";
     case KVR_MSG_SEQ_BEGIN:
         return "SEQ_BEGIN";
     case KVR_MSG_KV:
@@ -447,6 +449,13 @@ int kvr_xfer_send_shutdown(struct kvr_xfer *x, int dst) {
     int rc;
     struct kvr_wbuf w;
     struct send_slot *s = begin(x, dst, KVR_MSG_SHUTDOWN, 0, 0, &w, &rc);
+    return s ? post(x, s, &w, dst, KVR_TAG_CTRL) : rc;
+}
+
+int kvr_xfer_send_ping(struct kvr_xfer *x, int dst) {
+    int rc;
+    struct kvr_wbuf w;
+    struct send_slot *s = begin(x, dst, KVR_MSG_PING, 0, 0, &w, &rc);
     return s ? post(x, s, &w, dst, KVR_TAG_CTRL) : rc;
 }
 

@@ -33,7 +33,7 @@ struct kvr_req_params {
     float temperature;
     float top_p;
     uint64_t seed;
-    int stop_at_eos;
+    int stop_at_eos;      /* 1: BOS or EOS ends it; 0: neither (fixed-length output) */
     struct kvr_kv_policy_params policy;
     int prefill_rank;     /* who prefills (the decode rank itself when colocated) */
     int decode_rank;      /* who decodes */
@@ -137,6 +137,7 @@ int kvr_xfer_send_prefill_req(struct kvr_xfer *x, int dst, const struct kvr_req_
                               const int *prompt);
 int kvr_xfer_send_cancel(struct kvr_xfer *x, int dst, uint64_t req_id);
 int kvr_xfer_send_shutdown(struct kvr_xfer *x, int dst);
+int kvr_xfer_send_ping(struct kvr_xfer *x, int dst);
 int kvr_xfer_send_seq_begin(struct kvr_xfer *x, int dst, const struct kvr_req_params *p,
                             const int *prompt);
 /* wire: one kvr_wire_encode message (copied). */

@@ -16,7 +16,7 @@
 enum coord_finish {
     COORD_FINISH_NONE = 0,
     COORD_FINISH_LENGTH = 1,    /* max_tokens generated */
-    COORD_FINISH_STOP = 2,      /* the model produced BOS (or EOS when stop_at_eos) */
+    COORD_FINISH_STOP = 2,      /* the model produced BOS or EOS (and stop_at_eos) */
     COORD_FINISH_CONTEXT = 3,   /* the dense cache reached the model's context */
     COORD_FINISH_CANCELLED = 4, /* the client went away */
     COORD_FINISH_ERROR = 5,     /* see the status */
@@ -56,9 +56,9 @@ struct coord_request {
     float temperature;    /* >= 0; 0 = greedy */
     float top_p;          /* (0, 1]; 1 = off */
     uint64_t seed;
-    int stop_at_eos;      /* 1: EOS ends the generation as well as BOS */
+    int stop_at_eos;      /* 1: BOS or EOS ends the generation; 0: neither (fixed length) */
     struct kvr_kv_policy_params policy;
-    double t_arrival;     /* kvr_clock_now() when the call arrived */
+    double t_arrival;     /* coord_clock_now() when the call arrived */
     struct coord_stream *stream; /* receives the events */
 };
 

@@ -1,0 +1,95 @@
+/* main.c - kvrelay-prefill: one prefill node of an MPI job (see prefill.h). */
+#include <signal.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "log.h"
+#include "model.h"
+#include "options.h"
+#include "prefill.h"
+#include "status.h"
+#include "xfer.h"
+
+struct prefill_cfg {
+    const char *model;
+    uint64_t kv_memory;
+    int block_tokens;
+    int threads;
+    int max_batch;
+    int max_batch_tokens;
+    int kv_dtype;
+    int kv_transform;
+    int kv_level;
+    int report_ms;
+    uint64_t fault_corrupt_seed;
+    float coord_timeout;
+};
+
+static const struct kvr_opt opts[] = {
+    {"model", KVR_OPT_STRING, offsetof(struct prefill_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
+    {"kv-memory", KVR_OPT_SIZE, offsetof(struct prefill_cfg, kv_memory), "0", 0, -1, NULL, 0, "pool for prompts in flight (0 = sized from the batch limits)"},
+    {"block-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block (one wire message per layer and block)"},
+    {"threads", KVR_OPT_INT, offsetof(struct prefill_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
+    {"max-batch", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch), "16", 1, 4096, NULL, 0, "prompts per pass"},
+    {"max-batch-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch_tokens), "0", 0, 1 << 20, NULL, 0, "prompt tokens per pass (0 = max(model context, 1024))"},
+    {"kv-dtype", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_dtype), "f32", 0, -1, "f32|f16|bf16", 0, "value type of shipped KV (f16/bf16 are lossy)"},
+    {"kv-transform", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_transform), "shuffle", 0, -1, "none|shuffle", 0, "byte transform before zstd"},
+    {"kv-level", KVR_OPT_INT, offsetof(struct prefill_cfg, kv_level), "0", -7, 22, NULL, 0, "zstd level (0 = measured default)"},
+    {"report-ms", KVR_OPT_INT, offsetof(struct prefill_cfg, report_ms), "50", 1, 100000, NULL, 0, "status report period"},
+    {"coord-timeout", KVR_OPT_FLOAT, offsetof(struct prefill_cfg, coord_timeout), "15", 1, 86400, NULL, 0, "seconds without a word from the coordinator (it pings every second) before leaving"},
+    {"fault-corrupt-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_corrupt_seed), "0", 0, -1, NULL, 0, "TEST ONLY: corrupt a KV message of requests with this seed (0 = off)"},
+};
+
+static volatile sig_atomic_t stop_flag;
+
+static void on_signal(int sig) {
+    (void)sig;
+    stop_flag = 1;
+}
+
+int main(int argc, char **argv) {
+    struct prefill_cfg cfg;
+    char err[256];
+    struct kvr_xfer *x = NULL;
+    int rc = kvr_xfer_init(&argc, &argv, KVR_ROLE_PREFILL, &x);
+    if (rc != KVR_OK) {
+        fprintf(stderr, "kvrelay-prefill: MPI setup failed: %s\n", kvr_status_str(rc));
+        return 1;
+    }
+    kvr_log_init("prefill", kvr_xfer_rank(x));
+    const int n_opts = (int)(sizeof opts / sizeof opts[0]);
+    rc = kvr_opts_parse(opts, n_opts, &cfg, argc, argv, 1, err, sizeof err);
+    if (rc == 1) {
+        kvr_opts_usage(stdout, "kvrelay-prefill", "A prefill node (started by mpirun; see kvrelay up).", opts, n_opts);
+        kvr_xfer_abort(x, 0);
+    }
+    if (rc != KVR_OK) {
+        fprintf(stderr, "kvrelay-prefill: %s\n", err);
+        kvr_xfer_abort(x, 2);
+    }
+    kvr_opts_log("kvrelay-prefill", opts, n_opts, &cfg);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    struct kvr_model *model = NULL;
+    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
+        fprintf(stderr, "kvrelay-prefill: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
+        kvr_xfer_abort(x, 1);
+    }
+    int seq_len = kvr_model_config(model)->seq_len;
+    struct prefill_params p = {
+        .model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory, .block_tokens = cfg.block_tokens,
+        .n_threads = cfg.threads, .max_batch = cfg.max_batch,
+        .max_batch_tokens = cfg.max_batch_tokens ? cfg.max_batch_tokens : (seq_len > 1024 ? seq_len : 1024),
+        .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,
+                 .level = cfg.kv_level},
+        .report_ms = cfg.report_ms, .fault_corrupt = cfg.fault_corrupt_seed != 0,
+        .fault_corrupt_seed = cfg.fault_corrupt_seed, .coord_timeout_s = cfg.coord_timeout, .stop = &stop_flag};
+    rc = prefill_run(&p);
+    kvr_model_free(model);
+    kvr_xfer_finalize(x, 2.0);
+    return rc == KVR_OK ? 0 : 1;
+}

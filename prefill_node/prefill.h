@@ -1,0 +1,35 @@
+/* prefill.h - the prefill node: batches the prompts waiting for it into one forward
+ * pass (one GEMM over all their tokens per projection), ships each layer's KV blocks
+ * (kv_wire, zstd) to each prompt's decode node as soon as the layer is computed, and
+ * sends the first sampled token along. */
+#ifndef KVR_PREFILL_H
+#define KVR_PREFILL_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "kv_wire.h"
+
+struct kvr_model;
+struct kvr_xfer;
+
+struct prefill_params {
+    struct kvr_model *model;       /* borrowed */
+    struct kvr_xfer *xfer;         /* borrowed */
+    uint64_t kv_memory_nbytes;     /* pool for prompts in flight; 0: sized from the batch limits */
+    int block_tokens;
+    int n_threads;                 /* 0: online CPUs */
+    int max_batch;                 /* prompts per pass */
+    int max_batch_tokens;          /* prompt tokens per pass (>= the model context) */
+    struct kvr_wire_opts wire;     /* value type, transform, zstd level of shipped blocks */
+    int report_ms;
+    int fault_corrupt;             /* test hook: corrupt the first KV message of requests whose */
+    uint64_t fault_corrupt_seed;   /* seed equals this (checks the decode side's verification) */
+    double coord_timeout_s;        /* leave when the coordinator is silent this long */
+    volatile sig_atomic_t *stop;
+};
+
+/* Runs the node until SHUTDOWN or *stop. Returns KVR_OK or the setup error. */
+int prefill_run(const struct prefill_params *p);
+
+#endif /* KVR_PREFILL_H */

@@ -1,0 +1,490 @@
+/* test_cluster.c - end-to-end tests of a real cluster on localhost: `kvrelay up` starts
+ * mpirun with a coordinator, prefill and decode processes; real gRPC clients talk to it.
+ * One scenario per run (argv[1]), each with its own cluster:
+ *   golden     2 prefill + 2 decode: 16 concurrent greedy requests return the llama2.c
+ *              golden text; the pool returns to empty; INVALID_ARGUMENT cases; a client
+ *              cancelling mid-stream frees its blocks; SIGTERM stops every process.
+ *   memory     a tight --kv-memory: 16 requests queue and all succeed; one that can never
+ *              fit gets RESOURCE_EXHAUSTED at once; reservations never exceed the pool.
+ *   timeout    a request waiting past --queue-timeout gets RESOURCE_EXHAUSTED.
+ *   faults     a corrupted KV block fails only its request (DATA_LOSS), the node keeps
+ *              serving; a decode node killed mid-stream loses nothing: its request is
+ *              re-run elsewhere and the client still gets exactly the golden text.
+ *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "cluster_harness.h"
+#include "golden.h"
+#include "grpc_client.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "tokenizer.h"
+
+#define N_GOLDEN_MAX 8
+#define GRPC_OK 0
+#define GRPC_CANCELLED 1
+#define GRPC_INVALID_ARGUMENT 3
+#define GRPC_RESOURCE_EXHAUSTED 8
+#define GRPC_INTERNAL 13
+#define GRPC_DATA_LOSS 15
+
+static struct golden_run golden[N_GOLDEN_MAX];
+static int golden_prompt_len[N_GOLDEN_MAX];
+static int n_golden;
+static struct cluster cl;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void sleep_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void load_golden(void) {
+    char *paths[N_GOLDEN_MAX];
+    n_golden = golden_run_paths(paths, N_GOLDEN_MAX);
+    REQUIRE(n_golden >= 2);
+    struct kvr_model *m = NULL;
+    struct kvr_tokenizer *t = NULL;
+    REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == 0);
+    REQUIRE(kvr_tokenizer_load(shared_path("models/tok512.bin"), kvr_model_config(m)->vocab_size, &t) == 0);
+    for (int i = 0; i < n_golden; i++) {
+        REQUIRE(golden_run_load(paths[i], &golden[i]) == 0);
+        free(paths[i]);
+        int ids[1024], n = 0;
+        REQUIRE(kvr_tokenizer_encode(t, golden[i].prompt, 1, 0, ids, 1024, &n) == 0);
+        golden_prompt_len[i] = n;
+    }
+    kvr_tokenizer_free(t);
+    kvr_model_free(m);
+}
+
+/* ---- one generate call, collected ---------------------------------------------------- */
+
+struct gen_result {
+    char *text;      /* prompt_text + every piece */
+    size_t len, cap;
+    int n_tokens;
+    int code;
+    char message[256];
+    struct kvr_gen_usage usage;
+    int cancel_after;      /* >0: cancel once this many tokens arrived */
+    void (*on_token)(struct gen_result *r);
+    int hook_done;
+};
+
+static void append(struct gen_result *r, const char *s) {
+    size_t n = strlen(s);
+    if (r->len + n + 1 > r->cap) {
+        r->cap = (r->len + n + 1) * 2;
+        r->text = realloc(r->text, r->cap);
+        REQUIRE(r->text);
+    }
+    memcpy(r->text + r->len, s, n + 1);
+    r->len += n;
+}
+
+static int collect(void *ud, const struct kvr_gen_msg *m) {
+    struct gen_result *r = ud;
+    if (m->prompt_text)
+        append(r, m->prompt_text);
+    if (m->has_token) {
+        append(r, m->text);
+        r->n_tokens++;
+        if (r->on_token)
+            r->on_token(r);
+    }
+    return r->cancel_after > 0 && r->n_tokens >= r->cancel_after;
+}
+
+static void run_generate(const char *addr, const struct kvr_gen_params *p, struct gen_result *r) {
+    struct kvr_client *c = NULL;
+    REQUIRE(kvr_client_create(addr, &c) == 0);
+    struct kvr_rpc_status st;
+    r->code = kvr_client_generate(c, p, collect, r, &r->usage, &st);
+    snprintf(r->message, sizeof r->message, "%s", st.message);
+    if (!r->text)
+        append(r, "");
+    kvr_client_free(c);
+}
+
+static const int bos_only[1] = {1};
+
+/* The golden run's request: greedy, llama2.c's step count, stop at BOS only. An empty
+ * prompt is INVALID_ARGUMENT as text, so the empty golden prompt goes as its one token
+ * (BOS), which is what run.c feeds for it. The golden runs hold no EOS, so stopping at
+ * BOS or EOS (the default) is run.c's stopping at BOS. */
+static struct kvr_gen_params golden_params(int g) {
+    struct kvr_gen_params p = {.prompt = golden[g].prompt, .max_tokens = golden[g].steps - golden_prompt_len[g] + 1,
+                               .temperature = 0.0f, .ignore_eos = 0, .kv_policy = KVR_KV_DENSE, .timeout_s = 120};
+    if (!golden[g].prompt[0]) {
+        p.prompt = NULL;
+        p.prompt_tokens = bos_only;
+        p.n_prompt_tokens = 1;
+    }
+    return p;
+}
+
+static int check_golden(int g, const struct gen_result *r, const char *what) {
+    int ok = r->code == GRPC_OK && r->text && strcmp(r->text, golden[g].text) == 0;
+    if (!ok) {
+        fprintf(stderr, "%s: golden %d (\"%s\") mismatch: code %d (%s), %d tokens\n got:  %.200s\n want: %.200s\n",
+                what, g + 1, golden[g].prompt, r->code, r->message, r->n_tokens, r->text ? r->text : "(null)",
+                golden[g].text);
+    }
+    CHECK(ok);
+    return ok;
+}
+
+struct job {
+    int g;
+    struct gen_result r;
+    pthread_t th;
+};
+
+static void *job_main(void *arg) {
+    struct job *j = arg;
+    struct kvr_gen_params p = golden_params(j->g);
+    run_generate(cl.addr, &p, &j->r);
+    return NULL;
+}
+
+/* n concurrent golden requests; returns how many matched. */
+static int concurrent_golden(int n, const char *what) {
+    struct job *jobs = calloc((size_t)n, sizeof *jobs);
+    REQUIRE(jobs);
+    for (int i = 0; i < n; i++) {
+        jobs[i].g = i % n_golden;
+        REQUIRE(pthread_create(&jobs[i].th, NULL, job_main, &jobs[i]) == 0);
+    }
+    int ok = 0;
+    for (int i = 0; i < n; i++) {
+        pthread_join(jobs[i].th, NULL);
+        ok += check_golden(jobs[i].g, &jobs[i].r, what);
+        int want = (int)golden[jobs[i].g].n_ids - golden_prompt_len[jobs[i].g];
+        if (golden[jobs[i].g].ids[golden[jobs[i].g].n_ids - 1] == 1)
+            want--; /* run stopped at BOS, which is not a generated token */
+        CHECK_EQ(jobs[i].r.usage.generated_tokens, want);
+        free(jobs[i].r.text);
+    }
+    free(jobs);
+    fprintf(stderr, "%s: %d/%d concurrent requests returned the golden text\n", what, ok, n);
+    return ok;
+}
+
+static int status(struct coord_cluster_status *s) {
+    struct kvr_client *c = NULL;
+    REQUIRE(kvr_client_create(cl.addr, &c) == 0);
+    struct kvr_rpc_status st;
+    int code = kvr_client_cluster_status(c, 5.0, s, &st);
+    kvr_client_free(c);
+    return code;
+}
+
+/* Waits until every decode node reports an empty pool; returns 1 if it did in time. */
+static int wait_pool_empty(double timeout_s) {
+    double t_end = now_s() + timeout_s;
+    struct coord_cluster_status s;
+    while (now_s() < t_end) {
+        if (status(&s) == GRPC_OK) {
+            int busy = s.running_requests + s.waiting_requests;
+            for (int i = 0; i < s.n_nodes; i++)
+                if (s.nodes[i].alive && strcmp(s.nodes[i].role, "prefill") != 0)
+                    busy += s.nodes[i].kv_bytes_used != 0 || s.nodes[i].kv_bytes_reserved != 0;
+            if (!busy)
+                return 1;
+        }
+        sleep_ms(50);
+    }
+    for (int i = 0; i < s.n_nodes; i++)
+        fprintf(stderr, "  rank %d %s used %llu reserved %llu running %d\n", s.nodes[i].rank, s.nodes[i].role,
+                (unsigned long long)s.nodes[i].kv_bytes_used, (unsigned long long)s.nodes[i].kv_bytes_reserved,
+                s.nodes[i].running);
+    return 0;
+}
+
+static void expect_code(const struct kvr_gen_params *p, int want, const char *what) {
+    struct gen_result r = {0};
+    run_generate(cl.addr, p, &r);
+    if (r.code != want)
+        fprintf(stderr, "%s: got %s (%s), want %s\n", what, kvr_grpc_code_name(r.code), r.message,
+                kvr_grpc_code_name(want));
+    CHECK_EQ(r.code, want);
+    free(r.text);
+}
+
+/* ---- scenarios ----------------------------------------------------------------------- */
+
+static void scenario_golden(void) {
+    const char *args[] = {"--prefill", "2", "--decode", "2", "--kv-memory", "64MiB", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    pid_t pids[16];
+    int n_procs = cluster_pids(&cl, NULL, pids, 16);
+    CHECK_EQ(n_procs, 5);
+
+    struct coord_cluster_status s;
+    CHECK_EQ(status(&s), GRPC_OK);
+    CHECK_EQ(s.n_nodes, 4);
+    CHECK_EQ(s.seq_len, 512);
+
+    CHECK_EQ(concurrent_golden(16, "golden"), 16);
+    CHECK(wait_pool_empty(5.0));
+
+    /* Validation at the edge, through the real cluster. */
+    struct kvr_gen_params p = golden_params(0);
+    p.prompt = "";
+    expect_code(&p, GRPC_INVALID_ARGUMENT, "empty prompt");
+    p = golden_params(0);
+    p.max_tokens = 600;
+    expect_code(&p, GRPC_INVALID_ARGUMENT, "prompt + max_tokens over the context (dense)");
+    p = golden_params(0);
+    p.temperature = -1.0f;
+    expect_code(&p, GRPC_INVALID_ARGUMENT, "negative temperature");
+    p = golden_params(0);
+    p.kv_policy = KVR_KV_SINK;
+    p.kv_window = 4;
+    p.kv_sinks = 4;
+    expect_code(&p, GRPC_INVALID_ARGUMENT, "sinks >= window");
+
+    /* A client that cancels mid-stream: its blocks come back. */
+    struct gen_result r = {.cancel_after = 5};
+    p = golden_params(0);
+    run_generate(cl.addr, &p, &r);
+    CHECK_EQ(r.code, GRPC_CANCELLED);
+    CHECK(r.n_tokens >= 5);
+    free(r.text);
+    CHECK(wait_pool_empty(5.0));
+    CHECK_EQ(status(&s), GRPC_OK);
+    CHECK_EQ(s.running_requests, 0);
+
+    /* SIGTERM to the launcher stops every process. */
+    int rc = cluster_stop(&cl, 30);
+    CHECK_EQ(rc, 0);
+    double t_end = now_s() + 10;
+    int alive = n_procs;
+    while (alive > 0 && now_s() < t_end) {
+        alive = 0;
+        for (int i = 0; i < n_procs; i++)
+            alive += kill(pids[i], 0) == 0;
+        sleep_ms(50);
+    }
+    CHECK_EQ(alive, 0);
+}
+
+static void scenario_memory(void) {
+    /* The bundled model's KV is 2 x 5 layers x 32 x 4 = 1280 bytes per token, 20480 per
+     * 16-token block; a golden request needs at most 257 tokens = 17 blocks. 400000 bytes
+     * = 19 blocks: one request at a time per decode node. */
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--kv-memory", "400000", "--queue-timeout", "120", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct coord_cluster_status s;
+    CHECK_EQ(status(&s), GRPC_OK);
+    for (int i = 0; i < s.n_nodes; i++)
+        if (!strcmp(s.nodes[i].role, "decode"))
+            CHECK_EQ(s.nodes[i].kv_bytes_total, 19 * 20480);
+
+    /* A request that can never fit (32 blocks) is refused at once, not queued. */
+    struct kvr_gen_params p = golden_params(0);
+    p.max_tokens = 512 - golden_prompt_len[0];
+    double t0 = now_s();
+    expect_code(&p, GRPC_RESOURCE_EXHAUSTED, "larger than any decode node");
+    CHECK(now_s() - t0 < 10.0);
+
+    /* 16 requests on room for 2: they queue, then all finish with the golden text; a
+     * watcher checks that reservations never exceed a pool. */
+    pthread_t th;
+    struct job *jobs = calloc(16, sizeof *jobs);
+    REQUIRE(jobs);
+    for (int i = 0; i < 16; i++) {
+        jobs[i].g = i % n_golden;
+        REQUIRE(pthread_create(&jobs[i].th, NULL, job_main, &jobs[i]) == 0);
+    }
+    (void)th;
+    int saw_waiting = 0, over = 0;
+    for (int k = 0; k < 40; k++) {
+        if (status(&s) == GRPC_OK) {
+            saw_waiting |= s.waiting_requests > 0;
+            for (int i = 0; i < s.n_nodes; i++)
+                over |= s.nodes[i].kv_bytes_reserved > s.nodes[i].kv_bytes_total ||
+                        s.nodes[i].kv_bytes_used > s.nodes[i].kv_bytes_total;
+        }
+        sleep_ms(20);
+    }
+    int ok = 0;
+    for (int i = 0; i < 16; i++) {
+        pthread_join(jobs[i].th, NULL);
+        ok += check_golden(jobs[i].g, &jobs[i].r, "memory");
+        free(jobs[i].r.text);
+    }
+    free(jobs);
+    fprintf(stderr, "memory: %d/16 golden, saw_waiting=%d\n", ok, saw_waiting);
+    CHECK_EQ(ok, 16);
+    CHECK(saw_waiting);
+    CHECK(!over);
+    CHECK(wait_pool_empty(5.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
+struct hold {
+    struct kvr_gen_params p;
+    struct gen_result r;
+    pthread_t th;
+};
+
+static void *hold_main(void *arg) {
+    struct hold *h = arg;
+    run_generate(cl.addr, &h->p, &h->r);
+    return NULL;
+}
+
+static void scenario_timeout(void) {
+    /* One decode node with 26 blocks; a window request (L = 256: 17 blocks) generating
+     * "forever" holds it; a second one cannot be placed and times out. */
+    const char *args[] = {"--prefill", "1", "--decode", "1", "--kv-memory", "532480", "--queue-timeout", "1",
+                          "--decode-args", "--debug-step-delay-ms 2", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct hold h = {.p = golden_params(0)};
+    h.p.kv_policy = KVR_KV_WINDOW;
+    h.p.kv_window = 256;
+    h.p.max_tokens = 1000000;
+    h.p.ignore_eos = 1; /* keep generating past the end of the story */
+    h.r.cancel_after = 1500;
+    REQUIRE(pthread_create(&h.th, NULL, hold_main, &h) == 0);
+    sleep_ms(500);
+    struct kvr_gen_params p = golden_params(1);
+    p.kv_policy = KVR_KV_WINDOW;
+    p.kv_window = 256;
+    p.max_tokens = 1000; /* long enough to need the window's 17 blocks; 9 are free */
+    double t0 = now_s();
+    expect_code(&p, GRPC_RESOURCE_EXHAUSTED, "waiting past --queue-timeout");
+    double waited = now_s() - t0;
+    fprintf(stderr, "timeout: refused after %.2f s\n", waited);
+    CHECK(waited >= 0.9);
+    pthread_join(h.th, NULL);
+    CHECK_EQ(h.r.code, GRPC_CANCELLED);
+    free(h.r.text);
+    CHECK(wait_pool_empty(5.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
+/* The rank of a cluster process (Open MPI puts it in the environment). */
+static int rank_of(pid_t pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    char buf[65536];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    for (size_t i = 0; i < n;) {
+        if (!strncmp(buf + i, "OMPI_COMM_WORLD_RANK=", 21))
+            return atoi(buf + i + 21);
+        i += strlen(buf + i) + 1;
+    }
+    return -1;
+}
+
+static int killed_rank = -1;
+
+/* After 40 tokens, SIGKILL the decode node serving the only running request. */
+static void kill_its_decode_node(struct gen_result *r) {
+    if (r->hook_done || r->n_tokens < 40)
+        return;
+    r->hook_done = 1;
+    struct coord_cluster_status s;
+    if (status(&s) != GRPC_OK)
+        return;
+    int victim = -1;
+    for (int i = 0; i < s.n_nodes; i++)
+        if (!strcmp(s.nodes[i].role, "decode") && s.nodes[i].running > 0)
+            victim = s.nodes[i].rank;
+    pid_t pids[8];
+    int n = cluster_pids(&cl, "kvrelay-decode", pids, 8);
+    for (int i = 0; i < n; i++) {
+        if (rank_of(pids[i]) == victim) {
+            fprintf(stderr, "faults: killing decode rank %d (pid %d) after %d tokens\n", victim, (int)pids[i],
+                    r->n_tokens);
+            kill(pids[i], SIGKILL);
+            killed_rank = victim;
+        }
+    }
+}
+
+static void scenario_faults(void) {
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--node-timeout", "2", "--prefill-args",
+                          "--fault-corrupt-seed 4242", "--decode-args", "--debug-step-delay-ms 5", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+
+    /* A corrupted KV block fails its request only. */
+    struct kvr_gen_params p = golden_params(1);
+    p.seed = 4242;
+    struct gen_result r = {0};
+    run_generate(cl.addr, &p, &r);
+    fprintf(stderr, "faults: corrupted request -> %s: %s\n", kvr_grpc_code_name(r.code), r.message);
+    CHECK(r.code == GRPC_DATA_LOSS);
+    CHECK_EQ(r.n_tokens, 0);
+    free(r.text);
+    CHECK_EQ(concurrent_golden(4, "faults/after-corruption"), 4);
+
+    /* A decode node dies mid-stream: the request is re-run, nothing is lost. */
+    struct gen_result k = {.on_token = kill_its_decode_node};
+    p = golden_params(0);
+    run_generate(cl.addr, &p, &k);
+    CHECK(k.hook_done);
+    CHECK(killed_rank >= 0);
+    check_golden(0, &k, "faults/node-death");
+    free(k.text);
+    struct coord_cluster_status s;
+    CHECK_EQ(status(&s), GRPC_OK);
+    for (int i = 0; i < s.n_nodes; i++)
+        if (s.nodes[i].rank == killed_rank)
+            CHECK_EQ(s.nodes[i].alive, 0);
+    /* The survivors still serve. */
+    CHECK_EQ(concurrent_golden(2, "faults/after-death"), 2);
+    CHECK(cluster_stop(&cl, 30) >= 0);
+}
+
+static void scenario_colocated(void) {
+    const char *args[] = {"--prefill", "0", "--decode", "2", "--colocated", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    CHECK_EQ(concurrent_golden(10, "colocated"), 10);
+    CHECK(wait_pool_empty(5.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
+int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN);
+    load_golden();
+    const char *which = argc > 1 ? argv[1] : "golden";
+    if (!strcmp(which, "golden"))
+        scenario_golden();
+    else if (!strcmp(which, "memory"))
+        scenario_memory();
+    else if (!strcmp(which, "timeout"))
+        scenario_timeout();
+    else if (!strcmp(which, "faults"))
+        scenario_faults();
+    else if (!strcmp(which, "colocated"))
+        scenario_colocated();
+    else
+        REQUIRE(!"unknown scenario");
+    if (cl.pid > 0)
+        cluster_stop(&cl, 30);
+    for (int i = 0; i < n_golden; i++)
+        golden_run_free(&golden[i]);
+    CHECK_DONE();
+}
