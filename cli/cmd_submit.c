@@ -43,7 +43,7 @@ static const struct kvr_opt submit_opts[] = {
     {"kv-policy", KVR_OPT_CHOICE, offsetof(struct submit_cfg, kv_policy), "dense", 0, -1, KVR_KV_POLICY_CHOICES, 0, "KV-cache policy"},
     {"kv-window", KVR_OPT_INT, offsetof(struct submit_cfg, kv_window), "0", 0, 1 << 22, NULL, 0, "L: tokens attended (window, recompute, sink); 0 = server default"},
     {"kv-sinks", KVR_OPT_INT, offsetof(struct submit_cfg, kv_sinks), "-1", -1, 1 << 20, NULL, 0, "S: attention-sink tokens kept (sink); -1 = server default"},
-    {"ignore-eos", KVR_OPT_FLAG, offsetof(struct submit_cfg, ignore_eos), "0", 0, -1, NULL, 0, "do not stop at EOS (only BOS ends the text, as in run.c)"},
+    {"ignore-eos", KVR_OPT_FLAG, offsetof(struct submit_cfg, ignore_eos), "0", 0, -1, NULL, 0, "do not stop at BOS/EOS: generate exactly --max-tokens tokens"},
     {"json", KVR_OPT_FLAG, offsetof(struct submit_cfg, json), "0", 0, -1, NULL, 0, "one JSON object per line: prompt, tokens, done (or error)"},
     {"timeout", KVR_OPT_FLOAT, offsetof(struct submit_cfg, timeout), "0", 0, 1e7, NULL, 0, "deadline of the whole request in seconds (0 = none)"},
 };
