@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "bytes.h"
+#include "clock.h"
 #include "log.h"
 #include "status.h"
 
@@ -157,17 +158,11 @@ fail:
     return rc;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 void kvr_xfer_finalize(struct kvr_xfer *x, double flush_s) {
     if (!x)
         return;
-    double t_end = now_s() + flush_s;
-    while (kvr_xfer_progress(x) > 0 && now_s() < t_end) {
+    double t_end = kvr_clock_now() + flush_s;
+    while (kvr_xfer_progress(x) > 0 && kvr_clock_now() < t_end) {
         struct timespec ts = {0, 200000};
         nanosleep(&ts, NULL);
     }

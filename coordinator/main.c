@@ -1,20 +1,17 @@
 /* main.c - kvrelay-coordinator: the cluster's front door (rank of role coordinator in
  * the MPI job). The MPI thread (this one) runs the router; grpc_server.c runs its own
  * completion-queue thread. See docs/ARCHITECTURE.md. */
-#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
-#include <string.h>
-#include <time.h>
 
 #include "grpc_server.h"
 #include "log.h"
 #include "model.h"
 #include "options.h"
+#include "role.h"
 #include "router.h"
 #include "status.h"
 #include "tokenizer.h"
-#include "xfer.h"
 
 struct coord_cfg {
     const char *model;
@@ -38,87 +35,53 @@ static const struct kvr_opt opts[] = {
     {"max-retries", KVR_OPT_INT, offsetof(struct coord_cfg, max_retries), "2", 0, 15, NULL, 0, "re-runs of a request whose node died"},
 };
 
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
-
 int main(int argc, char **argv) {
     struct coord_cfg cfg;
-    char err[256];
     struct kvr_xfer *x = NULL;
-    int rc = kvr_xfer_init(&argc, &argv, KVR_ROLE_COORD, &x);
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-coordinator: MPI setup failed: %s\n", kvr_status_str(rc));
-        return 1;
-    }
-    kvr_log_init("coordinator", kvr_xfer_rank(x));
-    const int n_opts = (int)(sizeof opts / sizeof opts[0]);
-    rc = kvr_opts_parse(opts, n_opts, &cfg, argc, argv, 1, err, sizeof err);
-    if (rc == 1) {
-        kvr_opts_usage(stdout, "kvrelay-coordinator", "The cluster's gRPC front door (started by mpirun; see kvrelay up).",
-                       opts, n_opts);
-        kvr_xfer_abort(x, 0);
-    }
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-coordinator: %s\n", err);
-        kvr_xfer_abort(x, 2);
-    }
-    kvr_opts_log("kvrelay-coordinator", opts, n_opts, &cfg);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    struct kvr_role_params rp = {.role = KVR_ROLE_COORD, .prog = "kvrelay-coordinator",
+                                 .summary = "The cluster's gRPC front door (started by mpirun; see kvrelay up).",
+                                 .opts = opts, .n_opts = (int)(sizeof opts / sizeof opts[0]), .cfg = &cfg};
+    int rc = kvr_role_start(&rp, &argc, &argv, &x);
+    if (rc != KVR_OK)
+        kvr_role_exit(x, rc);
 
     struct kvr_model *model = NULL;
     struct kvr_tokenizer *tok = NULL;
     struct coord_router *router = NULL;
     struct coord_grpc *grpc = NULL;
-    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
-        fprintf(stderr, "kvrelay-coordinator: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
-    }
+    if ((rc = kvr_role_load_model(rp.prog, cfg.model, &model)) != KVR_OK)
+        kvr_role_exit(x, rc);
     const struct kvr_model_config *c = kvr_model_config(model);
     if ((rc = kvr_tokenizer_load(cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: cannot load tokenizer '%s': %s\n", cfg.tokenizer, kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
+        kvr_role_exit(x, KVR_EIO);
     }
-    struct coord_router_params rp = {.xfer = x, .ops = &coord_grpc_stream_ops, .queue_max = cfg.queue_max,
+    struct coord_router_params rtp = {.xfer = x, .ops = &coord_grpc_stream_ops, .queue_max = cfg.queue_max,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
                                      .max_retries = cfg.max_retries};
-    if ((rc = coord_router_create(&rp, &router)) != KVR_OK) {
+    if ((rc = coord_router_create(&rtp, &router)) != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: %s\n", kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
+        kvr_role_exit(x, KVR_EIO);
     }
     int seq_len = 0, vocab = 0;
     rc = coord_router_wait_nodes(router, cfg.startup_timeout, kvr_model_fingerprint(model), &seq_len, &vocab);
     if (rc != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: the cluster did not come up: %s (see the log lines above)\n",
                 kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
+        kvr_role_exit(x, KVR_EIO);
     }
     struct coord_grpc_params gp = {.addr = cfg.listen, .router = router, .tok = tok, .seq_len = seq_len,
                                    .vocab_size = vocab, .shutdown_grace_ms = 2000};
     if ((rc = coord_grpc_start(&gp, &grpc)) != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: cannot serve gRPC on %s: %s\n", cfg.listen, kvr_status_str(rc));
         coord_router_shutdown(router);
-        kvr_xfer_abort(x, 1);
+        kvr_role_exit(x, KVR_EIO);
     }
     fprintf(stderr, "kvrelay-coordinator: serving kvrelay.v1.Inference on %s (port %d)\n", cfg.listen,
             coord_grpc_port(grpc));
-    long idle_ns = 50000;
-    while (!stop_flag) {
-        if (coord_router_poll(router)) {
-            idle_ns = 50000;
-        } else {
-            struct timespec ts = {0, idle_ns};
-            nanosleep(&ts, NULL);
-            idle_ns = idle_ns * 2 > 1000000 ? 1000000 : idle_ns * 2;
-        }
-    }
+    struct kvr_idle idle = {0};
+    while (!kvr_role_stop)
+        kvr_idle_turn(&idle, coord_router_poll(router));
     KVR_LOG_INFO("stopping: answering every open request, then the gRPC server, then the nodes");
     coord_router_shutdown(router);
     coord_grpc_stop(grpc);

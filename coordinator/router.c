@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "clock.h"
 #include "kv_cache.h"
 #include "log.h"
 #include "status.h"
@@ -82,12 +83,6 @@ struct coord_router {
     double last_ping;
     struct kvr_tok_event *events; /* (MAX_EVENTS) parse target */
 };
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static struct cnode *node_of(struct coord_router *r, int rank) {
     for (int i = 0; i < r->n_nodes; i++)
@@ -263,7 +258,7 @@ static void release(struct coord_router *r, struct creq *q) {
 /* Ends q (already removed from its list): one finish call, then q is gone. */
 static void finish(struct coord_router *r, struct creq *q, int status, enum coord_finish reason,
                    const char *msg) {
-    double t = now_s();
+    double t = kvr_clock_now();
     release(r, q);
     struct coord_usage u = {
         .prompt_tokens = q->r.n_tokens, .generated_tokens = q->n_sent,
@@ -368,7 +363,7 @@ static int place_head(struct coord_router *r) {
                                .temperature = q->r.temperature, .top_p = q->r.top_p, .seed = q->r.seed,
                                .stop_at_eos = q->r.stop_at_eos, .policy = q->r.policy,
                                .prefill_rank = pf->rank, .decode_rank = best->rank,
-                               .t_coord_ms = now_s() * 1000.0};
+                               .t_coord_ms = kvr_clock_now() * 1000.0};
     int rc = kvr_xfer_send_prefill_req(r->x, pf->rank, &p, q->r.tokens);
     if (rc != KVR_OK) {
         finish_waiting(r, 0, rc, COORD_FINISH_ERROR, "cannot send the prompt to a prefill node");
@@ -392,7 +387,7 @@ static int place_head(struct coord_router *r) {
     pf->inflight_tokens += (uint64_t)q->r.n_tokens;
     q->prefill_open = 1;
     if (q->t_dispatch == 0)
-        q->t_dispatch = now_s();
+        q->t_dispatch = kvr_clock_now();
     KVR_LOG_DEBUG("req=%llu placed: prefill rank %d, decode rank %d, %d blocks", (unsigned long long)q->id,
                   pf->rank, best->rank, best_need);
     return 1;
@@ -407,7 +402,7 @@ static int dispatch(struct coord_router *r) {
         did = 1;
     }
     /* Deadline: requests that waited too long for memory. */
-    double t = now_s();
+    double t = kvr_clock_now();
     for (int i = 0; i < r->n_waiting;) {
         if (t - r->waiting[i]->r.t_arrival > r->p.queue_timeout_s) {
             finish_waiting(r, i, KVR_ETIMEDOUT, COORD_FINISH_ERROR,
@@ -433,7 +428,7 @@ static void on_tokens(struct coord_router *r, const struct kvr_msg *m) {
     int n = 0;
     if (kvr_msg_parse_tokens(m, r->events, MAX_EVENTS, &n) != KVR_OK)
         return;
-    double t = now_s();
+    double t = kvr_clock_now();
     for (int e = 0; e < n; e++) {
         const struct kvr_tok_event *ev = &r->events[e];
         int i = find_active(r, ev->req_id);
@@ -502,7 +497,7 @@ static int drain(struct coord_router *r) {
             KVR_LOG_WARN("rank %d spoke again after being declared dead; ignoring it", m.src);
             continue;
         }
-        n->last_seen = now_s();
+        n->last_seen = kvr_clock_now();
         switch (m.kind) {
         case KVR_MSG_HELLO:
             if (kvr_msg_parse_hello(&m, &n->h) == KVR_OK) {
@@ -586,7 +581,7 @@ static void node_died(struct coord_router *r, struct cnode *n) {
     n->alive = 0;
     kvr_xfer_mark_dead(r->x, n->rank);
     KVR_LOG_ERROR("rank %d (%s on %s) is silent for %.1f s: declared dead", n->rank, kvr_role_name(n->role),
-                  n->h.host, now_s() - n->last_seen);
+                  n->h.host, kvr_clock_now() - n->last_seen);
     for (int i = 0; i < r->n_active;) {
         struct creq *q = r->active[i];
         int hit = q->decode_rank == n->rank || (q->state == CR_PREFILL && q->prefill_rank == n->rank);
@@ -627,7 +622,7 @@ static void node_died(struct coord_router *r, struct cnode *n) {
 }
 
 static void check_liveness(struct coord_router *r) {
-    double t = now_s();
+    double t = kvr_clock_now();
     for (int i = 0; i < r->n_nodes; i++) {
         struct cnode *n = &r->nodes[i];
         if (n->alive && t - n->last_seen > r->p.node_timeout_s)
@@ -638,7 +633,7 @@ static void check_liveness(struct coord_router *r) {
 static void update_snapshot(struct coord_router *r) {
     struct coord_cluster_status s;
     memset(&s, 0, sizeof s);
-    double t = now_s();
+    double t = kvr_clock_now();
     for (int i = 0; i < r->n_nodes && s.n_nodes < COORD_MAX_NODES; i++) {
         const struct cnode *n = &r->nodes[i];
         struct coord_node_status *o = &s.nodes[s.n_nodes++];
@@ -674,7 +669,7 @@ static void update_snapshot(struct coord_router *r) {
 
 int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t fingerprint, int *seq_len,
                             int *vocab) {
-    double t_end = now_s() + timeout_s;
+    double t_end = kvr_clock_now() + timeout_s;
     for (;;) {
         drain(r);
         int n_hello = 0;
@@ -682,12 +677,11 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
             n_hello += r->nodes[i].hello;
         if (n_hello == r->n_nodes)
             break;
-        if (now_s() > t_end) {
+        if (kvr_clock_now() > t_end) {
             KVR_LOG_ERROR("only %d of %d nodes said hello within %.0f s", n_hello, r->n_nodes, timeout_s);
             return KVR_ETIMEDOUT;
         }
-        struct timespec ts = {0, 1000000};
-        nanosleep(&ts, NULL);
+        kvr_sleep_ms(1);
     }
     int n_decode = 0, n_prefill = 0, n_coloc = 0;
     for (int i = 0; i < r->n_nodes; i++) {
@@ -730,14 +724,14 @@ int coord_router_poll(struct coord_router *r) {
     if (dispatch(r))
         did = 1;
     /* Nodes leave on their own if the coordinator goes silent (it crashed). */
-    if (now_s() - r->last_ping >= 1.0) {
+    if (kvr_clock_now() - r->last_ping >= 1.0) {
         for (int i = 0; i < r->n_nodes; i++)
             if (r->nodes[i].alive)
                 kvr_xfer_send_ping(r->x, r->nodes[i].rank);
-        r->last_ping = now_s();
+        r->last_ping = kvr_clock_now();
     }
     kvr_xfer_progress(r->x);
-    if (did || now_s() - r->last_snap > 0.05)
+    if (did || kvr_clock_now() - r->last_snap > 0.05)
         update_snapshot(r);
     return did;
 }

@@ -7,13 +7,13 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
+#include "clock.h"
 #include "kv_cache.h"
 #include "kv_wire.h"
 #include "log.h"
 #include "model.h"
+#include "role.h"
 #include "sampler.h"
 #include "status.h"
 #include "tokenizer.h"
@@ -75,12 +75,6 @@ struct dnode {
     double last_report;
     double last_coord;     /* last message from the coordinator */
 };
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* ---- bookkeeping ---------------------------------------------------------------- */
 
@@ -399,7 +393,7 @@ static int drain(struct dnode *d) {
         if (rc != KVR_OK)
             continue;
         if (m.src == d->coord)
-            d->last_coord = now_s();
+            d->last_coord = kvr_clock_now();
         switch (m.kind) {
         case KVR_MSG_SEQ_BEGIN:
             on_seq_begin(d, &m);
@@ -524,12 +518,8 @@ static void step(struct dnode *d) {
 /* ---- reports and the loop -------------------------------------------------------- */
 
 static void report(struct dnode *d) {
-    struct kvr_kv_pool_stats st;
-    kvr_kv_pool_stats(d->pool, &st);
-    struct kvr_node_report r = {.kv_bytes_total = st.bytes_total, .kv_bytes_used = st.bytes_used,
-                                .kv_bytes_free = st.bytes_free, .n_blocks_total = st.n_blocks,
-                                .n_blocks_free = st.n_blocks_free, .steps = d->steps,
-                                .tokens_out = d->tokens_out};
+    struct kvr_node_report r = {.steps = d->steps, .tokens_out = d->tokens_out};
+    kvr_role_report_pool(&r, d->pool);
     for (int i = 0; i < d->n_seqs; i++) {
         if (d->seqs[i]->state == DS_RUNNING) {
             r.running++;
@@ -539,7 +529,7 @@ static void report(struct dnode *d) {
         }
     }
     kvr_xfer_send_status(d->x, d->coord, &r);
-    d->last_report = now_s();
+    d->last_report = kvr_clock_now();
 }
 
 static int setup(struct dnode *d) {
@@ -594,55 +584,32 @@ static void teardown(struct dnode *d) {
 int decode_run(const struct decode_params *p) {
     struct dnode d = {.p = p, .x = p->xfer};
     int rc = setup(&d);
-    struct kvr_hello h = {.role = KVR_ROLE_DECODE, .colocated = p->colocated};
-    gethostname(h.host, sizeof h.host - 1);
-    if (rc == KVR_OK) {
-        struct kvr_kv_pool_stats st;
-        kvr_kv_pool_stats(d.pool, &st);
-        h.n_layers = d.c->n_layers;
-        h.kv_dim = d.c->kv_dim;
-        h.block_tokens = p->block_tokens;
-        h.seq_len = d.c->seq_len;
-        h.vocab_size = d.c->vocab_size;
-        h.fingerprint = d.fingerprint;
-        h.kv_bytes_total = st.bytes_total;
-        h.n_blocks_total = st.n_blocks;
-        h.n_threads = p->n_threads;
-    } else {
+    if (rc != KVR_OK)
         KVR_LOG_ERROR("decode node setup failed: %s", kvr_status_str(rc));
-        h.n_blocks_total = 0; /* tells the coordinator this node cannot serve */
-    }
+    struct kvr_hello h;
+    kvr_role_hello(&h, KVR_ROLE_DECODE, p->colocated, p->model, rc == KVR_OK ? d.pool : NULL, p->n_threads);
     kvr_xfer_send_hello(d.x, d.coord, &h);
-    KVR_LOG_INFO("decode node up: %d blocks of %d tokens, colocated=%d", h.n_blocks_total,
-                 p->block_tokens, p->colocated);
-    long idle_ns = 20000;
-    d.last_coord = now_s();
+    KVR_LOG_INFO("decode node up: %d blocks of %d tokens, colocated=%d", h.n_blocks_total, p->block_tokens,
+                 p->colocated);
+    struct kvr_idle idle = {0};
+    d.last_coord = kvr_clock_now();
     while (rc == KVR_OK && !d.shutdown && !*p->stop) {
-        if (now_s() - d.last_coord > p->coord_timeout_s) {
-            KVR_LOG_ERROR("the coordinator has been silent for %.0f s: leaving", now_s() - d.last_coord);
+        if (kvr_clock_now() - d.last_coord > p->coord_timeout_s) {
+            KVR_LOG_ERROR("the coordinator has been silent for %.0f s: leaving", kvr_clock_now() - d.last_coord);
             break;
         }
-        int got = drain(&d);
-        int worked = 0;
+        int busy = drain(&d) > 0;
         if (has_work(&d)) {
             step(&d);
-            worked = 1;
-            if (p->debug_step_delay_ms > 0) {
-                struct timespec ts = {p->debug_step_delay_ms / 1000, (p->debug_step_delay_ms % 1000) * 1000000L};
-                nanosleep(&ts, NULL);
-            }
+            busy = 1;
+            if (p->debug_step_delay_ms > 0)
+                kvr_sleep_ms(p->debug_step_delay_ms);
         }
         flush_events(&d);
-        if ((now_s() - d.last_report) * 1000.0 >= p->report_ms)
+        if ((kvr_clock_now() - d.last_report) * 1000.0 >= p->report_ms)
             report(&d);
         kvr_xfer_progress(d.x);
-        if (got || worked) {
-            idle_ns = 20000;
-        } else {
-            struct timespec ts = {0, idle_ns};
-            nanosleep(&ts, NULL);
-            idle_ns = idle_ns * 2 > 1000000 ? 1000000 : idle_ns * 2;
-        }
+        kvr_idle_turn(&idle, busy);
     }
     /* Anything still here when the cluster stops is answered, not dropped. */
     while (d.n_seqs > 0)

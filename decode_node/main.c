@@ -1,15 +1,11 @@
 /* main.c - kvrelay-decode: one decode node of an MPI job (see decode.h). */
-#include <signal.h>
 #include <stddef.h>
-#include <stdio.h>
-#include <string.h>
 
 #include "decode.h"
-#include "log.h"
 #include "model.h"
 #include "options.h"
+#include "role.h"
 #include "status.h"
-#include "xfer.h"
 
 struct decode_cfg {
     const char *model;
@@ -37,50 +33,24 @@ static const struct kvr_opt opts[] = {
     {"debug-step-delay-ms", KVR_OPT_INT, offsetof(struct decode_cfg, debug_step_delay_ms), "0", 0, 10000, NULL, 0, "TEST ONLY: sleep after every decode step"},
 };
 
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
-
 int main(int argc, char **argv) {
     struct decode_cfg cfg;
-    char err[256];
     struct kvr_xfer *x = NULL;
-    int rc = kvr_xfer_init(&argc, &argv, KVR_ROLE_DECODE, &x);
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-decode: MPI setup failed: %s\n", kvr_status_str(rc));
-        return 1;
-    }
-    kvr_log_init("decode", kvr_xfer_rank(x));
-    rc = kvr_opts_parse(opts, (int)(sizeof opts / sizeof opts[0]), &cfg, argc, argv, 1, err, sizeof err);
-    if (rc == 1) {
-        kvr_opts_usage(stdout, "kvrelay-decode", "A decode node (started by mpirun; see kvrelay up).", opts,
-                       (int)(sizeof opts / sizeof opts[0]));
-        kvr_xfer_abort(x, 0);
-    }
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-decode: %s\n", err);
-        kvr_xfer_abort(x, 2);
-    }
-    kvr_opts_log("kvrelay-decode", opts, (int)(sizeof opts / sizeof opts[0]), &cfg);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    struct kvr_role_params rp = {.role = KVR_ROLE_DECODE, .prog = "kvrelay-decode",
+                                 .summary = "A decode node (started by mpirun; see kvrelay up).", .opts = opts,
+                                 .n_opts = (int)(sizeof opts / sizeof opts[0]), .cfg = &cfg};
+    int rc = kvr_role_start(&rp, &argc, &argv, &x);
+    if (rc != KVR_OK)
+        kvr_role_exit(x, rc);
     struct kvr_model *model = NULL;
-    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
-        fprintf(stderr, "kvrelay-decode: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
-    }
+    if ((rc = kvr_role_load_model(rp.prog, cfg.model, &model)) != KVR_OK)
+        kvr_role_exit(x, rc);
     struct decode_params p = {.model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory,
                               .block_tokens = cfg.block_tokens, .n_threads = cfg.threads,
                               .max_batch = cfg.max_batch, .max_batch_tokens = cfg.max_batch_tokens,
-                              .colocated = cfg.colocated, .report_ms = cfg.report_ms, .debug_step_delay_ms = cfg.debug_step_delay_ms,
-                              .coord_timeout_s = cfg.coord_timeout,
-                              .stop = &stop_flag};
+                              .colocated = cfg.colocated, .report_ms = cfg.report_ms,
+                              .debug_step_delay_ms = cfg.debug_step_delay_ms,
+                              .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop};
     rc = decode_run(&p);
     kvr_model_free(model);
     kvr_xfer_finalize(x, 2.0);

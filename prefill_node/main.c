@@ -1,15 +1,11 @@
 /* main.c - kvrelay-prefill: one prefill node of an MPI job (see prefill.h). */
-#include <signal.h>
 #include <stddef.h>
-#include <stdio.h>
-#include <string.h>
 
-#include "log.h"
 #include "model.h"
 #include "options.h"
 #include "prefill.h"
+#include "role.h"
 #include "status.h"
-#include "xfer.h"
 
 struct prefill_cfg {
     const char *model;
@@ -41,44 +37,18 @@ static const struct kvr_opt opts[] = {
     {"fault-corrupt-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_corrupt_seed), "0", 0, -1, NULL, 0, "TEST ONLY: corrupt a KV message of requests with this seed (0 = off)"},
 };
 
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig) {
-    (void)sig;
-    stop_flag = 1;
-}
-
 int main(int argc, char **argv) {
     struct prefill_cfg cfg;
-    char err[256];
     struct kvr_xfer *x = NULL;
-    int rc = kvr_xfer_init(&argc, &argv, KVR_ROLE_PREFILL, &x);
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-prefill: MPI setup failed: %s\n", kvr_status_str(rc));
-        return 1;
-    }
-    kvr_log_init("prefill", kvr_xfer_rank(x));
-    const int n_opts = (int)(sizeof opts / sizeof opts[0]);
-    rc = kvr_opts_parse(opts, n_opts, &cfg, argc, argv, 1, err, sizeof err);
-    if (rc == 1) {
-        kvr_opts_usage(stdout, "kvrelay-prefill", "A prefill node (started by mpirun; see kvrelay up).", opts, n_opts);
-        kvr_xfer_abort(x, 0);
-    }
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay-prefill: %s\n", err);
-        kvr_xfer_abort(x, 2);
-    }
-    kvr_opts_log("kvrelay-prefill", opts, n_opts, &cfg);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    struct kvr_role_params rp = {.role = KVR_ROLE_PREFILL, .prog = "kvrelay-prefill",
+                                 .summary = "A prefill node (started by mpirun; see kvrelay up).", .opts = opts,
+                                 .n_opts = (int)(sizeof opts / sizeof opts[0]), .cfg = &cfg};
+    int rc = kvr_role_start(&rp, &argc, &argv, &x);
+    if (rc != KVR_OK)
+        kvr_role_exit(x, rc);
     struct kvr_model *model = NULL;
-    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
-        fprintf(stderr, "kvrelay-prefill: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
-        kvr_xfer_abort(x, 1);
-    }
+    if ((rc = kvr_role_load_model(rp.prog, cfg.model, &model)) != KVR_OK)
+        kvr_role_exit(x, rc);
     int seq_len = kvr_model_config(model)->seq_len;
     struct prefill_params p = {
         .model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory, .block_tokens = cfg.block_tokens,
@@ -87,7 +57,7 @@ int main(int argc, char **argv) {
         .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,
                  .level = cfg.kv_level},
         .report_ms = cfg.report_ms, .fault_corrupt = cfg.fault_corrupt_seed != 0,
-        .fault_corrupt_seed = cfg.fault_corrupt_seed, .coord_timeout_s = cfg.coord_timeout, .stop = &stop_flag};
+        .fault_corrupt_seed = cfg.fault_corrupt_seed, .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop};
     rc = prefill_run(&p);
     kvr_model_free(model);
     kvr_xfer_finalize(x, 2.0);

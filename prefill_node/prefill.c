@@ -5,12 +5,12 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
 
+#include "clock.h"
 #include "kv_cache.h"
 #include "log.h"
 #include "model.h"
+#include "role.h"
 #include "sampler.h"
 #include "status.h"
 #include "transformer.h"
@@ -55,12 +55,6 @@ struct pnode {
     double last_coord;       /* last message from the coordinator */
 };
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void preq_free(struct preq *r) {
     if (r) {
         free(r->prompt);
@@ -69,16 +63,13 @@ static void preq_free(struct preq *r) {
 }
 
 static void report(struct pnode *n) {
-    struct kvr_kv_pool_stats st;
-    kvr_kv_pool_stats(n->pool, &st);
-    struct kvr_node_report r = {.kv_bytes_total = st.bytes_total, .kv_bytes_used = st.bytes_used,
-                                .kv_bytes_free = st.bytes_free, .n_blocks_total = st.n_blocks,
-                                .n_blocks_free = st.n_blocks_free, .running = n->n_batch,
-                                .queued = n->n_queue, .steps = n->passes, .tokens_out = n->tokens_done};
+    struct kvr_node_report r = {.running = n->n_batch, .queued = n->n_queue, .steps = n->passes,
+                                .tokens_out = n->tokens_done};
+    kvr_role_report_pool(&r, n->pool);
     for (int i = 0; i < n->n_queue; i++)
         r.queued_prompt_tokens += (uint64_t)n->queue[i]->p.n_prompt;
     kvr_xfer_send_status(n->x, n->coord, &r);
-    n->last_report = now_s();
+    n->last_report = kvr_clock_now();
 }
 
 /* A prompt that will not be prefilled: tell its decode node and the coordinator. */
@@ -126,7 +117,7 @@ static void on_prefill_req(struct pnode *n, const struct kvr_msg *m) {
     }
     r->p = p;
     memcpy(r->prompt, n->prompt_buf, (size_t)p.n_prompt * sizeof *r->prompt);
-    r->t_arrival = now_s();
+    r->t_arrival = kvr_clock_now();
     n->queue[n->n_queue++] = r;
 }
 
@@ -155,7 +146,7 @@ static int drain(struct pnode *n) {
         cnt++;
         if (rc != KVR_OK)
             continue;
-        n->last_coord = now_s();
+        n->last_coord = kvr_clock_now();
         switch (m.kind) {
         case KVR_MSG_PREFILL_REQ:
             on_prefill_req(n, &m);
@@ -224,7 +215,7 @@ static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items
     }
     kvr_xfer_progress(n->x);
     /* A long pass must not look like a dead node. */
-    if ((now_s() - n->last_report) * 1000.0 >= n->p->report_ms)
+    if ((kvr_clock_now() - n->last_report) * 1000.0 >= n->p->report_ms)
         report(n);
 }
 
@@ -283,9 +274,9 @@ static void run_pass(struct pnode *n) {
         if (rc != KVR_OK)
             it->failed = rc;
     }
-    double t0 = now_s();
+    double t0 = kvr_clock_now();
     int rc = kvr_engine_forward(n->eng, n->items, n->n_batch);
-    double t1 = now_s();
+    double t1 = kvr_clock_now();
     n->passes++;
     for (int i = 0; i < n->n_batch; i++) {
         struct pitem *it = &n->batch[i];
@@ -376,45 +367,27 @@ static void teardown(struct pnode *n) {
 int prefill_run(const struct prefill_params *p) {
     struct pnode n = {.p = p, .x = p->xfer};
     int rc = setup(&n);
-    struct kvr_hello h = {.role = KVR_ROLE_PREFILL};
-    gethostname(h.host, sizeof h.host - 1);
-    if (rc == KVR_OK) {
-        struct kvr_kv_pool_stats st;
-        kvr_kv_pool_stats(n.pool, &st);
-        h.n_layers = n.c->n_layers;
-        h.kv_dim = n.c->kv_dim;
-        h.block_tokens = p->block_tokens;
-        h.seq_len = n.c->seq_len;
-        h.vocab_size = n.c->vocab_size;
-        h.fingerprint = n.fingerprint;
-        h.kv_bytes_total = st.bytes_total;
-        h.n_blocks_total = st.n_blocks;
-        h.n_threads = p->n_threads;
-    } else {
+    if (rc != KVR_OK)
         KVR_LOG_ERROR("prefill node setup failed: %s", kvr_status_str(rc));
-    }
+    struct kvr_hello h;
+    kvr_role_hello(&h, KVR_ROLE_PREFILL, 0, p->model, rc == KVR_OK ? n.pool : NULL, p->n_threads);
     kvr_xfer_send_hello(n.x, n.coord, &h);
-    long idle_ns = 20000;
-    n.last_coord = now_s();
+    struct kvr_idle idle = {0};
+    n.last_coord = kvr_clock_now();
     while (rc == KVR_OK && !n.shutdown && !*p->stop) {
-        if (now_s() - n.last_coord > p->coord_timeout_s) {
-            KVR_LOG_ERROR("the coordinator has been silent for %.0f s: leaving", now_s() - n.last_coord);
+        if (kvr_clock_now() - n.last_coord > p->coord_timeout_s) {
+            KVR_LOG_ERROR("the coordinator has been silent for %.0f s: leaving", kvr_clock_now() - n.last_coord);
             break;
         }
-        int got = drain(&n);
-        int worked = n.n_queue > 0;
-        if (worked)
+        int busy = drain(&n) > 0;
+        if (n.n_queue > 0) {
             run_pass(&n);
-        if ((now_s() - n.last_report) * 1000.0 >= p->report_ms)
+            busy = 1;
+        }
+        if ((kvr_clock_now() - n.last_report) * 1000.0 >= p->report_ms)
             report(&n);
         kvr_xfer_progress(n.x);
-        if (got || worked) {
-            idle_ns = 20000;
-        } else {
-            struct timespec ts = {0, idle_ns};
-            nanosleep(&ts, NULL);
-            idle_ns = idle_ns * 2 > 1000000 ? 1000000 : idle_ns * 2;
-        }
+        kvr_idle_turn(&idle, busy);
     }
     while (n.n_queue > 0) {
         struct preq *r = n.queue[--n.n_queue];

@@ -1,0 +1,105 @@
+/* role.c - start-up and loop helpers shared by the coordinator, prefill and decode
+ * mains (see role.h). */
+#include "role.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kv_cache.h"
+#include "log.h"
+#include "model.h"
+#include "status.h"
+
+volatile sig_atomic_t kvr_role_stop;
+
+static void on_stop_signal(int sig) {
+    (void)sig;
+    kvr_role_stop = 1;
+}
+
+int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, struct kvr_xfer **x) {
+    char err[256];
+    int rc = kvr_xfer_init(argc, argv, p->role, x);
+    if (rc != KVR_OK) {
+        fprintf(stderr, "%s: MPI setup failed: %s\n", p->prog, kvr_status_str(rc));
+        *x = NULL;
+        return rc;
+    }
+    kvr_log_init(kvr_role_name(p->role), kvr_xfer_rank(*x));
+    rc = kvr_opts_parse(p->opts, p->n_opts, p->cfg, *argc, *argv, 1, err, sizeof err);
+    if (rc == 1) {
+        kvr_opts_usage(stdout, p->prog, p->summary, p->opts, p->n_opts);
+        fflush(stdout);
+        return 1;
+    }
+    if (rc != KVR_OK) {
+        fprintf(stderr, "%s: %s\n", p->prog, err);
+        return KVR_EINVAL;
+    }
+    kvr_opts_log(p->prog, p->opts, p->n_opts, p->cfg);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    return KVR_OK;
+}
+
+_Noreturn void kvr_role_exit(struct kvr_xfer *x, int status) {
+    int code = status == 1 ? 0 : status == KVR_EINVAL ? 2 : 1;
+    fflush(stdout);
+    fflush(stderr);
+    kvr_xfer_abort(x, code);
+}
+
+int kvr_role_load_model(const char *prog, const char *path, struct kvr_model **out) {
+    int rc = kvr_model_load(path, out);
+    if (rc != KVR_OK)
+        fprintf(stderr, "%s: cannot load model '%s': %s\n", prog, path, kvr_status_str(rc));
+    return rc;
+}
+
+void kvr_role_hello(struct kvr_hello *h, enum kvr_role role, int colocated, struct kvr_model *model,
+                    const struct kvr_kv_pool *pool, int n_threads) {
+    memset(h, 0, sizeof *h);
+    h->role = role;
+    h->colocated = colocated;
+    gethostname(h->host, sizeof h->host - 1);
+    if (!model || !pool)
+        return; /* n_blocks_total 0: "this node cannot serve" */
+    const struct kvr_model_config *c = kvr_model_config(model);
+    struct kvr_kv_pool_stats st;
+    kvr_kv_pool_stats(pool, &st);
+    h->n_layers = c->n_layers;
+    h->kv_dim = c->kv_dim;
+    h->block_tokens = st.block_tokens;
+    h->seq_len = c->seq_len;
+    h->vocab_size = c->vocab_size;
+    h->fingerprint = kvr_model_fingerprint(model);
+    h->kv_bytes_total = st.bytes_total;
+    h->n_blocks_total = st.n_blocks;
+    h->n_threads = n_threads;
+}
+
+void kvr_role_report_pool(struct kvr_node_report *r, const struct kvr_kv_pool *pool) {
+    struct kvr_kv_pool_stats st;
+    kvr_kv_pool_stats(pool, &st);
+    r->kv_bytes_total = st.bytes_total;
+    r->kv_bytes_used = st.bytes_used;
+    r->kv_bytes_free = st.bytes_free;
+    r->n_blocks_total = st.n_blocks;
+    r->n_blocks_free = st.n_blocks_free;
+}
+
+void kvr_idle_turn(struct kvr_idle *idle, int busy) {
+    if (busy || idle->ns <= 0) {
+        idle->ns = 20000;
+        if (busy)
+            return;
+    }
+    struct timespec ts = {0, idle->ns};
+    nanosleep(&ts, NULL);
+    idle->ns = idle->ns * 2 > 1000000 ? 1000000 : idle->ns * 2;
+}

@@ -1,0 +1,56 @@
+/* role.h - what the three MPI roles (coordinator, prefill, decode) share around their
+ * loops: start-up (MPI, logger, options, signals), the HELLO and STATUS contents, and
+ * the idle back-off of a polling loop. The roles' own logic stays in their folders. */
+#ifndef KVR_ROLE_H
+#define KVR_ROLE_H
+
+#include <signal.h>
+
+#include "options.h"
+#include "xfer.h"
+
+struct kvr_model;
+struct kvr_kv_pool;
+
+/* Set by SIGTERM/SIGINT once kvr_role_start installed the handlers. */
+extern volatile sig_atomic_t kvr_role_stop;
+
+struct kvr_role_params {
+    enum kvr_role role;
+    const char *prog;            /* "kvrelay-decode" */
+    const char *summary;         /* one line for --help */
+    const struct kvr_opt *opts;  /* the role's option table */
+    int n_opts;
+    void *cfg;                   /* filled by the table */
+};
+
+/* MPI (kvr_xfer_init), the logger (role, rank), options (logged once), and the stop
+ * handlers. Returns KVR_OK with *x, 1 after printing --help, KVR_EINVAL after printing
+ * the bad option, KVR_EMPI (printed). On any return but KVR_OK, main ends with
+ * kvr_role_exit. */
+int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, struct kvr_xfer **x);
+
+/* Ends the process for a failed start or setup: aborts the whole MPI job (other ranks
+ * would wait for this one forever) with exit code 0 for --help, 2 for bad options, 1
+ * otherwise. x may be NULL (MPI never came up). */
+_Noreturn void kvr_role_exit(struct kvr_xfer *x, int status);
+
+/* Loads the model or prints why not ("<prog>: cannot load model ...") and returns the status. */
+int kvr_role_load_model(const char *prog, const char *path, struct kvr_model **out);
+
+/* The HELLO of a node: shape of model, its pool (NULL: setup failed, which the
+ * coordinator reads as "cannot serve"), block size and threads. */
+void kvr_role_hello(struct kvr_hello *h, enum kvr_role role, int colocated, struct kvr_model *model,
+                    const struct kvr_kv_pool *pool, int n_threads);
+
+/* The pool fields of a STATUS report (the caller adds its queues). */
+void kvr_role_report_pool(struct kvr_node_report *r, const struct kvr_kv_pool *pool);
+
+/* Idle back-off of a polling loop: after a turn that did nothing, sleep (20 us, doubling
+ * up to 1 ms); after a busy turn, start over. */
+struct kvr_idle {
+    long ns;
+};
+void kvr_idle_turn(struct kvr_idle *idle, int busy);
+
+#endif /* KVR_ROLE_H */
