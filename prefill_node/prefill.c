@@ -185,8 +185,9 @@ static void ship_range(struct pnode *n, struct pitem *it, int layer, int t0, int
         if (rc == KVR_OK)
             rc = kvr_wire_encode(n->codec, &n->p->wire, &blk, k, v, n->wire_buf, n->wire_cap, &len);
         if (rc == KVR_OK && n->p->fault_corrupt && it->r->p.seed == n->p->fault_corrupt_seed &&
-            it->n_kv_msgs == 0 && len > 64) {
-            n->wire_buf[len - 1 - (len - 64) / 2] ^= 0x5a; /* flip payload bits: a test hook */
+            it->n_kv_msgs == 0 && len > KVR_WIRE_HEADER_NBYTES) {
+            /* Flip bits in the middle of the payload (a test hook). */
+            n->wire_buf[KVR_WIRE_HEADER_NBYTES + (len - KVR_WIRE_HEADER_NBYTES) / 2] ^= 0x5a;
             KVR_LOG_WARN("req=%llu fault injection: corrupted a KV message", (unsigned long long)it->r->p.req_id);
         }
         if (rc == KVR_OK)
