@@ -125,7 +125,9 @@ int kvr_cmd_generate(int argc, char **argv) {
     }
     logits = malloc((size_t)c->vocab_size * sizeof *logits);
     scratch = malloc((size_t)c->vocab_size * 2 * sizeof(int));
-    history = malloc((size_t)cfg.steps * sizeof *history);
+    /* The prompt plus every printed token: the last one is sampled at position steps, so
+     * up to steps + 1 entries (an empty prompt prints steps tokens after BOS). */
+    history = malloc(((size_t)cfg.steps + 1) * sizeof *history);
     if (!logits || !scratch || !history)
         goto out;
     uint64_t seed = cfg.seed ? cfg.seed : (uint64_t)time(NULL);

@@ -1,0 +1,147 @@
+/* test_threadpool.c - common/threadpool.c: every task runs exactly once per run, on a
+ * thread index in range, for many runs and pool sizes; a run right after create (the
+ * workers may not have started yet), runs after the workers went to sleep, and the
+ * inline paths. A hang is reported by a watchdog naming the phase, before ctest's
+ * timeout would kill the test silently. */
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "status.h"
+#include "threadpool.h"
+
+#define MAX_TASKS 1000
+
+struct job {
+    atomic_int count[MAX_TASKS]; /* runs of each task in this run */
+    int plain[MAX_TASKS];        /* written without atomics: visible after run returns? */
+    atomic_int bad_thread;       /* calls with a thread index out of range */
+    int n_threads;
+};
+
+static void task_fn(void *arg, int task, int thread) {
+    struct job *j = arg;
+    atomic_fetch_add(&j->count[task], 1);
+    j->plain[task] = task + 1;
+    if (thread < 0 || thread >= j->n_threads)
+        atomic_fetch_add(&j->bad_thread, 1);
+}
+
+static volatile sig_atomic_t phase;
+static const char *const phase_names[] = {"start", "many runs", "run right after create",
+                                          "runs after the workers slept", "inline paths"};
+
+static void watchdog(int sig) {
+    (void)sig;
+    const char *name = phase >= 0 && phase < 5 ? phase_names[phase] : "?";
+    char msg[160];
+    int n = snprintf(msg, sizeof msg,
+                     "test_threadpool: no progress for 60 s in phase '%s': a run never returned "
+                     "(a worker missed its wake-up)\n",
+                     name);
+    if (n > 0)
+        (void)!write(2, msg, (size_t)n);
+    _exit(1);
+}
+
+/* Runs n_tasks on tp and checks each ran exactly once; returns the failures. */
+static int run_and_check(struct kvr_threadpool *tp, struct job *j, int n_tasks) {
+    for (int t = 0; t < MAX_TASKS; t++) {
+        atomic_store(&j->count[t], 0);
+        j->plain[t] = 0;
+    }
+    atomic_store(&j->bad_thread, 0);
+    j->n_threads = kvr_threadpool_n_threads(tp);
+    kvr_threadpool_run(tp, task_fn, j, n_tasks);
+    int fails = 0;
+    for (int t = 0; t < MAX_TASKS; t++) {
+        int want = t < n_tasks ? 1 : 0;
+        int got = atomic_load(&j->count[t]);
+        if (got != want || j->plain[t] != (want ? t + 1 : 0)) {
+            if (fails < 3)
+                fprintf(stderr,
+                        "  %d threads, %d tasks: task %d ran %d times (plain %d), want %d\n",
+                        j->n_threads, n_tasks, t, got, j->plain[t], want);
+            fails++;
+        }
+    }
+    if (atomic_load(&j->bad_thread)) {
+        fprintf(stderr, "  %d threads: %d calls with a thread index out of range\n", j->n_threads,
+                atomic_load(&j->bad_thread));
+        fails++;
+    }
+    return fails;
+}
+
+static void rearm(int p) {
+    phase = p;
+    alarm(60);
+}
+
+int main(void) {
+    static struct job j; /* large: not on the stack */
+    signal(SIGALRM, watchdog);
+    rearm(0);
+
+    struct kvr_threadpool *tp = NULL;
+    CHECK_EQ(kvr_threadpool_create(0, &tp), KVR_EINVAL);
+    CHECK(tp == NULL);
+    CHECK_EQ(kvr_threadpool_create(-3, &tp), KVR_EINVAL);
+    CHECK_EQ(kvr_threadpool_n_threads(NULL), 1);
+    kvr_threadpool_free(NULL);
+
+    /* Many runs of varied sizes on pools of 1..4 threads (more threads than cores too). */
+    rearm(1);
+    static const int sizes[] = {0, 1, 2, 3, 7, 64, 1000, 5, 2, 999};
+    int fails = 0, runs = 0;
+    for (int nt = 1; nt <= 4; nt++) {
+        REQUIRE(kvr_threadpool_create(nt, &tp) == KVR_OK);
+        CHECK_EQ(kvr_threadpool_n_threads(tp), nt);
+        for (int rep = 0; rep < 300; rep++) {
+            fails += run_and_check(tp, &j, sizes[rep % 10]);
+            runs++;
+        }
+        kvr_threadpool_free(tp);
+    }
+    fprintf(stderr, "many runs: %d runs, %d failures\n", runs, fails);
+    CHECK_EQ(fails, 0);
+
+    /* A run at once after create: the workers may still be starting. */
+    rearm(2);
+    fails = 0;
+    for (int rep = 0; rep < 300; rep++) {
+        REQUIRE(kvr_threadpool_create(2 + rep % 2, &tp) == KVR_OK);
+        fails += run_and_check(tp, &j, 100);
+        kvr_threadpool_free(tp);
+        if (rep % 50 == 0)
+            alarm(60);
+    }
+    fprintf(stderr, "run right after create: 300 pools, %d failures\n", fails);
+    CHECK_EQ(fails, 0);
+
+    /* Workers spin briefly, then sleep: runs after a pause must wake them. */
+    rearm(3);
+    fails = 0;
+    REQUIRE(kvr_threadpool_create(3, &tp) == KVR_OK);
+    for (int rep = 0; rep < 20; rep++) {
+        struct timespec ts = {0, 2 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        fails += run_and_check(tp, &j, 50 + rep);
+    }
+    kvr_threadpool_free(tp);
+    CHECK_EQ(fails, 0);
+
+    /* NULL pool and one-thread pool run inline on thread 0. */
+    rearm(4);
+    CHECK_EQ(run_and_check(NULL, &j, 10), 0);
+    REQUIRE(kvr_threadpool_create(1, &tp) == KVR_OK);
+    CHECK_EQ(run_and_check(tp, &j, MAX_TASKS), 0);
+    kvr_threadpool_free(tp);
+    alarm(0);
+    CHECK_DONE();
+}

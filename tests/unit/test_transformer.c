@@ -1,0 +1,531 @@
+/* test_transformer.c - the forward pass (common/transformer.c) against itself and against
+ * the naive reference of ref_forward.c: prefill == decode (K, V and logits; dense and
+ * sink), the cache loses nothing (200 tokens vs recomputing every prefix without a
+ * cache), batched == separate, and MHA/GQA/MQA shapes with shared and separate
+ * classifiers on synthetic checkpoints.
+ *
+ * Norms. "rel" is the relative L2 distance of whole vectors, ||a - b||_2 / ||b||_2, per
+ * K or V vector of one (layer, position) and per logits row; the bound is 1e-5. "abs"
+ * is the largest absolute difference of any logit; the bound against the reference is
+ * 1e-4: the engine works in float32 with BLAS summation orders, the reference
+ * accumulates in double, so the engine's own rounding (a few float ulps per dot product
+ * of length <= 172, compounded over 5 layers, on logits of magnitude <= ~20) is what
+ * remains; 1e-4 is the same budget the llama2.c golden logits are held to, and still far
+ * below any real bug (a wrong cache slot or position moves logits by 1e-2 or more). */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "check.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "ref_forward.h"
+#include "sampler.h"
+#include "status.h"
+#include "tokenizer.h"
+#include "transformer.h"
+
+#define BT          16   /* tokens per KV block: sequences here cross several blocks */
+#define REL_TOL     1e-5 /* prefill vs decode, batched vs separate, sink vs dense */
+#define REF_ABS_TOL 1e-4 /* engine vs the naive reference, logits */
+
+/* ---- helpers -------------------------------------------------------------------- */
+
+struct rig {
+    struct kvr_model *m; /* borrowed */
+    const struct kvr_model_config *c;
+    struct kvr_kv_pool *pool;
+    struct kvr_engine *e;
+};
+
+static void rig_open(struct rig *r, struct kvr_model *m, int n_threads, int n_batch, int n_items,
+                     int n_ctx, int n_blocks) {
+    memset(r, 0, sizeof *r);
+    r->m = m;
+    r->c = kvr_model_config(m);
+    struct kvr_kv_pool_params pp = {
+        .n_layers = r->c->n_layers,
+        .kv_dim = r->c->kv_dim,
+        .block_tokens = BT,
+        .budget_nbytes =
+            (uint64_t)n_blocks * BT * kvr_kv_token_nbytes(r->c->n_layers, r->c->kv_dim),
+    };
+    REQUIRE(kvr_kv_pool_create(&pp, &r->pool) == KVR_OK);
+    struct kvr_engine_params ep = {.model = m,
+                                   .n_threads = n_threads,
+                                   .n_batch_tokens_max = n_batch,
+                                   .n_items_max = n_items,
+                                   .n_ctx_max = n_ctx};
+    REQUIRE(kvr_engine_create(&ep, &r->e) == KVR_OK);
+}
+
+static void rig_close(struct rig *r) {
+    kvr_engine_free(r->e);
+    kvr_kv_pool_free(r->pool);
+}
+
+static struct kvr_kv_seq *seq_new(struct rig *r, enum kvr_kv_policy policy, int window, int sinks,
+                                  int n_tokens_max) {
+    struct kvr_kv_seq_params sp = {.policy = {.policy = policy, .window = window, .sinks = sinks},
+                                   .n_tokens_max = n_tokens_max};
+    struct kvr_kv_seq *s = NULL;
+    REQUIRE(kvr_kv_seq_create(r->pool, &sp, &s) == KVR_OK);
+    return s;
+}
+
+/* Feeds tokens[0..n) to s in chunks of the given sizes (cycled), all logits into
+ * logits (n, vocab). Returns the first failing status. */
+static int run_chunks(struct rig *r, struct kvr_kv_seq *s, const int *tokens, int n,
+                      const int *chunks, int n_chunks, float *logits) {
+    size_t V = (size_t)r->c->vocab_size;
+    for (int done = 0, ci = 0; done < n; ci++) {
+        int k = chunks[ci % n_chunks];
+        if (k > n - done)
+            k = n - done;
+        struct kvr_forward_item it = {.seq = s,
+                                      .tokens = tokens + done,
+                                      .n_tokens = k,
+                                      .logits = logits + (size_t)done * V,
+                                      .all_logits = 1};
+        int rc = kvr_engine_forward(r->e, &it, 1);
+        if (rc != KVR_OK)
+            return rc;
+        done += k;
+    }
+    return KVR_OK;
+}
+
+/* ||a - b||_2 / ||b||_2 (0 when both are zero). */
+static double rel_l2(const float *a, const float *b, int n) {
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        num += d * d;
+        den += (double)b[i] * (double)b[i];
+    }
+    if (den == 0)
+        return num == 0 ? 0 : HUGE_VAL;
+    return sqrt(num / den);
+}
+
+/* Largest |a - b| over n floats, position in *at. NaN counts as infinitely far. */
+static double max_abs(const float *a, const float *b, size_t n, size_t *at) {
+    double worst = 0;
+    *at = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= worst)) {
+            worst = isnan(d) ? HUGE_VAL : d;
+            *at = i;
+        }
+    }
+    return worst;
+}
+
+/* Worst rel_l2 over the (n_rows, width) rows of a and b; row in *at. */
+static double worst_rows(const float *a, const float *b, int n_rows, int width, int *at) {
+    double worst = 0;
+    *at = 0;
+    for (int r = 0; r < n_rows; r++) {
+        double e = rel_l2(a + (size_t)r * width, b + (size_t)r * width, width);
+        if (!(e <= worst)) {
+            worst = isnan(e) ? HUGE_VAL : e;
+            *at = r;
+        }
+    }
+    return worst;
+}
+
+/* Logits of both runs must agree row by row (rel) and pick the same token. */
+static void check_logits_rel(const char *what, const float *a, const float *b, int n_rows, int V) {
+    int at;
+    double e = worst_rows(a, b, n_rows, V, &at);
+    fprintf(stderr, "  %s: worst rel logits %.3g (row %d)\n", what, e, at);
+    CHECK_NEAR(e, 0, REL_TOL);
+    for (int r = 0; r < n_rows; r++) {
+        int x = kvr_argmax(a + (size_t)r * V, V), y = kvr_argmax(b + (size_t)r * V, V);
+        if (x != y)
+            fprintf(stderr, "  %s: row %d argmax %d vs %d\n", what, r, x, y);
+        CHECK_EQ(x, y);
+    }
+}
+
+/* K and V of every (layer, position < n) of two sequences agree (rel); when rotate_a,
+ * a's keys are unrotated (sink policy) and are rotated here at their text position. */
+static void check_kv_rel(const char *what, const struct kvr_model_config *c, struct kvr_kv_seq *a,
+                         struct kvr_kv_seq *b, int n, int rotate_a) {
+    double worst_k = 0, worst_v = 0;
+    int wk_l = 0, wk_p = 0, wv_l = 0, wv_p = 0, missing = 0;
+    float *tmp = malloc((size_t)c->kv_dim * sizeof *tmp);
+    REQUIRE(tmp);
+    for (int l = 0; l < c->n_layers; l++) {
+        for (int p = 0; p < n; p++) {
+            float *ka, *va, *kb, *vb;
+            if (kvr_kv_seq_slot(a, l, p, &ka, &va) != KVR_OK ||
+                kvr_kv_seq_slot(b, l, p, &kb, &vb) != KVR_OK) {
+                missing++;
+                continue;
+            }
+            memcpy(tmp, ka, (size_t)c->kv_dim * sizeof *tmp);
+            if (rotate_a)
+                ref_rope(tmp, c->kv_dim, c->head_dim, p);
+            double ek = rel_l2(tmp, kb, c->kv_dim), ev = rel_l2(va, vb, c->kv_dim);
+            if (!(ek <= worst_k)) {
+                worst_k = isnan(ek) ? HUGE_VAL : ek;
+                wk_l = l;
+                wk_p = p;
+            }
+            if (!(ev <= worst_v)) {
+                worst_v = isnan(ev) ? HUGE_VAL : ev;
+                wv_l = l;
+                wv_p = p;
+            }
+        }
+    }
+    free(tmp);
+    fprintf(stderr, "  %s: worst rel K %.3g (layer %d pos %d), V %.3g (layer %d pos %d)\n", what,
+            worst_k, wk_l, wk_p, worst_v, wv_l, wv_p);
+    CHECK_EQ(missing, 0);
+    CHECK_NEAR(worst_k, 0, REL_TOL);
+    CHECK_NEAR(worst_v, 0, REL_TOL);
+}
+
+/* Engine logits (n, V) against the reference (n, V): largest absolute difference. */
+static void check_vs_ref(const char *what, const float *eng, const float *ref, int n, int V) {
+    size_t at;
+    double e = max_abs(eng, ref, (size_t)n * (size_t)V, &at);
+    fprintf(stderr, "  %s: worst |logit - ref| %.3g (pos %zu token %zu)\n", what, e, at / (size_t)V,
+            at % (size_t)V);
+    CHECK_NEAR(e, 0, REF_ABS_TOL);
+    int argmax_diff = 0;
+    for (int p = 0; p < n; p++)
+        argmax_diff += kvr_argmax(eng + (size_t)p * V, V) != kvr_argmax(ref + (size_t)p * V, V);
+    CHECK_EQ(argmax_diff, 0);
+}
+
+/* The first n tokens of real text (TinyStories) under tok512, BOS first. */
+static int *story_tokens(int n) {
+    struct kvr_tokenizer *tok = NULL;
+    REQUIRE(kvr_tokenizer_load(shared_path("models/tok512.bin"), 512, &tok) == KVR_OK);
+    FILE *f = fopen(shared_path("data/tinystories_valid_100.txt"), "r");
+    REQUIRE(f);
+    char text[4097];
+    size_t len = fread(text, 1, 4096, f);
+    fclose(f);
+    text[len] = '\0';
+    int *ids = malloc((len + 3) * sizeof *ids);
+    int n_ids = 0;
+    REQUIRE(ids);
+    REQUIRE(kvr_tokenizer_encode(tok, text, 1, 0, ids, (int)len + 3, &n_ids) == KVR_OK);
+    REQUIRE(n_ids >= n);
+    kvr_tokenizer_free(tok);
+    return ids;
+}
+
+/* ---- 3. prefill == decode ---------------------------------------------------------- */
+
+/* One prefill of T tokens against T single-token steps, under dense and under sink with
+ * T < window (where sink must also equal dense: nothing is evicted and cache positions
+ * are text positions). */
+static void test_prefill_equals_decode(struct kvr_model *m, const int *tokens) {
+    enum { T = 40, WINDOW = 64, SINKS = 4 };
+    fprintf(stderr, "prefill == decode (T=%d, %d-token blocks):\n", T, BT);
+    struct rig r;
+    rig_open(&r, m, 1, T, 1, WINDOW, 4 * ((T + BT - 1) / BT + 1));
+    int V = r.c->vocab_size;
+    struct kvr_kv_seq *dp = seq_new(&r, KVR_KV_DENSE, 0, 0, T),
+                      *dd = seq_new(&r, KVR_KV_DENSE, 0, 0, T);
+    struct kvr_kv_seq *sp = seq_new(&r, KVR_KV_SINK, WINDOW, SINKS, 0);
+    struct kvr_kv_seq *sd = seq_new(&r, KVR_KV_SINK, WINDOW, SINKS, 0);
+    float *l_dp = malloc((size_t)T * V * sizeof(float)),
+          *l_dd = malloc((size_t)T * V * sizeof(float));
+    float *l_sp = malloc((size_t)T * V * sizeof(float)),
+          *l_sd = malloc((size_t)T * V * sizeof(float));
+    REQUIRE(l_dp && l_dd && l_sp && l_sd);
+    const int whole[] = {T}, one[] = {1};
+    CHECK_EQ(run_chunks(&r, dp, tokens, T, whole, 1, l_dp), KVR_OK);
+    CHECK_EQ(run_chunks(&r, dd, tokens, T, one, 1, l_dd), KVR_OK);
+    CHECK_EQ(run_chunks(&r, sp, tokens, T, whole, 1, l_sp), KVR_OK);
+    CHECK_EQ(run_chunks(&r, sd, tokens, T, one, 1, l_sd), KVR_OK);
+    CHECK_EQ(kvr_kv_seq_n_past(dp), T);
+    CHECK_EQ(kvr_kv_seq_n_past(sd), T);
+
+    check_kv_rel("dense prefill vs decode", r.c, dp, dd, T, 0);
+    check_logits_rel("dense prefill vs decode", l_dp, l_dd, T, V);
+    check_kv_rel("sink prefill vs decode", r.c, sp, sd, T, 0);
+    check_logits_rel("sink prefill vs decode", l_sp, l_sd, T, V);
+    /* Sink stores keys before RoPE: rotated here they are the dense keys. */
+    check_kv_rel("sink (rotated here) vs dense", r.c, sp, dp, T, 1);
+    check_logits_rel("sink vs dense logits", l_sp, l_dp, T, V);
+
+    kvr_kv_seq_free(dp);
+    kvr_kv_seq_free(dd);
+    kvr_kv_seq_free(sp);
+    kvr_kv_seq_free(sd);
+    free(l_dp);
+    free(l_dd);
+    free(l_sp);
+    free(l_sd);
+    rig_close(&r);
+}
+
+/* ---- 4. the cache loses nothing ------------------------------------------------------ */
+
+/* 200 tokens of real text: the reference recomputes every prefix from scratch; the
+ * engine runs them with its cache as one prefill, as a short prompt then 183 decode
+ * steps, and in uneven chunks. Two threads, so the pool's split paths run too. */
+static void test_cache_vs_reference(struct kvr_model *m, const int *tokens) {
+    enum { N = 200 };
+    fprintf(stderr, "cache vs no-cache reference (%d tokens):\n", N);
+    const struct kvr_model_config *c = kvr_model_config(m);
+    int V = c->vocab_size;
+    float *ref = malloc((size_t)N * V * sizeof(float)),
+          *eng = malloc((size_t)N * V * sizeof(float));
+    REQUIRE(ref && eng);
+    REQUIRE(ref_forward_all(m, tokens, N, ref) == 0);
+
+    struct rig r;
+    rig_open(&r, m, 2, N, 1, N, (N + BT - 1) / BT + 1);
+    static const struct {
+        const char *name;
+        int chunks[6];
+        int n_chunks;
+    } plans[] = {
+        {"one prefill of 200", {N}, 1},
+        {"prompt of 17, then 183 decode steps", {17, 1}, 2},
+        {"chunks 1,31,5,64,2,97", {1, 31, 5, 64, 2, 97}, 6},
+    };
+    for (size_t i = 0; i < sizeof plans / sizeof plans[0]; i++) {
+        struct kvr_kv_seq *s = seq_new(&r, KVR_KV_DENSE, 0, 0, N);
+        memset(eng, 0xff, (size_t)N * V * sizeof(float)); /* NaN: rows never written fail */
+        /* The second plan cycles {17, 1}: after the 17-token prompt, single steps. */
+        int chunks[N], n_chunks = plans[i].n_chunks;
+        memcpy(chunks, plans[i].chunks, (size_t)n_chunks * sizeof(int));
+        if (i == 1) {
+            for (int k = 1; k < N; k++)
+                chunks[k] = 1;
+            n_chunks = N;
+        }
+        CHECK_EQ(run_chunks(&r, s, tokens, N, chunks, n_chunks, eng), KVR_OK);
+        check_vs_ref(plans[i].name, eng, ref, N, V);
+        kvr_kv_seq_free(s);
+    }
+    rig_close(&r);
+    free(ref);
+    free(eng);
+}
+
+/* ---- 5. batched == separate ------------------------------------------------------------ */
+
+/* Four sequences of different lengths and states, advanced together in one
+ * kvr_engine_forward call per round, against the same items run one call each: A and B
+ * decode (10 and 33 tokens cached), C is mid-prefill (8 of 14 prompt tokens cached, the
+ * batch brings the other 6), D is a fresh 5-token prompt. Then three rounds in which all
+ * four decode one token. */
+static void test_batched(struct kvr_model *m, const int *tokens) {
+    enum { NS = 4, ROUNDS = 4 };
+    fprintf(stderr, "batched vs separate (%d sequences):\n", NS);
+    struct rig r;
+    rig_open(&r, m, 2, 40, NS, 64, 2 * NS * 4);
+    int V = r.c->vocab_size;
+    const int *src[NS] = {tokens, tokens + 50, tokens + 100, tokens + 150};
+    const int setup[NS] = {10, 33, 8, 0}; /* tokens cached before round 0 */
+    const int first[NS] = {1, 1, 6, 5};   /* tokens each brings in round 0 */
+    struct kvr_kv_seq *bat[NS], *sep[NS];
+    float *scratch = malloc((size_t)64 * V * sizeof(float));
+    float *lb[NS], *ls[NS]; /* (6, V) logits of the round's tokens */
+    REQUIRE(scratch);
+    for (int i = 0; i < NS; i++) {
+        bat[i] = seq_new(&r, KVR_KV_DENSE, 0, 0, 64);
+        sep[i] = seq_new(&r, KVR_KV_DENSE, 0, 0, 64);
+        lb[i] = malloc((size_t)6 * V * sizeof(float));
+        ls[i] = malloc((size_t)6 * V * sizeof(float));
+        REQUIRE(lb[i] && ls[i]);
+        if (setup[i]) {
+            const int whole[] = {setup[i]};
+            CHECK_EQ(run_chunks(&r, bat[i], src[i], setup[i], whole, 1, scratch), KVR_OK);
+            CHECK_EQ(run_chunks(&r, sep[i], src[i], setup[i], whole, 1, scratch), KVR_OK);
+        }
+    }
+    for (int round = 0; round < ROUNDS; round++) {
+        struct kvr_forward_item items[NS];
+        int n_rows[NS];
+        for (int i = 0; i < NS; i++) {
+            int past = kvr_kv_seq_n_past(bat[i]);
+            n_rows[i] = round == 0 ? first[i] : 1;
+            /* C asks for all its rows' logits, the others only for the last row. */
+            int all = i == 2 && round == 0;
+            items[i] = (struct kvr_forward_item){.seq = bat[i],
+                                                 .tokens = src[i] + past,
+                                                 .n_tokens = n_rows[i],
+                                                 .logits = lb[i],
+                                                 .all_logits = all};
+            if (!all)
+                n_rows[i] = 1;
+        }
+        CHECK_EQ(kvr_engine_forward(r.e, items, NS), KVR_OK);
+        for (int i = 0; i < NS; i++) {
+            struct kvr_forward_item one = items[i];
+            one.seq = sep[i];
+            one.logits = ls[i];
+            CHECK_EQ(kvr_engine_forward(r.e, &one, 1), KVR_OK);
+            char what[64];
+            snprintf(what, sizeof what, "round %d seq %c (%d cached)", round, 'A' + i,
+                     kvr_kv_seq_n_past(sep[i]) - items[i].n_tokens);
+            check_logits_rel(what, lb[i], ls[i], n_rows[i], V);
+        }
+    }
+    for (int i = 0; i < NS; i++) {
+        int n = kvr_kv_seq_n_past(bat[i]);
+        CHECK_EQ(n, kvr_kv_seq_n_past(sep[i]));
+        CHECK_EQ(n, setup[i] + first[i] + ROUNDS - 1);
+        char what[32];
+        snprintf(what, sizeof what, "seq %c cache", 'A' + i);
+        check_kv_rel(what, r.c, bat[i], sep[i], n, 0);
+        kvr_kv_seq_free(bat[i]);
+        kvr_kv_seq_free(sep[i]);
+        free(lb[i]);
+        free(ls[i]);
+    }
+    free(scratch);
+    rig_close(&r);
+}
+
+/* ---- 6. shapes ------------------------------------------------------------------------- */
+
+/* The loader must map every tensor where llama2.c's order puts it: compared byte for
+ * byte with the file read here with stdio and offsets computed here. */
+static void check_tensor_offsets(const char *path, const struct kvr_model *m) {
+    const struct kvr_model_config *c = kvr_model_config(m);
+    const struct kvr_model_weights *w = kvr_model_weights(m);
+    FILE *f = fopen(path, "rb");
+    REQUIRE(f);
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)size);
+    REQUIRE(buf && fread(buf, 1, (size_t)size, f) == (size_t)size);
+    fclose(f);
+    size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, L = (size_t)c->n_layers;
+    size_t kv = (size_t)c->n_kv_heads * (d / (size_t)c->n_heads), V = (size_t)c->vocab_size;
+    size_t hd = d / (size_t)c->n_heads;
+    const struct {
+        const char *name;
+        const float *ptr;
+        size_t n;
+    } t[] = {
+        {"token_embedding", w->token_embedding, V * d},
+        {"rms_att", w->rms_att, L * d},
+        {"wq", w->wq, L * d * d},
+        {"wk", w->wk, L * kv * d},
+        {"wv", w->wv, L * kv * d},
+        {"wo", w->wo, L * d * d},
+        {"rms_ffn", w->rms_ffn, L * d},
+        {"w1", w->w1, L * h * d},
+        {"w2", w->w2, L * d * h},
+        {"w3", w->w3, L * h * d},
+        {"rms_final", w->rms_final, d},
+        {"(rope tables)", NULL, (size_t)c->seq_len * hd},
+        {"wcls", w->wcls, c->shared_classifier ? 0 : V * d},
+    };
+    size_t off = 28;
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        if (t[i].ptr && t[i].n) {
+            int same =
+                off + t[i].n * 4 <= (size_t)size && memcmp(buf + off, t[i].ptr, t[i].n * 4) == 0;
+            if (!same)
+                fprintf(stderr, "  %s: tensor %s is not the file's bytes at offset %zu\n", path,
+                        t[i].name, off);
+            CHECK(same);
+        }
+        off += t[i].n * 4;
+    }
+    CHECK_EQ(off, size);
+    if (c->shared_classifier)
+        CHECK(w->wcls == w->token_embedding);
+    else
+        CHECK(w->wcls != w->token_embedding);
+    free(buf);
+}
+
+static void test_shapes(void) {
+    char dir[] = "/tmp/kvr_test_shapes_XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    static const struct {
+        const char *name;
+        int heads, kv_heads, shared;
+    } shapes[] = {
+        {"MHA shared", 4, 4, 1},   {"MHA separate", 4, 4, 0}, {"GQA shared", 8, 2, 1},
+        {"GQA separate", 4, 2, 0}, {"MQA shared", 4, 1, 1},   {"MQA separate", 8, 1, 0},
+    };
+    enum { N = 40, PROMPT = 25 };
+    int tokens[N];
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+        struct kvr_model_config cfg = {.dim = 32,
+                                       .hidden_dim = 56,
+                                       .n_layers = 2,
+                                       .n_heads = shapes[si].heads,
+                                       .n_kv_heads = shapes[si].kv_heads,
+                                       .vocab_size = 96,
+                                       .seq_len = 64,
+                                       .shared_classifier = shapes[si].shared};
+        fprintf(stderr, "shape %s (dim 32, %d heads, %d kv heads, %s classifier):\n",
+                shapes[si].name, cfg.n_heads, cfg.n_kv_heads,
+                cfg.shared_classifier ? "shared" : "separate");
+        char path[128];
+        snprintf(path, sizeof path, "%s/shape%zu.bin", dir, si);
+        REQUIRE(kvr_model_write_synthetic(path, &cfg, 1000 + si) == KVR_OK);
+        struct kvr_model *m = NULL;
+        REQUIRE(kvr_model_load(path, &m) == KVR_OK);
+        const struct kvr_model_config *c = kvr_model_config(m);
+        CHECK_EQ(c->n_heads, cfg.n_heads);
+        CHECK_EQ(c->n_kv_heads, cfg.n_kv_heads);
+        CHECK_EQ(c->shared_classifier, cfg.shared_classifier);
+        CHECK_EQ(c->vocab_size, 96);
+        CHECK_EQ(c->head_dim, 32 / cfg.n_heads);
+        CHECK_EQ(c->kv_dim, cfg.n_kv_heads * (32 / cfg.n_heads));
+        check_tensor_offsets(path, m);
+
+        uint64_t rng = 77 + si;
+        for (int i = 0; i < N; i++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            tokens[i] = (int)((rng >> 33) % 96);
+        }
+        float *ref = malloc((size_t)N * 96 * sizeof(float)),
+              *eng = malloc((size_t)N * 96 * sizeof(float));
+        REQUIRE(ref && eng);
+        REQUIRE(ref_forward_all(m, tokens, N, ref) == 0);
+        struct rig r;
+        rig_open(&r, m, 1, PROMPT, 1, N, (N + BT - 1) / BT + 1);
+        struct kvr_kv_seq *s = seq_new(&r, KVR_KV_DENSE, 0, 0, N);
+        int chunks[N - PROMPT + 1];
+        chunks[0] = PROMPT;
+        for (int i = 1; i <= N - PROMPT; i++)
+            chunks[i] = 1;
+        memset(eng, 0xff, (size_t)N * 96 * sizeof(float));
+        CHECK_EQ(run_chunks(&r, s, tokens, N, chunks, N - PROMPT + 1, eng), KVR_OK);
+        check_vs_ref("prompt of 25 then 15 decode steps", eng, ref, N, 96);
+        kvr_kv_seq_free(s);
+        rig_close(&r);
+        free(ref);
+        free(eng);
+        kvr_model_free(m);
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
+int main(void) {
+    struct kvr_model *m = NULL;
+    REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == KVR_OK);
+    int *tokens = story_tokens(200);
+    test_prefill_equals_decode(m, tokens);
+    test_batched(m, tokens);
+    test_shapes();
+    test_cache_vs_reference(m, tokens);
+    free(tokens);
+    kvr_model_free(m);
+    CHECK_DONE();
+}
