@@ -65,6 +65,14 @@ int kvr_kv_policy_check(const struct kvr_kv_policy_params *p, int n_ctx, char *e
     return KVR_EINVAL;
 }
 
+int kvr_kv_policy_first_held(const struct kvr_kv_policy_params *p, int n_past, int *n_sinks) {
+    struct kvr_kv_seq tmp = {.policy = *p};
+    int rb = kv_recent_begin(&tmp, n_past);
+    int s = p->policy == KVR_KV_SINK ? p->sinks : 0;
+    *n_sinks = s < rb ? s : 0;
+    return rb;
+}
+
 uint64_t kvr_kv_token_nbytes(int n_layers, int kv_dim) {
     return 2ull * (uint64_t)n_layers * (uint64_t)kv_dim * sizeof(float);
 }

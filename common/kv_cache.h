@@ -41,6 +41,11 @@ const char *kvr_kv_policy_name(int policy);
  * recompute needs L <= n_ctx. Returns KVR_OK or KVR_EINVAL with a reason in err. */
 int kvr_kv_policy_check(const struct kvr_kv_policy_params *p, int n_ctx, char *err, int err_len);
 
+/* Which positions a sequence of this policy still holds after n_past tokens: the
+ * sinks [0, *n_sinks) and the recent range [return value, n_past). Under dense and
+ * recompute that is everything (0 sinks, from 0). */
+int kvr_kv_policy_first_held(const struct kvr_kv_policy_params *p, int n_past, int *n_sinks);
+
 struct kvr_kv_pool_params {
     int n_layers;
     int kv_dim;             /* n_kv_heads * head_dim */
