@@ -26,9 +26,8 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVR_WERROR=ON \
       -DKVR_SANITIZE=address,undefined > /dev/null
 cmake --build build-asan -j "$JOBS"
 echo "== tests (ASan + UBSan + LeakSanitizer)"
-# Leaks inside the MPI and gRPC runtimes (not ours) are listed, narrowly, in tests/lsan.supp.
+# No leak suppressions: every test, cluster processes included, must exit leak-free.
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1"
-export LSAN_OPTIONS="suppressions=$PWD/tests/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 ctest --test-dir build-asan --output-on-failure -j "$JOBS" --timeout 1200
 
