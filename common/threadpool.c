@@ -1,28 +1,45 @@
 /* threadpool.c - parallel loops for the forward pass (see threadpool.h).
- * Tasks are claimed with an atomic counter; each worker checks in once per run. */
+ * A run is published as one 64-bit word, generation << 32 | next unclaimed task, and
+ * every thread claims tasks by compare-and-swap on it: a late worker can never take a
+ * task of a run that has moved on, and the caller waits for the tasks that were claimed,
+ * not for every worker to check in. When other processes share the cores, a worker that
+ * is not scheduled simply misses the run instead of holding it up. */
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
+#ifdef __SSE2__
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 #include "status.h"
 
 /* Spin this long after a loop before sleeping: covers the gap between the short
  * loops of one forward pass without burning a core when idle. */
 #define SPIN_NS 100000L
+/* The caller spins this long for claimed tasks to finish, then yields its core (a
+ * worker holding a task may be waiting for it). */
+#define WAIT_SPIN_NS 20000L
 
 struct kvr_threadpool {
     int n_threads;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    atomic_uint generation;   /* bumped for each run */
-    atomic_int next_task;
-    atomic_int n_arrived;     /* workers that finished the current run */
+    _Atomic uint64_t word; /* (generation << 32) | next unclaimed task of the current run */
+    atomic_int n_tasks;    /* of the current run; stored before word publishes the run */
+    atomic_int n_done;     /* tasks of the current run finished */
+    atomic_int n_sleeping; /* workers blocked on cv */
     atomic_int stop;
-    int n_tasks;
+    /* Read only by a thread that claimed a task of the current run, which the caller
+     * does not leave before that task is done: plain fields. */
     void (*fn)(void *arg, int task, int thread);
     void *arg;
 };
@@ -38,13 +55,31 @@ static long now_ns(void) {
     return ts.tv_sec * 1000000000L + ts.tv_nsec;
 }
 
-static void run_tasks(struct kvr_threadpool *tp, int thread) {
-    int n = tp->n_tasks;
+static unsigned word_gen(uint64_t w) { return (unsigned)(w >> 32); }
+
+/* Claims the next task of run gen; 0 when that run has no task left or is over. */
+static int claim(struct kvr_threadpool *tp, unsigned gen, int *task) {
+    uint64_t w = atomic_load_explicit(&tp->word, memory_order_acquire);
     for (;;) {
-        int t = atomic_fetch_add_explicit(&tp->next_task, 1, memory_order_relaxed);
-        if (t >= n)
-            break;
+        if (word_gen(w) != gen)
+            return 0;
+        int t = (int)(uint32_t)w;
+        /* n_tasks may already belong to a newer run; then the exchange below fails. */
+        if (t >= atomic_load_explicit(&tp->n_tasks, memory_order_relaxed))
+            return 0;
+        if (atomic_compare_exchange_weak_explicit(&tp->word, &w, w + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            *task = t;
+            return 1;
+        }
+    }
+}
+
+static void run_tasks(struct kvr_threadpool *tp, unsigned gen, int thread) {
+    int t;
+    while (claim(tp, gen, &t)) {
         tp->fn(tp->arg, t, thread);
+        atomic_fetch_add_explicit(&tp->n_done, 1, memory_order_release);
     }
 }
 
@@ -52,25 +87,32 @@ static void *worker_main(void *p) {
     struct worker_arg wa = *(struct worker_arg *)p;
     free(p);
     struct kvr_threadpool *tp = wa.tp;
-    unsigned seen = atomic_load(&tp->generation);
+    /* Generation 0 is the pool's state at create; a run that started before this thread
+     * first ran is still joined (or already over, which is just as good). */
+    unsigned seen = 0;
     for (;;) {
         long t0 = now_ns();
-        unsigned g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&tp->generation, memory_order_acquire)) == seen &&
-               !atomic_load(&tp->stop)) {
+        uint64_t w;
+        while (word_gen(w = atomic_load_explicit(&tp->word, memory_order_acquire)) == seen &&
+               !atomic_load_explicit(&tp->stop, memory_order_relaxed)) {
+            CPU_RELAX();
             if (++spins % 64 == 0 && now_ns() - t0 > SPIN_NS) {
                 pthread_mutex_lock(&tp->mu);
-                while (atomic_load(&tp->generation) == seen && !atomic_load(&tp->stop))
+                /* Counted before the check: the caller reads n_sleeping after it publishes
+                 * a run, so either we see the run or it sees us and signals. */
+                atomic_fetch_add(&tp->n_sleeping, 1);
+                while (word_gen(atomic_load(&tp->word)) == seen && !atomic_load(&tp->stop))
                     pthread_cond_wait(&tp->cv, &tp->mu);
+                atomic_fetch_sub(&tp->n_sleeping, 1);
                 pthread_mutex_unlock(&tp->mu);
+                t0 = now_ns();
             }
         }
         if (atomic_load(&tp->stop))
             return NULL;
-        seen = g;
-        run_tasks(tp, wa.index);
-        atomic_fetch_add_explicit(&tp->n_arrived, 1, memory_order_release);
+        seen = word_gen(w);
+        run_tasks(tp, seen, wa.index);
     }
 }
 
@@ -90,14 +132,17 @@ int kvr_threadpool_create(int n_threads, struct kvr_threadpool **out) {
     }
     for (int i = 1; i < n_threads; i++) {
         struct worker_arg *wa = malloc(sizeof *wa);
+        if (wa) {
+            /* Filled before the thread starts: it reads (and frees) wa at once. */
+            wa->tp = tp;
+            wa->index = i;
+        }
         if (!wa || pthread_create(&tp->threads[i - 1], NULL, worker_main, wa) != 0) {
             free(wa);
             tp->n_threads = i; /* join the ones that started */
             kvr_threadpool_free(tp);
             return KVR_ENOMEM;
         }
-        wa->tp = tp;
-        wa->index = i;
     }
     *out = tp;
     return KVR_OK;
@@ -131,16 +176,25 @@ void kvr_threadpool_run(struct kvr_threadpool *tp, void (*fn)(void *arg, int tas
     }
     tp->fn = fn;
     tp->arg = arg;
-    tp->n_tasks = n_tasks;
-    atomic_store(&tp->n_arrived, 0);
-    atomic_store(&tp->next_task, 0);
-    pthread_mutex_lock(&tp->mu);
-    atomic_fetch_add_explicit(&tp->generation, 1, memory_order_release);
-    pthread_cond_broadcast(&tp->cv);
-    pthread_mutex_unlock(&tp->mu);
-    run_tasks(tp, 0);
-    /* Every worker checks in for every run, so none can carry a stale view of this
-     * run into the next one. */
-    while (atomic_load_explicit(&tp->n_arrived, memory_order_acquire) < tp->n_threads - 1)
-        ;
+    atomic_store_explicit(&tp->n_tasks, n_tasks, memory_order_relaxed);
+    atomic_store_explicit(&tp->n_done, 0, memory_order_relaxed);
+    /* Only this thread writes the generation. */
+    unsigned gen = word_gen(atomic_load_explicit(&tp->word, memory_order_relaxed)) + 1;
+    atomic_store(&tp->word, (uint64_t)gen << 32);
+    if (atomic_load(&tp->n_sleeping) > 0) {
+        pthread_mutex_lock(&tp->mu);
+        pthread_cond_broadcast(&tp->cv);
+        pthread_mutex_unlock(&tp->mu);
+    }
+    run_tasks(tp, gen, 0);
+    /* Every task is claimed; wait for the ones other threads still run. */
+    if (atomic_load_explicit(&tp->n_done, memory_order_acquire) < n_tasks) {
+        long t0 = now_ns();
+        int spins = 0;
+        while (atomic_load_explicit(&tp->n_done, memory_order_acquire) < n_tasks) {
+            CPU_RELAX();
+            if (++spins % 64 == 0 && now_ns() - t0 > WAIT_SPIN_NS)
+                sched_yield();
+        }
+    }
 }

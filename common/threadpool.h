@@ -1,7 +1,9 @@
 /* threadpool.h - a fixed set of worker threads that run one parallel loop at a time.
  * The caller's thread takes part as thread 0. Workers spin briefly between loops (a
  * forward pass issues many short loops back to back), then sleep on a condition
- * variable, so an idle node costs no CPU. */
+ * variable, so an idle node costs no CPU. Tasks are claimed one by one and the caller
+ * waits only for tasks already claimed: a worker that is descheduled (other processes on
+ * the same cores) misses a loop instead of stalling it. */
 #ifndef KVR_THREADPOOL_H
 #define KVR_THREADPOOL_H
 

@@ -10,6 +10,10 @@
 #include <unistd.h>
 
 #include <cblas.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TF_AVX2 1
+#endif
 
 #include "kv_cache_impl.h"
 #include "log.h"
@@ -41,6 +45,8 @@ struct kvr_engine {
     float *kc, *vc;    /* (n_ctx_max, kv_dim) keys/values gathered for GEMM attention */
     float *scores;     /* (n_threads, score_stride) attention weights */
     size_t score_stride;
+    int att_group_min; /* fewest KV heads per task of the per-query attention path */
+    int att_group;     /* KV heads per task in the current call */
     float *krot;       /* (n_threads, head_dim) a key rotated on the fly (sink policy) */
 
     /* RoPE: (n_rope, head_dim/2, {cos, sin}) for positions below n_rope; rows for
@@ -69,12 +75,104 @@ struct kvr_engine {
     int gemm_item, gemm_r0, gemm_n, gemm_kb, gemm_nq_tiles;
 };
 
+/* ---- vector helpers: AVX2/FMA with a portable fallback ----------------------------
+ * The hot loops below are reductions or call expf, which the compiler may not vectorize
+ * without -ffast-math. Summation order differs from llama2.c's by float rounding only. */
+
+#ifdef TF_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
+ * (truncation below 1e-8 relative), 2^n through the exponent bits. Inputs are clamped to
+ * [-87, 88] so results stay normal floats: below -87 it returns e^-87 (~1.6e-38) where expf
+ * gives a smaller or zero value, and a NaN input comes out as e^-87 too. Only used for
+ * softmax weights (inputs <= 0) and SiLU, where neither difference is visible. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln2 high bits */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);       /* ln2 low bits */
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* a . b over n floats. */
+static inline float vdot(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#ifdef TF_AVX2
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s = hsum8(_mm256_add_ps(s0, s1));
+#endif
+    for (; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+/* x[i] = e^(x[i] - max) for i < n; returns their sum. */
+static float exp_shift_sum(float *x, int n, float max) {
+    int i = 0;
+    float sum = 0.0f;
+#ifdef TF_AVX2
+    __m256 vm = _mm256_set1_ps(max), vs = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        _mm256_storeu_ps(x + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    sum = hsum8(vs);
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - max);
+        sum += x[i];
+    }
+    return sum;
+}
+
+/* a[i] = silu(a[i]) * b[i] = a[i] / (1 + e^-a[i]) * b[i] for i < n (SwiGLU). */
+static void swiglu(float *a, const float *b, int n) {
+    int i = 0;
+#ifdef TF_AVX2
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(a + i);
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        __m256 sv = _mm256_div_ps(v, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(sv, _mm256_loadu_ps(b + i)));
+    }
+#endif
+    for (; i < n; i++) {
+        float val = a[i];
+        val *= 1.0f / (1.0f + expf(-val));
+        a[i] = val * b[i];
+    }
+}
+
 /* ---- helpers ------------------------------------------------------------------ */
 
 static void rmsnorm(float *o, const float *x, const float *weight, int size) {
-    float ss = 0.0f;
-    for (int j = 0; j < size; j++)
-        ss += x[j] * x[j];
+    float ss = vdot(x, x, size);
     ss /= (float)size;
     ss += 1e-5f;
     ss = 1.0f / sqrtf(ss);
@@ -84,12 +182,14 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
 
 /* Rotates the pairs of vec (n floats, whole heads of head_dim) by one RoPE row. */
 static void rope_rotate(float *vec, int n, int head_dim, const float *rope) {
-    for (int i = 0; i < n; i += 2) {
-        const float *cs = rope + (i % head_dim);
-        float fcr = cs[0], fci = cs[1];
-        float v0 = vec[i], v1 = vec[i + 1];
-        vec[i] = v0 * fcr - v1 * fci;
-        vec[i + 1] = v0 * fci + v1 * fcr;
+    for (int h = 0; h < n; h += head_dim) {
+        float *vh = vec + h;
+        for (int i = 0; i < head_dim; i += 2) {
+            float fcr = rope[i], fci = rope[i + 1];
+            float v0 = vh[i], v1 = vh[i + 1];
+            vh[i] = v0 * fcr - v1 * fci;
+            vh[i + 1] = v0 * fci + v1 * fcr;
+        }
     }
 }
 
@@ -106,15 +206,11 @@ static void rope_fill(float *row, int pos, int head_dim) {
 static void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++)
-        if (x[i] > max)
-            max = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
+        max = x[i] > max ? x[i] : max;
+    float sum = exp_shift_sum(x, n, max);
+    float inv = 1.0f / sum;
     for (int i = 0; i < n; i++)
-        x[i] /= sum;
+        x[i] *= inv;
 }
 
 static const float *rope_at(const struct kvr_engine *e, int pos) {
@@ -151,8 +247,15 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
     }
     size_t T = (size_t)p->n_batch_tokens_max, d = (size_t)c->dim, kv = (size_t)c->kv_dim;
     size_t h = (size_t)c->hidden_dim, hd = (size_t)c->head_dim, ctx = (size_t)p->n_ctx_max;
-    int kv_mul = c->n_heads / c->n_kv_heads;
-    e->score_stride = (size_t)(QTILE > kv_mul ? QTILE : kv_mul) * ctx;
+    /* Per-query attention reads keys and values of att_group KV heads per task: at least
+     * 64 floats of each cached token, so that small heads (the bundled model's 8) still
+     * read whole cache lines instead of a quarter of each. */
+    e->att_group_min = c->head_dim >= 64 ? 1 : (64 + c->head_dim - 1) / c->head_dim;
+    if (e->att_group_min > c->n_kv_heads)
+        e->att_group_min = c->n_kv_heads;
+    while (c->n_kv_heads % e->att_group_min)
+        e->att_group_min--;
+    e->score_stride = (size_t)(QTILE > c->n_heads ? QTILE : c->n_heads) * ctx;
     e->n_rope = c->seq_len > p->n_ctx_max ? c->seq_len : p->n_ctx_max;
     e->x = malloc(T * d * sizeof(float));
     e->xb = malloc(T * d * sizeof(float));
@@ -230,7 +333,7 @@ void kvr_engine_set_layer_hook(struct kvr_engine *e,
 
 /* ---- row-wise elementwise work ------------------------------------------------- */
 
-enum row_op { ROW_RMSNORM_ATT, ROW_ROPE_STORE, ROW_RMSNORM_FFN, ROW_SWIGLU };
+enum row_op { ROW_RMSNORM_ATT, ROW_ROPE_STORE, ROW_RMSNORM_FFN };
 
 struct row_job {
     struct kvr_engine *e;
@@ -264,15 +367,6 @@ static void row_task(void *arg, int task, int thread) {
             memcpy(kv_ptr(s, l, pos, 1), v, (size_t)kvd * sizeof(float));
             break;
         }
-        case ROW_SWIGLU: {
-            float *a = e->hb + (size_t)r * c->hidden_dim, *b = e->hb2 + (size_t)r * c->hidden_dim;
-            for (int i = 0; i < c->hidden_dim; i++) {
-                float val = a[i];
-                val *= 1.0f / (1.0f + expf(-val));
-                a[i] = val * b[i];
-            }
-            break;
-        }
         }
     }
 }
@@ -281,15 +375,149 @@ static void run_rows(struct kvr_engine *e, enum row_op op) {
     struct row_job j = {.e = e, .op = op};
     int n_tasks = (e->n_rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     /* A handful of rows of a small model is cheaper inline than waking workers. */
-    long work = (long)e->n_rows * (op == ROW_SWIGLU ? e->c->hidden_dim : e->c->dim);
+    long work = (long)e->n_rows * e->c->dim;
     kvr_threadpool_run(work >= 16384 ? e->tp : NULL, row_task, &j, n_tasks);
+}
+
+/* ---- FFN: W1 and W3 with SwiGLU fused ------------------------------------------- */
+
+struct ffn_job {
+    struct kvr_engine *e;
+    const float *w1, *w3; /* (hidden, dim) of this layer */
+    int chunk;            /* hidden features per task */
+};
+
+/* Features [n0, n1) of hb = xb W1^T and hb2 = xb W3^T for every row, then SwiGLU on
+ * them while they are still in cache. */
+static void ffn_task(void *arg, int task, int thread) {
+    (void)thread;
+    const struct ffn_job *j = arg;
+    struct kvr_engine *e = j->e;
+    int hid = e->c->hidden_dim, d = e->c->dim, T = e->n_rows;
+    int n0 = task * j->chunk, n1 = n0 + j->chunk < hid ? n0 + j->chunk : hid;
+    kvr_matmul_slice(e->hb, hid, e->xb, j->w1, T, n0, n1, d, 0.0f);
+    kvr_matmul_slice(e->hb2, hid, e->xb, j->w3, T, n0, n1, d, 0.0f);
+    for (int r = 0; r < T; r++)
+        swiglu(e->hb + (size_t)r * hid + n0, e->hb2 + (size_t)r * hid + n0, n1 - n0);
+}
+
+static void ffn_up(struct kvr_engine *e, const float *w1, const float *w3) {
+    int hid = e->c->hidden_dim, T = e->n_rows;
+    struct ffn_job j = {.e = e, .w1 = w1, .w3 = w3};
+    /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
+    j.chunk = kvr_matmul_chunk(T, hid, e->c->dim, e->n_threads);
+    if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
+        j.chunk = ((j.chunk / 2) + 15) & ~15;
+    long work = 2L * T * hid * e->c->dim;
+    kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? e->tp : NULL, ffn_task, &j,
+                       (hid + j.chunk - 1) / j.chunk);
 }
 
 /* ---- attention: per-query path over cache blocks -------------------------------- */
 
-/* Attention of one query row for the query heads sharing KV head g. Keys are read from
- * the cache where they sit; sink-policy keys are rotated at their cache position. */
-static void attend_one(struct kvr_engine *e, int r, int g, int thread) {
+/* Prefetches up to 4 of the n rows at p (ld floats apart, len floats each) into L1. */
+static inline void prefetch_rows(const float *p, int n, size_t ld, int len) {
+#ifdef TF_AVX2
+    for (int u = 0; u < n && u < 4; u++)
+        for (int j = 0; j < len; j += 16)
+            _mm_prefetch((const char *)(p + (size_t)u * ld + j), _MM_HINT_T0);
+#else
+    (void)p, (void)n, (void)ld, (void)len;
+#endif
+}
+
+/* sc[h * n_keys + u] = (q_h . k_u) / scale for the kv_mul query heads h (q_h at q + h*hd)
+ * and n keys k_u at k + u*ldk (hd floats each): one run of keys inside a cache block. */
+static void qk_run(float *sc, int n_keys, const float *q, int kv_mul, int hd, const float *k,
+                   size_t ldk, int n, float scale) {
+    int u = 0;
+#ifdef TF_AVX2
+    if (hd % 8 == 0) {
+        /* Four keys at a time: four independent FMA chains, one combined reduction. */
+        __m128 vs = _mm_set1_ps(scale);
+        for (; u + 4 <= n; u += 4) {
+            const float *k0 = k + (size_t)u * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+            for (int h = 0; h < kv_mul; h++) {
+                const float *qh = q + (size_t)h * hd;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                for (int j = 0; j < hd; j += 8) {
+                    __m256 qv = _mm256_loadu_ps(qh + j);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
+                }
+                __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
+                __m256 s4 = _mm256_hadd_ps(s01, s23);
+                __m128 r = _mm_add_ps(_mm256_castps256_ps128(s4), _mm256_extractf128_ps(s4, 1));
+                _mm_storeu_ps(sc + (size_t)h * n_keys + u, _mm_div_ps(r, vs));
+            }
+        }
+    }
+#endif
+    for (; u < n; u++)
+        for (int h = 0; h < kv_mul; h++)
+            sc[(size_t)h * n_keys + u] = vdot(q + (size_t)h * hd, k + (size_t)u * ldk, hd) / scale;
+}
+
+#ifdef TF_AVX2
+/* oh[0 .. 8*NV) += sum_u ah[u] * v_u[0 .. 8*NV): the NV output vectors stay in registers
+ * across the whole run of values (no store-to-load chain from one value to the next).
+ * NV is a literal at every call site. */
+static inline __attribute__((always_inline)) void av_cols(int NV, float *oh, const float *ah,
+                                                          const float *v, size_t ldv, int n) {
+    __m256 acc[8];
+    for (int c = 0; c < NV; c++)
+        acc[c] = _mm256_loadu_ps(oh + 8 * c);
+    for (int u = 0; u < n; u++) {
+        __m256 w = _mm256_set1_ps(ah[u]);
+        const float *vu = v + (size_t)u * ldv;
+        for (int c = 0; c < NV; c++)
+            acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vu + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < NV; c++)
+        _mm256_storeu_ps(oh + 8 * c, acc[c]);
+}
+#endif
+
+/* out_h += sum_u a[h * n_keys + u] * v_u for the kv_mul heads (out_h at out + h*hd) and
+ * n values v_u at v + u*ldv: one run of values inside a cache block. */
+static void av_run(float *out, const float *a, int n_keys, int kv_mul, int hd, const float *v,
+                   size_t ldv, int n) {
+    for (int h = 0; h < kv_mul; h++) {
+        float *oh = out + (size_t)h * hd;
+        const float *ah = a + (size_t)h * n_keys;
+        int j0 = 0;
+#ifdef TF_AVX2
+        /* 64 columns at a time, then what is left in whole vectors. */
+        for (; j0 + 64 <= hd; j0 += 64)
+            av_cols(8, oh + j0, ah, v + j0, ldv, n);
+        switch ((hd - j0) / 8) {
+        case 7: av_cols(7, oh + j0, ah, v + j0, ldv, n); break;
+        case 6: av_cols(6, oh + j0, ah, v + j0, ldv, n); break;
+        case 5: av_cols(5, oh + j0, ah, v + j0, ldv, n); break;
+        case 4: av_cols(4, oh + j0, ah, v + j0, ldv, n); break;
+        case 3: av_cols(3, oh + j0, ah, v + j0, ldv, n); break;
+        case 2: av_cols(2, oh + j0, ah, v + j0, ldv, n); break;
+        case 1: av_cols(1, oh + j0, ah, v + j0, ldv, n); break;
+        default: break;
+        }
+        j0 += (hd - j0) / 8 * 8;
+#endif
+        for (int u = 0; u < n; u++) {
+            const float *vu = v + (size_t)u * ldv;
+            float w = ah[u];
+            for (int j = j0; j < hd; j++)
+                oh[j] += w * vu[j];
+        }
+    }
+}
+
+/* Attention of one query row for the query heads of KV heads g0 .. g0+att_group-1. Keys
+ * are read from the cache where they sit; sink-policy keys are rotated at their cache
+ * position. Scores: row (gg * kv_mul + h) of sc for query head h of KV head g0 + gg. */
+static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
     const struct kvr_model_config *c = e->c;
     struct kvr_kv_seq *s = e->items[e->row_item[r]].seq;
     int hd = c->head_dim, kv_mul = c->n_heads / c->n_kv_heads, l = e->layer;
@@ -300,44 +528,72 @@ static void attend_one(struct kvr_engine *e, int r, int g, int thread) {
     int delta = rotate ? kv_sink_delta(s, p) : 0;
     float *sc = e->scores + (size_t)thread * e->score_stride;
     float *krot = e->krot + (size_t)thread * (size_t)hd;
-    const float *q = e->q + (size_t)r * c->dim + (size_t)g * kv_mul * hd;
+    const float *q = e->q + (size_t)r * c->dim + (size_t)g0 * kv_mul * hd;
     float scale = sqrtf((float)hd);
-    for (int i = 0; i < n_keys; i++) {
-        int t = i < n_sink ? i : rb + (i - n_sink);
-        const float *k = kv_ptr(s, l, t, 0) + (size_t)g * hd;
-        if (rotate) {
-            memcpy(krot, k, (size_t)hd * sizeof(float));
-            rope_rotate(krot, hd, hd, rope_at(e, t < n_sink ? t : t - delta));
-            k = krot;
-        }
-        for (int h = 0; h < kv_mul; h++) {
-            const float *qh = q + (size_t)h * hd;
-            float dot = 0.0f;
-            for (int j = 0; j < hd; j++)
-                dot += qh[j] * k[j];
-            sc[(size_t)h * n_keys + i] = dot / scale;
+    int G = e->att_group;
+    size_t qstep = (size_t)kv_mul * hd, sstep = (size_t)kv_mul * n_keys;
+    int bt = s->pool->block_tokens;
+    size_t kvd = (size_t)c->kv_dim;
+    /* Keys come in two ranges of text positions (sinks, then the recent ones), each
+     * walked in runs inside one cache block: one block lookup per run, not per key. */
+    for (int seg = 0; seg < 2; seg++) {
+        int t = seg ? rb : 0, t_end = seg ? p + 1 : n_sink, i = seg ? n_sink : 0;
+        while (t < t_end) {
+            int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
+            const float *kb = kv_ptr(s, l, t, 0) + (size_t)g0 * hd;
+            if (!rotate) {
+                /* Four tokens at a time, all heads of the group: the cache is read in
+                 * token order (rows of G*hd floats), the next four rows prefetched. */
+                for (int w0 = 0; w0 < n; w0 += 4) {
+                    int nw = n - w0 < 4 ? n - w0 : 4;
+                    const float *kw = kb + (size_t)w0 * kvd;
+                    prefetch_rows(kw + 4 * kvd, n - w0 - 4, kvd, G * hd);
+                    for (int gg = 0; gg < G; gg++)
+                        qk_run(sc + gg * sstep + i + w0, n_keys, q + gg * qstep, kv_mul, hd,
+                               kw + (size_t)gg * hd, kvd, nw, scale);
+                }
+                t += n;
+                i += n;
+                continue;
+            }
+            for (int u = 0; u < n; u++, t++, i++) {
+                for (int gg = 0; gg < G; gg++) {
+                    memcpy(krot, kb + (size_t)u * kvd + (size_t)gg * hd, (size_t)hd * sizeof(float));
+                    rope_rotate(krot, hd, hd, rope_at(e, t < n_sink ? t : t - delta));
+                    for (int h = 0; h < kv_mul; h++)
+                        sc[gg * sstep + (size_t)h * n_keys + i] =
+                            vdot(q + gg * qstep + (size_t)h * hd, krot, hd) / scale;
+                }
+            }
         }
     }
-    for (int h = 0; h < kv_mul; h++)
+    for (int h = 0; h < G * kv_mul; h++)
         softmax(sc + (size_t)h * n_keys, n_keys);
-    float *out = e->xb2 + (size_t)r * c->dim + (size_t)g * kv_mul * hd;
-    memset(out, 0, (size_t)kv_mul * hd * sizeof(float));
-    for (int i = 0; i < n_keys; i++) {
-        int t = i < n_sink ? i : rb + (i - n_sink);
-        const float *v = kv_ptr(s, l, t, 1) + (size_t)g * hd;
-        for (int h = 0; h < kv_mul; h++) {
-            float a = sc[(size_t)h * n_keys + i];
-            float *oh = out + (size_t)h * hd;
-            for (int j = 0; j < hd; j++)
-                oh[j] += a * v[j];
+    float *out = e->xb2 + (size_t)r * c->dim + (size_t)g0 * kv_mul * hd;
+    memset(out, 0, (size_t)G * qstep * sizeof(float));
+    for (int seg = 0; seg < 2; seg++) {
+        int t = seg ? rb : 0, t_end = seg ? p + 1 : n_sink, i = seg ? n_sink : 0;
+        while (t < t_end) {
+            int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
+            const float *vb = kv_ptr(s, l, t, 1) + (size_t)g0 * hd;
+            for (int w0 = 0; w0 < n; w0 += 4) {
+                int nw = n - w0 < 4 ? n - w0 : 4;
+                const float *vw = vb + (size_t)w0 * kvd;
+                prefetch_rows(vw + 4 * kvd, n - w0 - 4, kvd, G * hd);
+                for (int gg = 0; gg < G; gg++)
+                    av_run(out + gg * qstep, sc + gg * sstep + i + w0, n_keys, kv_mul, hd,
+                           vw + (size_t)gg * hd, kvd, nw);
+            }
+            t += n;
+            i += n;
         }
     }
 }
 
 static void unit_task(void *arg, int task, int thread) {
     struct kvr_engine *e = arg;
-    int g = task % e->c->n_kv_heads;
-    attend_one(e, e->unit_row[task / e->c->n_kv_heads], g, thread);
+    int n_groups = e->c->n_kv_heads / e->att_group;
+    attend_one(e, e->unit_row[task / n_groups], task % n_groups * e->att_group, thread);
 }
 
 /* ---- attention: GEMM path for the prompt rows of one item ------------------------ */
@@ -421,8 +677,22 @@ static void attention(struct kvr_engine *e) {
         r0 += item->n_tokens;
     }
     if (e->n_units > 0) {
-        long work = (long)e->n_units * c->dim * 64;
-        kvr_threadpool_run(work >= 16384 ? e->tp : NULL, unit_task, e, e->n_units * c->n_kv_heads);
+        /* KV heads per task: as many as keep 4 tasks per thread, so that a batch reads
+         * whole cached rows of K and V in token order, while a single sequence still
+         * splits over its heads. */
+        e->att_group = e->att_group_min;
+        for (int g = c->n_kv_heads; g > e->att_group_min; g--) {
+            if (c->n_kv_heads % g == 0 && e->n_units * (c->n_kv_heads / g) >= 4 * e->n_threads) {
+                e->att_group = g;
+                break;
+            }
+        }
+        /* Two multiply-adds per key and query feature (scores, then values). */
+        long work = 0;
+        for (int u = 0; u < e->n_units; u++)
+            work += 2L * (e->row_pos[e->unit_row[u]] + 1) * c->dim;
+        kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? e->tp : NULL, unit_task, e,
+                           e->n_units * (c->n_kv_heads / e->att_group));
     }
 }
 
@@ -518,18 +788,19 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
         e->layer = l;
         size_t ld = (size_t)l * d * d, lkv = (size_t)l * kvd * d, lh = (size_t)l * hid * d;
         run_rows(e, ROW_RMSNORM_ATT);
-        kvr_matmul(e->tp, e->q, e->xb, w->wq + ld, T, d, d, 0.0f);
-        kvr_matmul(e->tp, e->k, e->xb, w->wk + lkv, T, kvd, d, 0.0f);
-        kvr_matmul(e->tp, e->v, e->xb, w->wv + lkv, T, kvd, d, 0.0f);
+        /* Q, K and V in one parallel loop: one wake-up and one barrier. */
+        struct kvr_matmul_op qkv[3] = {
+            {.y = e->q, .x = e->xb, .w = w->wq + ld, .m = T, .n = d, .k = d, .beta = 0.0f},
+            {.y = e->k, .x = e->xb, .w = w->wk + lkv, .m = T, .n = kvd, .k = d, .beta = 0.0f},
+            {.y = e->v, .x = e->xb, .w = w->wv + lkv, .m = T, .n = kvd, .k = d, .beta = 0.0f}};
+        kvr_matmul_multi(e->tp, qkv, 3);
         run_rows(e, ROW_ROPE_STORE);
         if (e->layer_hook)
             e->layer_hook(e->layer_hook_ud, items, n_items, l);
         attention(e);
         kvr_matmul(e->tp, e->x, e->xb2, w->wo + ld, T, d, d, 1.0f);
         run_rows(e, ROW_RMSNORM_FFN);
-        kvr_matmul(e->tp, e->hb, e->xb, w->w1 + lh, T, hid, d, 0.0f);
-        kvr_matmul(e->tp, e->hb2, e->xb, w->w3 + lh, T, hid, d, 0.0f);
-        run_rows(e, ROW_SWIGLU);
+        ffn_up(e, w->w1 + lh, w->w3 + lh);
         kvr_matmul(e->tp, e->x, e->hb, w->w2 + lh, T, d, hid, 1.0f);
     }
 
