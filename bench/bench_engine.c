@@ -53,6 +53,7 @@ struct eng_cfg {
     int reps;
     const char *models;
     const char *bundled;
+    int weights;
 };
 
 static const struct kvr_opt eng_opts[] = {
@@ -62,6 +63,7 @@ static const struct kvr_opt eng_opts[] = {
     {"threads", KVR_OPT_INT, offsetof(struct eng_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads for ceilings and engine (0 = online CPUs)"},
     {"reps", KVR_OPT_INT, offsetof(struct eng_cfg, reps), "0", 0, 100, NULL, 0, "timed repetitions per measurement; the best is reported (0 = 3, --quick 1)"},
     {"models", KVR_OPT_STRING, offsetof(struct eng_cfg, models), NULL, 0, -1, NULL, 0, "comma-separated subset of 260k,110m,1.1b (default: all; --quick: 260k,110m)"},
+    {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages"},
     {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "checkpoint of the bundled model"},
 };
 
@@ -445,7 +447,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     size_t first_row = (size_t)b->n_rows;
 
     reset_peak_rss();
-    if ((rc = kvr_model_load(path, &m)) != KVR_OK) {
+    if ((rc = kvr_model_load_mode(path, (enum kvr_weights_mode)b->cfg.weights, &m)) != KVR_OK) {
         fprintf(stderr, "bench engine: cannot load '%s': %s\n", path, kvr_status_str(rc));
         goto out;
     }
@@ -649,6 +651,7 @@ static void print_json(const struct bench *b, const char *cpu) {
     printf("{\"bench\":\"engine\",\"nproc\":%ld,\"threads\":%d,\"cpu\":", sysconf(_SC_NPROCESSORS_ONLN),
            b->n_threads);
     json_str(cpu);
+    printf(",\"weights\":\"%s\"", b->cfg.weights == KVR_WEIGHTS_COPY ? "copy" : "mmap");
     printf(",\"quick\":%s,\"reps\":%d,\"bw_gbs\":%.3f,\"bw_gbs_min\":%.3f,\"bw_buffer_bytes\":%llu,"
            "\"sgemm_gflops\":%.3f,\"sgemm_gflops_min\":%.3f,\"sgemm_n\":%d,\"ceiling_runs\":%d,"
            "\"models\":[",

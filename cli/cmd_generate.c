@@ -30,6 +30,7 @@ struct gen_cfg {
     int kv_sinks;
     int allow_extrapolation;
     int threads;
+    int weights;
 };
 
 static const struct kvr_opt gen_opts[] = {
@@ -45,6 +46,7 @@ static const struct kvr_opt gen_opts[] = {
     {"kv-sinks", KVR_OPT_INT, offsetof(struct gen_cfg, kv_sinks), "4", 0, 1 << 20, NULL, 0, "S: attention-sink tokens kept (sink)"},
     {"allow-extrapolation", KVR_OPT_FLAG, offsetof(struct gen_cfg, allow_extrapolation), "0", 0, -1, NULL, 0, "dense: run past the trained context"},
     {"threads", KVR_OPT_INT, offsetof(struct gen_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
+    {"weights", KVR_OPT_CHOICE, offsetof(struct gen_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "mmap the file, or copy the weights into huge pages (faster decode)"},
 };
 
 int kvr_cmd_generate(int argc, char **argv) {
@@ -65,7 +67,7 @@ int kvr_cmd_generate(int argc, char **argv) {
     ex = KVR_EXIT_RUNTIME;
     int rc;
 
-    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
+    if ((rc = kvr_model_load_mode(cfg.model, (enum kvr_weights_mode)cfg.weights, &model)) != KVR_OK) {
         fprintf(stderr, "kvrelay generate: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
         goto out;
     }

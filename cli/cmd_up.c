@@ -40,6 +40,7 @@ struct up_cfg {
     const char *extra_prefill;
     const char *extra_decode;
     const char *log_level;
+    const char *weights;
 };
 
 static const struct kvr_opt up_opts[] = {
@@ -60,6 +61,7 @@ static const struct kvr_opt up_opts[] = {
     {"mpirun", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun), "mpirun", 0, -1, NULL, 0, "the MPI launcher"},
     {"prefill-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_prefill), "", 0, -1, NULL, 0, "extra options for every kvrelay-prefill (space-separated)"},
     {"decode-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_decode), "", 0, -1, NULL, 0, "extra options for every kvrelay-decode (space-separated)"},
+    {"weights", KVR_OPT_STRING, offsetof(struct up_cfg, weights), "mmap", 0, -1, NULL, 0, "how nodes hold the weights: mmap (shared page cache) or copy (huge pages, one copy per node)"},
     {"log-level", KVR_OPT_STRING, offsetof(struct up_cfg, log_level), "warn", 0, -1, NULL, 0, "log level of the nodes: error, warn, info, debug"},
 };
 
@@ -147,6 +149,10 @@ int kvr_cmd_up(int argc, char **argv) {
         fprintf(stderr, "kvrelay up: --kv-dtype must be f32, f16 or bf16\n");
         return KVR_EXIT_USAGE;
     }
+    if (strcmp(cfg.weights, "mmap") && strcmp(cfg.weights, "copy")) {
+        fprintf(stderr, "kvrelay up: --weights must be mmap or copy\n");
+        return KVR_EXIT_USAGE;
+    }
     if (kvr_log_parse_level(cfg.log_level) < 0) {
         fprintf(stderr, "kvrelay up: --log-level must be error, warn, info or debug\n");
         return KVR_EXIT_USAGE;
@@ -211,6 +217,8 @@ int kvr_cmd_up(int argc, char **argv) {
         arg(a, fmt(a, "%ld", threads));
         arg(a, "--kv-dtype");
         arg(a, cfg.kv_dtype);
+        arg(a, "--weights");
+        arg(a, cfg.weights);
         words(a, extra_p);
     }
     arg(a, ":");
@@ -223,6 +231,8 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, fmt(a, "%ld", threads));
     arg(a, "--kv-memory");
     arg(a, kv_mem);
+    arg(a, "--weights");
+    arg(a, cfg.weights);
     arg(a, "--max-batch");
     arg(a, fmt(a, "%ld", cfg.max_batch));
     if (cfg.colocated)

@@ -39,11 +39,24 @@ struct kvr_model_weights {
 
 struct kvr_model;
 
+/* How the weights are held. */
+enum kvr_weights_mode {
+    KVR_WEIGHTS_MMAP = 0, /* mmap of the file: shared page cache, loaded lazily */
+    KVR_WEIGHTS_COPY = 1, /* read into private, aligned, huge-page memory: faster decode,
+                           * one copy per process */
+};
+
+#define KVR_WEIGHTS_CHOICES "mmap|copy"
+
 /* Maps and validates the checkpoint at path. Errors (each logged in one line naming
  * the file): KVR_ENOENT missing/unreadable, KVR_ETRUNC shorter than its header says,
  * KVR_EFORMAT bad header (zero/negative dimension, dim % n_heads, n_heads % n_kv_heads,
  * odd head_dim, longer than its header says). Returns owned *out, free with kvr_model_free. */
 int kvr_model_load(const char *path, struct kvr_model **out);
+
+/* kvr_model_load with a choice of how the weights are held (same checks, same errors;
+ * KVR_ENOMEM when the copy cannot be allocated). */
+int kvr_model_load_mode(const char *path, enum kvr_weights_mode mode, struct kvr_model **out);
 
 /* Unmaps. Accepts NULL. */
 void kvr_model_free(struct kvr_model *m);

@@ -54,8 +54,8 @@ _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status) {
     kvr_xfer_abort(x, code);
 }
 
-int kvr_role_load_model(const char *prog, const char *path, struct kvr_model **out) {
-    int rc = kvr_model_load(path, out);
+int kvr_role_load_model(const char *prog, const char *path, int mode, struct kvr_model **out) {
+    int rc = kvr_model_load_mode(path, (enum kvr_weights_mode)mode, out);
     if (rc != KVR_OK)
         fprintf(stderr, "%s: cannot load model '%s': %s\n", prog, path, kvr_status_str(rc));
     return rc;

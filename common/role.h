@@ -35,8 +35,9 @@ int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, str
  * otherwise. x may be NULL (MPI never came up). */
 _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status);
 
-/* Loads the model or prints why not ("<prog>: cannot load model ...") and returns the status. */
-int kvr_role_load_model(const char *prog, const char *path, struct kvr_model **out);
+/* Loads the model (mode: enum kvr_weights_mode) or prints why not ("<prog>: cannot load
+ * model ...") and returns the status. */
+int kvr_role_load_model(const char *prog, const char *path, int mode, struct kvr_model **out);
 
 /* The HELLO of a node: shape of model, its pool (NULL: setup failed, which the
  * coordinator reads as "cannot serve"), block size and threads. */

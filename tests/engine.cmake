@@ -44,3 +44,7 @@ kvr_unit_test(test_sampler
 kvr_unit_test(test_options
   SOURCES ${KVR_ENGINE_TEST_DIR}/unit/test_options.c
   TIMEOUT 60 LABELS engine)
+
+kvr_unit_test(test_model
+  SOURCES ${KVR_ENGINE_TEST_DIR}/unit/test_model.c
+  TIMEOUT 60 LABELS engine)
