@@ -3,7 +3,7 @@
 # `kvrelay up`. RUN_SERIAL keeps ctest -j from overlapping them on the 2 shared cores.
 set(KVR_CLUSTER_TEST_DIR ${CMAKE_CURRENT_SOURCE_DIR})
 kvr_unit_test(test_cluster_golden
-  SOURCES ${KVR_CLUSTER_TEST_DIR}/e2e/test_cluster.c ${KVR_CLUSTER_TEST_DIR}/e2e/cluster_harness.c
+  SOURCES ${KVR_CLUSTER_TEST_DIR}/e2e/test_cluster.c ${KVR_CLUSTER_TEST_DIR}/e2e/cluster_harness.c ${KVR_CLUSTER_TEST_DIR}/e2e/run_cmd.c
           ${KVR_CLUSTER_TEST_DIR}/unit/golden.c
   LIBS kvr_client Threads::Threads
   ARGS golden

@@ -10,7 +10,9 @@
  *   faults     a corrupted KV block fails only its request (DATA_LOSS), the node keeps
  *              serving; a decode node killed mid-stream loses nothing: its request is
  *              re-run elsewhere and the client still gets exactly the golden text.
- *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text. */
+ *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text;
+ *              `kvrelay bench cluster --json` against them completes every request and
+ *              leaves the pool empty. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -26,6 +28,7 @@
 #include "grpc_client.h"
 #include "kv_cache.h"
 #include "model.h"
+#include "run_cmd.h"
 #include "tokenizer.h"
 
 #define N_GOLDEN_MAX 8
@@ -463,6 +466,27 @@ static void scenario_colocated(void) {
     REQUIRE(cluster_start(&cl, 120, args) == 0);
     CHECK_EQ(concurrent_golden(10, "colocated"), 10);
     CHECK(wait_pool_empty(5.0));
+    /* The load generator end to end: 6 Poisson arrivals of 40-80 token prompts and 8-16
+     * exact-length outputs. Every request must complete with its exact length (the bench
+     * counts a wrong length as a failure), and nothing may stay reserved afterwards. */
+    char kvrelay[512], tok[512];
+    snprintf(kvrelay, sizeof kvrelay, "%s", bin_path("kvrelay"));
+    snprintf(tok, sizeof tok, "%s", shared_path("models/tok512.bin"));
+    char *bench_argv[] = {kvrelay, "bench", "cluster", "--addr", cl.addr,
+                          "--rate", "4", "--requests", "6", "--prompt-min", "40",
+                          "--prompt-max", "80", "--out-min", "8", "--out-max", "16",
+                          "--probes", "1", "--tokenizer", tok,
+                          "--timeout", "60", "--json", NULL};
+    struct cmd_result r;
+    REQUIRE(run_cmd(bench_argv, 120, &r) == 0);
+    CHECK_EQ(r.exit_code, 0);
+    if (r.exit_code != 0)
+        fprintf(stderr, "bench cluster stderr:\n%s\n", r.err);
+    CHECK(strstr(r.out, "\"bench\":\"cluster\"") != NULL);
+    CHECK(strstr(r.out, "\"colocated_nodes\":2") != NULL);
+    CHECK(strstr(r.out, "\"sent\":6,\"completed\":6,\"failed\":0,\"wrong_length\":0") != NULL);
+    CHECK(strstr(r.out, "\"after\":{\"kv_bytes_used\":0,\"coord_running\":0,") != NULL);
+    cmd_result_free(&r);
     CHECK_EQ(cluster_stop(&cl, 30), 0);
 }
 
