@@ -18,8 +18,10 @@
 #include "grpc_client.h"
 #include "kv_cache.h"
 #include "log.h"
+#include "model.h"
 #include "options.h"
 #include "status.h"
+#include "tokenizer.h"
 
 struct up_cfg {
     const char *model;
@@ -157,11 +159,21 @@ int kvr_cmd_up(int argc, char **argv) {
         fprintf(stderr, "kvrelay up: --log-level must be error, warn, info or debug\n");
         return KVR_EXIT_USAGE;
     }
-    if (access(cfg.model, R_OK) != 0 || access(cfg.tokenizer, R_OK) != 0) {
-        fprintf(stderr, "kvrelay up: cannot read %s: %s\n", access(cfg.model, R_OK) ? cfg.model : cfg.tokenizer,
-                strerror(errno));
+    /* Validate the model and tokenizer here (mmap and header checks: cheap), so that a bad
+     * file is one clear line instead of every rank failing under mpirun. */
+    struct kvr_model *model = NULL;
+    struct kvr_tokenizer *tok = NULL;
+    int lrc = kvr_model_load(cfg.model, &model);
+    if (lrc == KVR_OK)
+        lrc = kvr_tokenizer_load(cfg.tokenizer, kvr_model_config(model)->vocab_size, &tok);
+    if (lrc != KVR_OK) {
+        fprintf(stderr, "kvrelay up: cannot serve %s with %s: %s\n", cfg.model, cfg.tokenizer,
+                kvr_status_str(lrc));
+        kvr_model_free(model);
         return KVR_EXIT_RUNTIME;
     }
+    kvr_tokenizer_free(tok);
+    kvr_model_free(model);
     char dir[4096], coord_bin[4200], prefill_bin[4200], decode_bin[4200];
     if (bin_dir(dir, sizeof dir) != KVR_OK) {
         fprintf(stderr, "kvrelay up: cannot find my own directory\n");

@@ -1,4 +1,4 @@
-/* test_cli_errors.c - `kvrelay generate` on bad input: every case must end with the exit
+/* test_cli_errors.c - `kvrelay generate` (and `kvrelay up`) on bad input: every case must end with the exit
  * code cli.h documents (1: unreadable or invalid model/tokenizer; 2: bad usage or
  * rejected input), print nothing on stdout, never crash, and explain itself on stderr in
  * one line: the last stderr line is "kvrelay generate: <what failed>", optionally after
@@ -16,6 +16,7 @@
 
 static char dir[64];
 static char model[1024], tokp[1024], kvrelay[1024];
+static const char *subcmd = "generate"; /* the kvrelay command under test */
 
 static char *slurp_file(const char *path, size_t *len) {
     FILE *f = fopen(path, "rb");
@@ -64,7 +65,9 @@ static void expect(const char *name, int want_exit, const char *reason, const ch
     char *argv[40];
     int n = 0;
     argv[n++] = kvrelay;
-    argv[n++] = "generate";
+    char sub[32];
+    snprintf(sub, sizeof sub, "%s", subcmd);
+    argv[n++] = sub;
     for (int i = 0; opts[i] && n < 39; i++)
         REQUIRE((argv[n++] = strdup(opts[i])) != NULL);
     argv[n] = NULL;
@@ -73,7 +76,9 @@ static void expect(const char *name, int want_exit, const char *reason, const ch
     char last[1024];
     last_line(r.err, last, sizeof last);
     int lines = count_lines(r.err);
-    int prefix_ok = strncmp(last, "kvrelay generate: ", 18) == 0;
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kvrelay %s: ", subcmd);
+    int prefix_ok = strncmp(last, prefix, strlen(prefix)) == 0;
     int has_reason = strstr(r.err, reason) != NULL;
     int sanitizer = strstr(r.err, "Sanitizer") || strstr(r.err, "runtime error");
     int ok = r.exit_code == want_exit && !r.signaled && !r.timed_out && r.out_len == 0 &&
@@ -82,9 +87,9 @@ static void expect(const char *name, int want_exit, const char *reason, const ch
             want_exit, lines, last);
     if (!ok) {
         fprintf(stderr,
-                "  FAILED %s: want exit %d, a 'kvrelay generate: ' last line, at most 2 lines, "
+                "  FAILED %s: want exit %d, a '%s' last line, at most 2 lines, "
                 "no stdout, stderr naming '%s'. stdout %zu bytes; stderr was:\n%s\n",
-                name, want_exit, reason, r.out_len, r.err);
+                name, want_exit, prefix, reason, r.out_len, r.err);
     }
     CHECK_EQ(r.exit_code, want_exit);
     CHECK_EQ(r.signaled, 0);
@@ -200,6 +205,17 @@ int main(void) {
     free(text);
     expect("--steps past the context", 2, "exceed the model's context of 512",
            OPTS("--model", model, "--tokenizer", tokp, "--steps", "513"));
+
+    /* kvrelay up checks the files itself before it starts mpirun: one clear line, no
+     * cluster started (the test's 60 s bound would catch a launch that hangs). */
+    subcmd = "up";
+    p = write_file("truncated.bin", m, mlen - 1000, NULL, 0);
+    expect("up: truncated model", 1, "truncated", OPTS("--model", p, "--tokenizer", tokp));
+    expect("up: tokenizer of another vocabulary", 1, "another model",
+           OPTS("--model", model, "--tokenizer", big_tok));
+    expect("up: unknown flag", 2, "unknown option '--frobnicate'",
+           OPTS("--model", model, "--tokenizer", tokp, "--frobnicate"));
+    subcmd = "generate";
 
     free(m);
     /* Clean the temp dir (only files this test wrote). */
