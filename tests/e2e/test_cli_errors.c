@@ -1,9 +1,10 @@
-/* test_cli_errors.c - `kvrelay generate` (and `kvrelay up`) on bad input: every case must end with the exit
- * code cli.h documents (1: unreadable or invalid model/tokenizer; 2: bad usage or
- * rejected input), print nothing on stdout, never crash, and explain itself on stderr in
- * one line: the last stderr line is "kvrelay generate: <what failed>", optionally after
- * one line of the library's log giving the precise reason; the reason (wording of the
- * case) must appear in one of them. Broken files are written into a temp dir here. */
+/* test_cli_errors.c - `kvrelay generate` (and `kvrelay up`) on bad input: every case must
+ * end with the exit code cli.h documents (1: unreadable or invalid model/tokenizer; 2: bad
+ * usage or rejected input), print nothing on stdout, never crash, and explain itself on
+ * stderr in one line: the last stderr line is "kvrelay <command>: <what failed>",
+ * optionally after one line of the library's log giving the precise reason; the reason
+ * (wording of the case) must appear in one of them. Broken files are written into a temp
+ * dir here. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
