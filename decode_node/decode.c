@@ -73,6 +73,7 @@ struct dnode {
     int shutdown;
     uint64_t steps, tokens_out;
     double last_report;
+    int report_due; /* a sequence ended: report the pool with the next flush */
     double last_coord;     /* last message from the coordinator */
 };
 
@@ -140,6 +141,7 @@ static void finish_seq(struct dnode *d, struct dseq *s, int finish, int status) 
     if (status != KVR_OK)
         KVR_LOG_WARN("req=%llu failed: %s", (unsigned long long)s->id, kvr_status_str(status));
     add_tomb(d, s->id, 0);
+    d->report_due = 1;
     for (int i = 0; i < d->n_seqs; i++) {
         if (d->seqs[i] == s) {
             d->seqs[i] = d->seqs[--d->n_seqs];
@@ -530,6 +532,7 @@ static void report(struct dnode *d) {
     }
     kvr_xfer_send_status(d->x, d->coord, &r);
     d->last_report = kvr_clock_now();
+    d->report_due = 0;
 }
 
 static int setup(struct dnode *d) {
@@ -606,7 +609,9 @@ int decode_run(const struct decode_params *p) {
                 kvr_sleep_ms(p->debug_step_delay_ms);
         }
         flush_events(&d);
-        if ((kvr_clock_now() - d.last_report) * 1000.0 >= p->report_ms)
+        /* Right after a finish too (it follows the TOKENS message on the same ordered
+         * channel), so that ClusterStatus never shows a finished request's blocks. */
+        if (d.report_due || (kvr_clock_now() - d.last_report) * 1000.0 >= p->report_ms)
             report(&d);
         kvr_xfer_progress(d.x);
         kvr_idle_turn(&idle, busy);
