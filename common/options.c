@@ -24,10 +24,14 @@ static void set_err(char *err, size_t len, const char *fmt, ...) {
 int kvr_parse_size(const char *s, uint64_t *out) {
     if (!s || !*s)
         return KVR_EINVAL;
+    /* Plain decimal only: strtod alone would also take "0x10", "1e3", " 5" and "inf". */
+    size_t n_num = strspn(s, "0123456789.");
+    if (n_num == 0)
+        return KVR_EINVAL;
     errno = 0;
     char *end = NULL;
     double v = strtod(s, &end);
-    if (errno || end == s || !(v >= 0) || !isfinite(v))
+    if (errno || end != s + n_num || !(v >= 0) || !isfinite(v))
         return KVR_EINVAL;
     while (*end == ' ')
         end++;

@@ -96,8 +96,9 @@ static void test_sizes(void) {
         CHECK_EQ(rc, KVR_OK);
         CHECK(v == ok[i].want);
     }
-    static const char *const bad[] = {"",    "abc", "-1",  "12XB", "1e30", "5MiBx",
-                                      "MiB", "nan", "inf", "1 2",  "12 iB"};
+    static const char *const bad[] = {"",    "abc", "-1",  "12XB", "1e30",  "5MiBx",
+                                      "MiB", "nan", "inf", "1 2",  "12 iB", "0x10MiB",
+                                      "1e3", " 5",  "+5"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         uint64_t v = 777;
         int rc = kvr_parse_size(bad[i], &v);
