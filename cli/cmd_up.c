@@ -63,7 +63,7 @@ static const struct kvr_opt up_opts[] = {
     {"mpirun", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun), "mpirun", 0, -1, NULL, 0, "the MPI launcher"},
     {"prefill-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_prefill), "", 0, -1, NULL, 0, "extra options for every kvrelay-prefill (space-separated)"},
     {"decode-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_decode), "", 0, -1, NULL, 0, "extra options for every kvrelay-decode (space-separated)"},
-    {"weights", KVR_OPT_STRING, offsetof(struct up_cfg, weights), "mmap", 0, -1, NULL, 0, "how nodes hold the weights: mmap (shared page cache) or copy (huge pages, one copy per node)"},
+    {"weights", KVR_OPT_STRING, offsetof(struct up_cfg, weights), "auto", 0, -1, NULL, 0, "how nodes hold the weights: mmap (shared page cache), copy (huge pages, one copy per node) or auto (copy for a node alone on its host: never on one machine with several nodes)"},
     {"log-level", KVR_OPT_STRING, offsetof(struct up_cfg, log_level), "warn", 0, -1, NULL, 0, "log level of the nodes: error, warn, info, debug"},
 };
 
@@ -151,8 +151,8 @@ int kvr_cmd_up(int argc, char **argv) {
         fprintf(stderr, "kvrelay up: --kv-dtype must be f32, f16 or bf16\n");
         return KVR_EXIT_USAGE;
     }
-    if (strcmp(cfg.weights, "mmap") && strcmp(cfg.weights, "copy")) {
-        fprintf(stderr, "kvrelay up: --weights must be mmap or copy\n");
+    if (strcmp(cfg.weights, "mmap") && strcmp(cfg.weights, "copy") && strcmp(cfg.weights, "auto")) {
+        fprintf(stderr, "kvrelay up: --weights must be mmap, copy or auto\n");
         return KVR_EXIT_USAGE;
     }
     if (kvr_log_parse_level(cfg.log_level) < 0) {

@@ -326,9 +326,16 @@ void kvr_opts_log(const char *prog, const struct kvr_opt *table, int n_opts, con
             w = snprintf(line + k, sizeof line - k, " %s=%s", o->name, s ? s : "(unset)");
             break;
         }
-        case KVR_OPT_CHOICE:
-            w = snprintf(line + k, sizeof line - k, " %s=#%d", o->name, *(const int *)field);
+        case KVR_OPT_CHOICE: {
+            /* The idx-th '|'-separated name of the choices. */
+            const char *c = o->choices;
+            for (int idx = *(const int *)field; idx > 0 && c; idx--)
+                if ((c = strchr(c, '|')))
+                    c++;
+            int len = c ? (int)strcspn(c, "|") : 1;
+            w = snprintf(line + k, sizeof line - k, " %s=%.*s", o->name, len, c ? c : "?");
             break;
+        }
         }
         if (w > 0)
             k += (size_t)w < sizeof line - k ? (size_t)w : sizeof line - k - 1;

@@ -3,6 +3,7 @@
 #include "role.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -54,8 +55,46 @@ _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status) {
     kvr_xfer_abort(x, code);
 }
 
-int kvr_role_load_model(const char *prog, const char *path, int mode, struct kvr_model **out) {
+int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank) {
+    int sharing = 0;
+    for (int r = 0; r < n; r++)
+        if ((roles[r] == KVR_ROLE_PREFILL || roles[r] == KVR_ROLE_DECODE) &&
+            strcmp(hosts[r], hosts[rank]) == 0)
+            sharing++;
+    return sharing <= 1 ? KVR_WEIGHTS_COPY : KVR_WEIGHTS_MMAP;
+}
+
+/* "auto" over x's layout. */
+static int resolve_auto(const struct kvr_xfer *x) {
+    int n = kvr_xfer_size(x), mode = KVR_WEIGHTS_MMAP;
+    int *roles = malloc((size_t)n * sizeof *roles);
+    const char **hosts = malloc((size_t)n * sizeof *hosts);
+    if (roles && hosts) {
+        for (int r = 0; r < n; r++) {
+            roles[r] = kvr_xfer_role_of(x, r);
+            hosts[r] = kvr_xfer_host_of(x, r);
+        }
+        mode = kvr_role_weights_auto(n, roles, hosts, kvr_xfer_rank(x));
+    }
+    free(roles);
+    free(hosts);
+    return mode;
+}
+
+int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,
+                        struct kvr_model **out) {
+    int mode = choice;
+    if (choice == KVR_NODE_WEIGHTS_AUTO) {
+        mode = x ? resolve_auto(x) : KVR_WEIGHTS_MMAP;
+        KVR_LOG_INFO("--weights auto: %s (%s)", mode == KVR_WEIGHTS_COPY ? "copy" : "mmap",
+                     mode == KVR_WEIGHTS_COPY ? "the only node on this host"
+                                              : "other nodes share this host");
+    }
     int rc = kvr_model_load_mode(path, (enum kvr_weights_mode)mode, out);
+    if (rc == KVR_ENOMEM && choice == KVR_NODE_WEIGHTS_AUTO && mode == KVR_WEIGHTS_COPY) {
+        KVR_LOG_WARN("no memory for a private copy of the weights: mapping the file instead");
+        rc = kvr_model_load_mode(path, KVR_WEIGHTS_MMAP, out);
+    }
     if (rc != KVR_OK)
         fprintf(stderr, "%s: cannot load model '%s': %s\n", prog, path, kvr_status_str(rc));
     return rc;

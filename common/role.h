@@ -35,9 +35,21 @@ int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, str
  * otherwise. x may be NULL (MPI never came up). */
 _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status);
 
-/* Loads the model (mode: enum kvr_weights_mode) or prints why not ("<prog>: cannot load
- * model ...") and returns the status. */
-int kvr_role_load_model(const char *prog, const char *path, int mode, struct kvr_model **out);
+/* A node's --weights: "mmap", "copy" (enum kvr_weights_mode values 0 and 1) or "auto". */
+#define KVR_NODE_WEIGHTS_CHOICES "mmap|copy|auto"
+#define KVR_NODE_WEIGHTS_AUTO 2
+
+/* What "auto" picks for rank: KVR_WEIGHTS_COPY when it is the only prefill or decode rank
+ * on its host (its private huge-page copy decodes 15-25% faster, docs/perf/engine.md, and
+ * no other node would share the file's page cache), KVR_WEIGHTS_MMAP when several share
+ * the host (one page-cache copy for all of them). roles and hosts: (n) per rank, borrowed. */
+int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank);
+
+/* Loads the model (choice: an index of KVR_NODE_WEIGHTS_CHOICES; "auto" is resolved over
+ * x's layout and falls back to mmap when the copy does not fit in memory) or prints why
+ * not ("<prog>: cannot load model ...") and returns the status. */
+int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,
+                        struct kvr_model **out);
 
 /* The HELLO of a node: shape of model, its pool (NULL: setup failed, which the
  * coordinator reads as "cannot serve"), block size and threads. */

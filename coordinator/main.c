@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
     struct kvr_tokenizer *tok = NULL;
     struct coord_router *router = NULL;
     struct coord_grpc *grpc = NULL;
-    if ((rc = kvr_role_load_model(rp.prog, cfg.model, KVR_WEIGHTS_MMAP, &model)) != KVR_OK)
+    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, KVR_WEIGHTS_MMAP, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     const struct kvr_model_config *c = kvr_model_config(model);
     if ((rc = kvr_tokenizer_load(cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {

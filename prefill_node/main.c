@@ -25,7 +25,7 @@ struct prefill_cfg {
 
 static const struct kvr_opt opts[] = {
     {"model", KVR_OPT_STRING, offsetof(struct prefill_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
-    {"weights", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process)"},
+    {"weights", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, weights), "auto", 0, -1, KVR_NODE_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process); auto: copy when this is the host's only node"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct prefill_cfg, kv_memory), "0", 0, -1, NULL, 0, "pool for prompts in flight (0 = sized from the batch limits)"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block (one wire message per layer and block)"},
     {"threads", KVR_OPT_INT, offsetof(struct prefill_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);
     struct kvr_model *model = NULL;
-    if ((rc = kvr_role_load_model(rp.prog, cfg.model, cfg.weights, &model)) != KVR_OK)
+    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     int seq_len = kvr_model_config(model)->seq_len;
     struct prefill_params p = {

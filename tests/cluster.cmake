@@ -16,3 +16,6 @@ foreach(scenario memory timeout faults colocated)
   set_tests_properties(test_cluster_${scenario} PROPERTIES TIMEOUT 240 LABELS cluster RUN_SERIAL TRUE
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 endforeach()
+
+# The --weights auto rule of the nodes (pure function, no MPI).
+kvr_unit_test(test_role SOURCES ${KVR_CLUSTER_TEST_DIR}/unit/test_role.c LABELS cluster)
