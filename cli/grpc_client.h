@@ -10,6 +10,7 @@
 #include <stdio.h>
 
 #include "coord.h"
+#include "grpc_codes.h"
 
 struct kvr_client;
 
@@ -30,8 +31,6 @@ struct kvr_rpc_status {
     char message[256]; /* the server's one-line message, or the client's reason */
 };
 
-/* "INVALID_ARGUMENT" for a grpc_status_code value; "UNKNOWN_CODE" when out of range. */
-const char *kvr_grpc_code_name(int code);
 
 struct kvr_gen_params {
     const char *prompt;       /* text (tokenized by the server), or NULL */

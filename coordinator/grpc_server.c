@@ -22,6 +22,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include "grpc_codes.h"
 #include "kvrelay.pb-c.h"
 #include "log.h"
 #include "status.h"
@@ -89,31 +90,6 @@ int coord_grpc_code_from_status(int status) {
         if (status_map[i].status == status)
             return (int)status_map[i].code;
     return (int)GRPC_STATUS_INTERNAL;
-}
-
-const char *coord_grpc_code_name(int code) {
-    static const char *const names[] = {
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    };
-    if (code < 0 || code >= (int)(sizeof names / sizeof names[0]))
-        return "UNKNOWN_CODE";
-    return names[code];
 }
 
 double coord_clock_now(void) {
@@ -365,7 +341,7 @@ static void call_finish(struct rpc_call *c, grpc_byte_buffer *bb, grpc_status_co
         c->send_bb = bb;
         if (code != GRPC_STATUS_OK)
             KVR_LOG_INFO("call=%llu req=%llu -> %s: %s", (unsigned long long)c->serial,
-                         (unsigned long long)c->req_id, coord_grpc_code_name((int)code), line);
+                         (unsigned long long)c->req_id, kvr_grpc_code_name((int)code), line);
     } else {
         if (bb)
             grpc_byte_buffer_destroy(bb);

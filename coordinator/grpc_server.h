@@ -48,8 +48,6 @@ extern const struct coord_stream_ops coord_grpc_stream_ops;
  * one table, see docs/API.md. KVR_OK -> 0 (OK); unknown values -> INTERNAL. */
 int coord_grpc_code_from_status(int status);
 
-/* "INVALID_ARGUMENT" etc. for a grpc_status_code value; "UNKNOWN_CODE" when out of range. */
-const char *coord_grpc_code_name(int code);
 
 /* The coordinator's clock: CLOCK_MONOTONIC in seconds. coord_request.t_arrival and every
  * duration in coord_usage are measured against it. */

@@ -21,6 +21,7 @@
 #include "fake_router.h"
 #include "golden.h"
 #include "grpc_client.h"
+#include "grpc_codes.h"
 #include "grpc_server.h"
 #include "kvrelay.pb-c.h"
 #include "log.h"
@@ -164,7 +165,7 @@ static void test_status_map(void) {
     }
     KVR_STATUS_MAP(X)
 #undef X
-    CHECK_STREQ(coord_grpc_code_name(C_RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
+    CHECK_STREQ(kvr_grpc_code_name(C_RESOURCE_EXHAUSTED), "RESOURCE_EXHAUSTED");
     CHECK_STREQ(kvr_grpc_code_name(C_DATA_LOSS), "DATA_LOSS");
     CHECK_STREQ(kvr_grpc_code_name(99), "UNKNOWN_CODE");
 }
