@@ -21,6 +21,10 @@
 
 #include "status.h"
 
+/* Task field of a finished run's word while the next run is being set up: no task index
+ * reaches it, so a late claim on the finished run sees "nothing left". */
+#define RUN_CLOSED 0x7fffffffu
+
 /* Spin this long after a loop before sleeping: covers the gap between the short
  * loops of one forward pass without burning a core when idle. */
 #define SPIN_NS 100000L
@@ -34,7 +38,8 @@ struct kvr_threadpool {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     _Atomic uint64_t word; /* (generation << 32) | next unclaimed task of the current run */
-    atomic_int n_tasks;    /* of the current run; stored before word publishes the run */
+    atomic_int n_tasks;    /* of the current run; stored after word closes the last run and
+                            * before word publishes this one */
     atomic_int n_done;     /* tasks of the current run finished */
     atomic_int n_sleeping; /* workers blocked on cv */
     atomic_int stop;
@@ -64,8 +69,10 @@ static int claim(struct kvr_threadpool *tp, unsigned gen, int *task) {
         if (word_gen(w) != gen)
             return 0;
         int t = (int)(uint32_t)w;
-        /* n_tasks may already belong to a newer run; then the exchange below fails. */
-        if (t >= atomic_load_explicit(&tp->n_tasks, memory_order_relaxed))
+        /* n_tasks may already belong to the next run. Then word was closed before it was
+         * stored (RUN_CLOSED, see kvr_threadpool_run), and the acquire makes this thread
+         * see that: the exchange below fails and the reload returns 0. */
+        if (t >= atomic_load_explicit(&tp->n_tasks, memory_order_acquire))
             return 0;
         if (atomic_compare_exchange_weak_explicit(&tp->word, &w, w + 1, memory_order_acq_rel,
                                                   memory_order_acquire)) {
@@ -174,12 +181,17 @@ void kvr_threadpool_run(struct kvr_threadpool *tp, void (*fn)(void *arg, int tas
             fn(arg, t, 0);
         return;
     }
+    /* Only this thread writes the generation. Close the last run first: a worker that
+     * finished its last task may be in claim() for that run right now, and must not see
+     * this run's larger n_tasks next to a task index the old word still allows (it would
+     * run a task twice, with fn and arg half written). */
+    unsigned old_gen = word_gen(atomic_load_explicit(&tp->word, memory_order_relaxed));
+    atomic_store(&tp->word, (uint64_t)old_gen << 32 | RUN_CLOSED);
     tp->fn = fn;
     tp->arg = arg;
-    atomic_store_explicit(&tp->n_tasks, n_tasks, memory_order_relaxed);
     atomic_store_explicit(&tp->n_done, 0, memory_order_relaxed);
-    /* Only this thread writes the generation. */
-    unsigned gen = word_gen(atomic_load_explicit(&tp->word, memory_order_relaxed)) + 1;
+    atomic_store_explicit(&tp->n_tasks, n_tasks, memory_order_release);
+    unsigned gen = old_gen + 1;
     atomic_store(&tp->word, (uint64_t)gen << 32);
     if (atomic_load(&tp->n_sleeping) > 0) {
         pthread_mutex_lock(&tp->mu);
