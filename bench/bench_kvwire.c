@@ -86,7 +86,8 @@ struct kw_row {
     double decompress_mbs; /* raw f32 MB per second of decoding; < 0: not measured */
     uint64_t wire_nbytes;
     int n_stored_raw;   /* messages whose payload was not worth compressing */
-    double max_abs_err; /* decoded vs original; 0 = bit-exact */
+    uint64_t n_bits_differ; /* decoded values whose bits differ from the original (f32: 0) */
+    double max_abs_err; /* decoded vs original */
     double max_rel_err; /* over values with |x| >= 1e-3 */
     double codec_s;     /* best encode pass + best decode pass */
 };
@@ -164,6 +165,7 @@ static int run_codec(struct kw *w, struct kvr_wire_codec *codec, uint8_t *wire, 
     uint64_t wire_nbytes = 0;
     int n_raw = 0;
     double max_abs = 0, max_rel = 0;
+    uint64_t n_differ = 0;
     for (int i = 0; i < w->n_msgs; i++) {
         const struct kw_msg *m = &w->msgs[i];
         struct kvr_wire_block b;
@@ -178,6 +180,7 @@ static int run_codec(struct kw *w, struct kvr_wire_codec *codec, uint8_t *wire, 
             float x = j < n ? m->k[j] : m->v[j - n], y = j < n ? kd[j] : vd[j - n];
             if (memcmp(&x, &y, sizeof x) == 0)
                 continue;
+            n_differ++;
             double e = fabs((double)x - (double)y);
             max_abs = e > max_abs ? e : max_abs;
             if (fabs((double)x) >= 1e-3 && e / fabs((double)x) > max_rel)
@@ -189,6 +192,7 @@ static int run_codec(struct kw *w, struct kvr_wire_codec *codec, uint8_t *wire, 
     r->decompress_mbs = (double)w->raw_nbytes / best_dec * 1e-6;
     r->wire_nbytes = wire_nbytes;
     r->n_stored_raw = n_raw;
+    r->n_bits_differ = n_differ;
     r->max_abs_err = max_abs;
     r->max_rel_err = max_rel;
     r->codec_s = best_enc + best_dec;
@@ -418,10 +422,11 @@ static void print_json(const struct kw *w, const char *model) {
             "\"compress_mbs\": %.1f, ",
             i ? "," : "", r->value_type, r->transform, r->level, r->ratio, r->compress_mbs);
         if (r->decompress_mbs >= 0)
-            printf("\"decompress_mbs\": %.1f, \"max_abs_err\": %.3g, \"max_rel_err\": %.3g, "
-                   "\"stored_raw_msgs\": %d, "
+            printf("\"decompress_mbs\": %.1f, \"bit_mismatches\": %llu, \"max_abs_err\": %.3g, "
+                   "\"max_rel_err\": %.3g, \"stored_raw_msgs\": %d, "
                    "\"codec_pct_of_prefill\": %.2f, \"codec_pct_of_prefill_cpu\": %.2f, ",
-                   r->decompress_mbs, r->max_abs_err, r->max_rel_err, r->n_stored_raw,
+                   r->decompress_mbs, (unsigned long long)r->n_bits_differ, r->max_abs_err,
+                   r->max_rel_err, r->n_stored_raw,
                    100.0 * r->codec_s / w->prefill_s, 100.0 * r->codec_s / w->prefill_cpu_s);
         else
             printf("\"decompress_mbs\": null, ");

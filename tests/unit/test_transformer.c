@@ -244,6 +244,11 @@ static void test_prefill_equals_decode(struct kvr_model *m, const int *tokens) {
     float *l_sp = malloc((size_t)T * V * sizeof(float)),
           *l_sd = malloc((size_t)T * V * sizeof(float));
     REQUIRE(l_dp && l_dd && l_sp && l_sd);
+    /* NaN: a row neither path writes fails (zeros on both sides would compare equal). */
+    memset(l_dp, 0xff, (size_t)T * V * sizeof(float));
+    memset(l_dd, 0xff, (size_t)T * V * sizeof(float));
+    memset(l_sp, 0xff, (size_t)T * V * sizeof(float));
+    memset(l_sd, 0xff, (size_t)T * V * sizeof(float));
     const int whole[] = {T}, one[] = {1};
     CHECK_EQ(run_chunks(&r, dp, tokens, T, whole, 1, l_dp), KVR_OK);
     CHECK_EQ(run_chunks(&r, dd, tokens, T, one, 1, l_dd), KVR_OK);
@@ -343,6 +348,8 @@ static void test_batched(struct kvr_model *m, const int *tokens) {
         lb[i] = malloc((size_t)6 * V * sizeof(float));
         ls[i] = malloc((size_t)6 * V * sizeof(float));
         REQUIRE(lb[i] && ls[i]);
+        memset(lb[i], 0xff, (size_t)6 * V * sizeof(float)); /* NaN until written */
+        memset(ls[i], 0xff, (size_t)6 * V * sizeof(float));
         if (setup[i]) {
             const int whole[] = {setup[i]};
             CHECK_EQ(run_chunks(&r, bat[i], src[i], setup[i], whole, 1, scratch), KVR_OK);
