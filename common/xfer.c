@@ -202,8 +202,20 @@ const char *kvr_xfer_host_of(const struct kvr_xfer *x, int rank) {
 }
 
 void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank) {
-    if (rank >= 0 && rank < x->size)
-        x->dead[rank] = 1;
+    if (rank < 0 || rank >= x->size)
+        return;
+    x->dead[rank] = 1;
+    /* Its sends in flight may never complete: let MPI finish them on its own (or not) and
+     * give their buffers up to it, so the slots are free and finalize does not wait. */
+    for (int i = 0; i < x->n_slots; i++) {
+        struct send_slot *s = &x->slots[i];
+        if (!s->busy || s->dst != rank)
+            continue;
+        MPI_Request_free(&s->req);
+        s->buf = NULL; /* still MPI's to read: never reused, never freed */
+        s->cap = 0;
+        s->busy = 0;
+    }
 }
 
 /* ---- sending -------------------------------------------------------------------- */
@@ -405,6 +417,9 @@ int kvr_xfer_send_tokens(struct kvr_xfer *x, int dst, const struct kvr_tok_event
     struct kvr_wbuf w;
     if (n < 1)
         return KVR_EINVAL;
+    for (; n > KVR_TOKENS_MAX_EVENTS; ev += KVR_TOKENS_MAX_EVENTS, n -= KVR_TOKENS_MAX_EVENTS)
+        if ((rc = kvr_xfer_send_tokens(x, dst, ev, KVR_TOKENS_MAX_EVENTS)) != KVR_OK)
+            return rc;
     struct send_slot *s = begin(x, dst, KVR_MSG_TOKENS, 0, 4 + (size_t)n * TOK_EVENT_NBYTES, &w, &rc);
     if (!s)
         return rc;
@@ -550,7 +565,7 @@ static int parse_end(const struct kvr_msg *m, struct kvr_rbuf *r) {
 }
 
 int kvr_msg_parse_req(const struct kvr_msg *m, struct kvr_req_params *p, int *prompt,
-                      int max_prompt) {
+                      int max_prompt, int vocab) {
     struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
     p->req_id = kvr_r_u64(&r);
     p->n_prompt = kvr_r_i32(&r);
@@ -577,8 +592,16 @@ int kvr_msg_parse_req(const struct kvr_msg *m, struct kvr_req_params *p, int *pr
                       p->n_prompt, max_prompt);
         return KVR_ERANGE;
     }
-    for (int i = 0; i < p->n_prompt; i++)
+    for (int i = 0; i < p->n_prompt; i++) {
         prompt[i] = kvr_r_i32(&r);
+        if (!r.err && (prompt[i] < 0 || prompt[i] >= vocab)) {
+            /* Refused here, for this request only: in a batch it would fail the whole
+             * forward pass, and with it every other sequence of the step. */
+            KVR_LOG_ERROR("req=%llu prompt token %d at %d is outside the vocabulary of %d",
+                          (unsigned long long)p->req_id, prompt[i], i, vocab);
+            return KVR_ERANGE;
+        }
+    }
     return parse_end(m, &r);
 }
 

@@ -61,6 +61,10 @@ struct kvr_node_report {
     uint64_t tokens_out;  /* tokens generated (decode) or prompt tokens done (prefill) */
 };
 
+/* Events in one TOKENS message at most: kvr_xfer_send_tokens splits longer lists, so a
+ * receiver parses into a fixed array of this size and never drops a message. */
+#define KVR_TOKENS_MAX_EVENTS 4096
+
 /* One event for one request in a TOKENS message. */
 struct kvr_tok_event {
     uint64_t req_id;
@@ -130,6 +134,7 @@ void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank);
  * KVR_ENOMEM, KVR_EUNAVAIL (rank marked dead). */
 int kvr_xfer_send_hello(struct kvr_xfer *x, int dst, const struct kvr_hello *h);
 int kvr_xfer_send_status(struct kvr_xfer *x, int dst, const struct kvr_node_report *r);
+/* Any n >= 1: sent as ceil(n / KVR_TOKENS_MAX_EVENTS) TOKENS messages, in order. */
 int kvr_xfer_send_tokens(struct kvr_xfer *x, int dst, const struct kvr_tok_event *ev, int n);
 int kvr_xfer_send_prefill_done(struct kvr_xfer *x, int dst, uint64_t req_id,
                                const struct kvr_prefill_done *d);
@@ -147,9 +152,10 @@ int kvr_xfer_send_seq_ready(struct kvr_xfer *x, int dst, uint64_t req_id,
 int kvr_xfer_send_seq_abort(struct kvr_xfer *x, int dst, uint64_t req_id, int status);
 
 /* Typed parsers: validate lengths, enums and ranges; KVR_EFORMAT on anything off.
- * prompt receives up to max_prompt ids (KVR_ERANGE if the message has more). */
+ * prompt receives up to max_prompt ids; KVR_ERANGE if the message has more, or an id
+ * outside [0, vocab). */
 int kvr_msg_parse_req(const struct kvr_msg *m, struct kvr_req_params *p, int *prompt,
-                      int max_prompt);
+                      int max_prompt, int vocab);
 int kvr_msg_parse_hello(const struct kvr_msg *m, struct kvr_hello *h);
 int kvr_msg_parse_status(const struct kvr_msg *m, struct kvr_node_report *r);
 int kvr_msg_parse_tokens(const struct kvr_msg *m, struct kvr_tok_event *ev, int max_ev, int *n);

@@ -23,7 +23,6 @@ _Static_assert((int)COORD_FINISH_LENGTH == KVR_FINISH_LENGTH && (int)COORD_FINIS
                "coord_finish mirrors kvr_finish");
 
 #define ATTEMPT_BITS 4 /* wire id = id << ATTEMPT_BITS | attempt: a re-run is a new sequence */
-#define MAX_EVENTS 4096
 
 enum creq_state { CR_WAITING, CR_PREFILL, CR_DECODE };
 
@@ -81,7 +80,7 @@ struct coord_router {
     uint64_t n_finished;
     double last_snap;
     double last_ping;
-    struct kvr_tok_event *events; /* (MAX_EVENTS) parse target */
+    struct kvr_tok_event *events; /* (KVR_TOKENS_MAX_EVENTS) parse target */
 };
 
 static struct cnode *node_of(struct coord_router *r, int rank) {
@@ -103,7 +102,7 @@ int coord_router_create(const struct coord_router_params *p, struct coord_router
     r->ops = p->ops;
     int size = kvr_xfer_size(r->x), coord = kvr_xfer_coord_rank(r->x);
     r->nodes = calloc((size_t)size, sizeof *r->nodes);
-    r->events = malloc(MAX_EVENTS * sizeof *r->events);
+    r->events = malloc(KVR_TOKENS_MAX_EVENTS * sizeof *r->events);
     if (!r->nodes || !r->events) {
         free(r->nodes);
         free(r->events);
@@ -426,7 +425,7 @@ static int find_active(struct coord_router *r, uint64_t wire_id) {
 
 static void on_tokens(struct coord_router *r, const struct kvr_msg *m) {
     int n = 0;
-    if (kvr_msg_parse_tokens(m, r->events, MAX_EVENTS, &n) != KVR_OK)
+    if (kvr_msg_parse_tokens(m, r->events, KVR_TOKENS_MAX_EVENTS, &n) != KVR_OK)
         return;
     double t = kvr_clock_now();
     for (int e = 0; e < n; e++) {

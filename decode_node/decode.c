@@ -127,6 +127,21 @@ static void flush_events(struct dnode *d) {
     d->n_events = 0;
 }
 
+/* A message for request id that this node does not (or no longer) hold. If it ended
+ * here already (a tomb), its pending CANCELLED reply goes out now, once; otherwise it
+ * ends now with (finish, status) and is remembered as gone. */
+static void answer_absent(struct dnode *d, uint64_t id, int finish, int status) {
+    struct tomb *t = find_tomb(d, id);
+    if (t) {
+        if (t->reply)
+            emit(d, id, -1, KVR_FINISH_CANCELLED, KVR_OK, 0);
+        t->reply = 0;
+        return;
+    }
+    emit(d, id, -1, finish, status, 0);
+    add_tomb(d, id, 0);
+}
+
 static void seq_free(struct dseq *s) {
     if (!s)
         return;
@@ -247,19 +262,12 @@ static int check_req(struct dnode *d, const struct kvr_req_params *p) {
 
 static void on_seq_begin(struct dnode *d, const struct kvr_msg *m) {
     struct kvr_req_params p;
-    int rc = kvr_msg_parse_req(m, &p, d->prompt_buf, d->c->seq_len);
-    struct tomb *t = find_tomb(d, m->req_id);
-    if (t) {
-        if (t->reply)
-            emit(d, m->req_id, -1, KVR_FINISH_CANCELLED, KVR_OK, 0);
-        t->reply = 0;
-        return;
-    }
-    if (rc == KVR_OK)
+    int rc = kvr_msg_parse_req(m, &p, d->prompt_buf, d->c->seq_len, d->c->vocab_size);
+    int gone = find_tomb(d, m->req_id) != NULL; /* cancelled before its prompt arrived */
+    if (rc == KVR_OK && !gone)
         rc = check_req(d, &p);
-    if (rc != KVR_OK || find_seq(d, m->req_id)) {
-        emit(d, m->req_id, -1, KVR_FINISH_ERROR, rc != KVR_OK ? rc : KVR_EINVAL, 0);
-        add_tomb(d, m->req_id, 0);
+    if (gone || rc != KVR_OK || find_seq(d, m->req_id)) {
+        answer_absent(d, m->req_id, KVR_FINISH_ERROR, rc != KVR_OK ? rc : KVR_EINVAL);
         return;
     }
     struct dseq *s = new_seq(d, &p, d->prompt_buf, &rc);
@@ -276,7 +284,7 @@ static void on_seq_begin(struct dnode *d, const struct kvr_msg *m) {
 
 static void on_prefill_req(struct dnode *d, const struct kvr_msg *m) {
     struct kvr_req_params p;
-    int rc = kvr_msg_parse_req(m, &p, d->prompt_buf, d->c->seq_len);
+    int rc = kvr_msg_parse_req(m, &p, d->prompt_buf, d->c->seq_len, d->c->vocab_size);
     if (rc == KVR_OK)
         rc = check_req(d, &p);
     if (rc == KVR_OK && !d->p->colocated) {
@@ -288,14 +296,7 @@ static void on_prefill_req(struct dnode *d, const struct kvr_msg *m) {
     if (rc == KVR_OK && !find_seq(d, m->req_id) && !find_tomb(d, m->req_id))
         s = new_seq(d, &p, d->prompt_buf, &rc);
     if (!s) {
-        struct tomb *t = find_tomb(d, m->req_id);
-        if (t && t->reply) {
-            emit(d, m->req_id, -1, KVR_FINISH_CANCELLED, KVR_OK, 0);
-            t->reply = 0;
-        } else if (!t) {
-            emit(d, m->req_id, -1, KVR_FINISH_ERROR, rc != KVR_OK ? rc : KVR_EINVAL, 0);
-            add_tomb(d, m->req_id, 0);
-        }
+        answer_absent(d, m->req_id, KVR_FINISH_ERROR, rc != KVR_OK ? rc : KVR_EINVAL);
         return;
     }
     s->state = DS_PREFILL;
@@ -359,20 +360,16 @@ static void on_seq_ready(struct dnode *d, const struct kvr_msg *m) {
 
 static void on_seq_abort(struct dnode *d, const struct kvr_msg *m) {
     int status = KVR_EINTERNAL;
-    kvr_msg_parse_seq_abort(m, &status);
+    if (kvr_msg_parse_seq_abort(m, &status) != KVR_OK)
+        status = KVR_EFORMAT; /* a malformed abort still ends the request, as an error */
     struct dseq *s = find_seq(d, m->req_id);
     struct tomb *t = find_tomb(d, m->req_id);
     int cancelled = status == KVR_ECANCELED || (t && t->reply);
-    if (s) {
-        finish_seq(d, s, cancelled ? KVR_FINISH_CANCELLED : KVR_FINISH_ERROR, cancelled ? KVR_OK : status);
-    } else if (t) {
-        if (t->reply)
-            emit(d, m->req_id, -1, KVR_FINISH_CANCELLED, KVR_OK, 0);
-        t->reply = 0;
-    } else {
-        emit(d, m->req_id, -1, cancelled ? KVR_FINISH_CANCELLED : KVR_FINISH_ERROR, cancelled ? KVR_OK : status, 0);
-        add_tomb(d, m->req_id, 0);
-    }
+    int finish = cancelled ? KVR_FINISH_CANCELLED : KVR_FINISH_ERROR;
+    if (s)
+        finish_seq(d, s, finish, cancelled ? KVR_OK : status);
+    else
+        answer_absent(d, m->req_id, finish, cancelled ? KVR_OK : status);
 }
 
 static void on_cancel(struct dnode *d, const struct kvr_msg *m) {
@@ -487,7 +484,10 @@ static void step(struct dnode *d) {
             n_tok = 0;
             continue;
         }
-        it->logits = d->logits + (size_t)n_items * V;
+        /* A prompt chunk that does not end the prompt samples nothing: no classifier. */
+        int mid_prompt = s->state == DS_PREFILL && s->p.policy.policy != KVR_KV_RECOMPUTE &&
+                         s->n_prefilled + it->n_tokens < s->p.n_prompt;
+        it->logits = mid_prompt ? NULL : d->logits + (size_t)n_items * V;
         d->item_seq[n_items++] = s;
         n_tok += it->n_tokens;
     }

@@ -83,7 +83,7 @@ static void reject(struct pnode *n, const struct kvr_req_params *p, int status) 
 
 static void on_prefill_req(struct pnode *n, const struct kvr_msg *m) {
     struct kvr_req_params p;
-    int rc = kvr_msg_parse_req(m, &p, n->prompt_buf, n->c->seq_len);
+    int rc = kvr_msg_parse_req(m, &p, n->prompt_buf, n->c->seq_len, n->c->vocab_size);
     if (rc != KVR_OK) {
         /* Unparseable: nothing to tell a decode node; the coordinator's deadline ends it. */
         struct kvr_prefill_done done = {.status = rc};
@@ -222,6 +222,12 @@ static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items
 
 /* ---- one pass ------------------------------------------------------------------- */
 
+/* Drops the head of the prompt queue (the caller has taken it). */
+static void queue_pop_front(struct pnode *n) {
+    memmove(n->queue, n->queue + 1, (size_t)(n->n_queue - 1) * sizeof *n->queue);
+    n->n_queue--;
+}
+
 static void run_pass(struct pnode *n) {
     const struct kvr_model_config *c = n->c;
     int bt = n->p->block_tokens;
@@ -240,8 +246,7 @@ static void run_pass(struct pnode *n) {
         if (len > n->p->max_batch_tokens || need > st.n_blocks) {
             KVR_LOG_ERROR("req=%llu prompt of %d tokens can never fit this node (%d tokens, %d blocks per pass)",
                           (unsigned long long)r->p.req_id, r->p.n_prompt, n->p->max_batch_tokens, st.n_blocks);
-            memmove(n->queue, n->queue + 1, (size_t)(n->n_queue - 1) * sizeof *n->queue);
-            n->n_queue--;
+            queue_pop_front(n);
             reject(n, &r->p, KVR_ENOSPC);
             preq_free(r);
             continue;
@@ -251,8 +256,7 @@ static void run_pass(struct pnode *n) {
         it->r = r;
         struct kvr_kv_seq_params sp = {.policy = r->p.policy, .n_tokens_max = c->seq_len};
         int rc = kvr_kv_seq_create(n->pool, &sp, &it->kv);
-        memmove(n->queue, n->queue + 1, (size_t)(n->n_queue - 1) * sizeof *n->queue);
-        n->n_queue--;
+        queue_pop_front(n);
         if (rc != KVR_OK) {
             reject(n, &r->p, rc);
             preq_free(r);
