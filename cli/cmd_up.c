@@ -93,6 +93,15 @@ static const char *fmt(struct argv_buf *a, const char *f, long v) {
     return s;
 }
 
+/* A seconds option passed on as given (the nodes take fractions too). */
+static const char *fmt_s(struct argv_buf *a, float v) {
+    if (a->n_strs >= 64)
+        return "";
+    char *s = a->strs[a->n_strs++];
+    snprintf(s, 64, "%g", (double)v);
+    return s;
+}
+
 /* Appends the words of a space-separated string (modified in place). */
 static void words(struct argv_buf *a, char *s) {
     for (char *tok = strtok(s, " "); tok; tok = strtok(NULL, " "))
@@ -215,9 +224,11 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, "--listen");
     arg(a, fmt(a, "0.0.0.0:%ld", cfg.port));
     arg(a, "--queue-timeout");
-    arg(a, fmt(a, "%ld", (long)cfg.queue_timeout > 0 ? (long)cfg.queue_timeout : 1));
+    arg(a, fmt_s(a, cfg.queue_timeout));
     arg(a, "--node-timeout");
-    arg(a, fmt(a, "%ld", (long)cfg.node_timeout > 0 ? (long)cfg.node_timeout : 1));
+    arg(a, fmt_s(a, cfg.node_timeout));
+    arg(a, "--startup-timeout");
+    arg(a, fmt_s(a, cfg.startup_timeout));
     if (cfg.prefill > 0) {
         arg(a, ":");
         arg(a, "-np");
