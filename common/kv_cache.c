@@ -329,8 +329,6 @@ int kvr_kv_seq_n_past(const struct kvr_kv_seq *s) { return s->n_past; }
 
 int kvr_kv_seq_n_blocks(const struct kvr_kv_seq *s) { return s->n_held; }
 
-const struct kvr_kv_policy_params *kvr_kv_seq_policy(const struct kvr_kv_seq *s) { return &s->policy; }
-
 int kvr_kv_seq_holds(const struct kvr_kv_seq *s, int pos) {
     if (pos < 0 || pos >= s->n_reserved)
         return 0;

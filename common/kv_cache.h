@@ -125,8 +125,6 @@ int kvr_kv_seq_n_past(const struct kvr_kv_seq *seq);
 /* Blocks held now. */
 int kvr_kv_seq_n_blocks(const struct kvr_kv_seq *seq);
 
-const struct kvr_kv_policy_params *kvr_kv_seq_policy(const struct kvr_kv_seq *seq);
-
 /* Whether text position pos is held: written and visible to the next query (not
  * evicted), or reserved and not yet written. */
 int kvr_kv_seq_holds(const struct kvr_kv_seq *seq, int pos);

@@ -28,7 +28,10 @@ int kvr_argmax(const float *x, int n) {
     return best;
 }
 
-void kvr_softmax(float *x, int n) {
+/* In-place softmax over n floats, scalar exactly as llama2.c's (subtract the max, exp,
+ * normalize), so that sampled streams match its run; the forward pass has its own
+ * vectorized one. */
+static void softmax(float *x, int n) {
     float max = x[0];
     for (int i = 1; i < n; i++)
         if (x[i] > max)
@@ -101,7 +104,7 @@ int kvr_sampler_sample(struct kvr_sampler *s, float *logits, int vocab_size, voi
         return kvr_argmax(logits, vocab_size);
     for (int i = 0; i < vocab_size; i++)
         logits[i] /= s->temperature;
-    kvr_softmax(logits, vocab_size);
+    softmax(logits, vocab_size);
     float coin = random_f32(&s->rng);
     if (s->top_p <= 0.0f || s->top_p >= 1.0f || !scratch || vocab_size < 2)
         return sample_mult(logits, vocab_size, coin);

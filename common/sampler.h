@@ -24,7 +24,4 @@ int kvr_sampler_sample(struct kvr_sampler *s, float *logits, int vocab_size, voi
 /* Index of the largest logit (first among equals). */
 int kvr_argmax(const float *x, int n);
 
-/* In-place softmax over n floats (llama2.c's: subtract the max, exp, normalize). */
-void kvr_softmax(float *x, int n);
-
 #endif /* KVR_SAMPLER_H */
