@@ -19,7 +19,9 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "clock.h"
 #include "grpc_client.h"
+#include "json.h"
 #include "kv_cache.h"
 #include "options.h"
 #include "status.h"
@@ -87,7 +89,7 @@ struct breq {
     int n_out;        /* max_tokens (exact with ignore_eos) */
     uint64_t seed;
     /* results */
-    double t_send, t_first, t_last, t_end; /* s, kvr_now() */
+    double t_send, t_first, t_last, t_end; /* s, kvr_clock_now() */
     int n_tok;        /* tokens received */
     double *gaps;     /* (n_out - 1) s between consecutive tokens */
     int code;         /* gRPC status code, or CODE_CLIENT */
@@ -109,7 +111,7 @@ struct load {
     struct breq *reqs; /* (n_reqs) */
     int n_reqs;
     int *prompts;     /* (n_reqs, prompt_max) */
-    double t0;        /* kvr_now() at the first arrival's origin */
+    double t0;        /* kvr_clock_now() at the first arrival's origin */
     uint64_t rng;
     /* cluster shape and samples of ClusterStatus during the load */
     int n_prefill, n_decode, n_colocated, seq_len, vocab;
@@ -178,7 +180,7 @@ static struct dist dist_of(double *v, int n) {
 }
 
 static void sleep_until(double t) {
-    double s = t - kvr_now();
+    double s = t - kvr_clock_now();
     if (s <= 0)
         return;
     struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
@@ -308,7 +310,7 @@ static int on_message(void *ud, const struct kvr_gen_msg *m) {
     struct breq *q = ud;
     if (!m->has_token)
         return 0;
-    double t = kvr_now();
+    double t = kvr_clock_now();
     if (q->n_tok == 0)
         q->t_first = t;
     else if (q->n_tok - 1 < q->n_out - 1)
@@ -324,9 +326,9 @@ static void run_request(struct breq *q) {
                                .seed = q->seed, .ignore_eos = 1, .kv_policy = KVR_KV_DENSE,
                                .kv_window = 0, .kv_sinks = -1, .timeout_s = q->timeout_s};
     struct kvr_rpc_status st;
-    q->t_send = kvr_now();
+    q->t_send = kvr_clock_now();
     kvr_client_generate(q->client, &p, on_message, q, &q->usage, &st);
-    q->t_end = kvr_now();
+    q->t_end = kvr_clock_now();
     q->code = st.code >= 0 && st.code < CODE_CLIENT ? st.code : 2 /* UNKNOWN */;
     snprintf(q->message, sizeof q->message, "%s", st.message);
 }
@@ -347,7 +349,7 @@ static void launch(struct breq *q) {
         pthread_attr_destroy(&attr);
     }
     if (rc != 0) {
-        q->t_send = q->t_end = kvr_now();
+        q->t_send = q->t_end = kvr_clock_now();
         q->code = CODE_CLIENT;
         snprintf(q->message, sizeof q->message, "client: cannot start a thread: %s", strerror(rc));
         return;
@@ -403,7 +405,7 @@ static void *monitor_thread(void *arg) {
     if (!s)
         return NULL;
     while (!atomic_load(&L->monitor_stop)) {
-        double t = kvr_now();
+        double t = kvr_clock_now();
         struct kvr_rpc_status st;
         if (kvr_client_cluster_status(L->client, 2.0, s, &st) == 0) {
             L->n_samples++;
@@ -473,7 +475,7 @@ static void leftovers(struct load *L, uint64_t *kv_used, int *running, int *wait
     if (!s)
         return;
     /* Nodes report every 50 ms; give the last reports time to arrive. */
-    sleep_until(kvr_now() + 0.3);
+    sleep_until(kvr_clock_now() + 0.3);
     struct kvr_rpc_status st;
     if (kvr_client_cluster_status(L->client, 5.0, s, &st) == 0) {
         for (int i = 0; i < s->n_nodes; i++)
@@ -601,7 +603,7 @@ out:
 /* ---- the load ------------------------------------------------------------------------ */
 
 static void run_load(struct load *L) {
-    L->t0 = kvr_now() + 0.05; /* the first gap counts from here */
+    L->t0 = kvr_clock_now() + 0.05; /* the first gap counts from here */
     for (int i = 0; i < L->n_reqs; i++) {
         struct breq *q = &L->reqs[i];
         q->client = L->client;

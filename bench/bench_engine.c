@@ -23,6 +23,8 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "clock.h"
+#include "json.h"
 #include "kv_cache.h"
 #include "log.h"
 #include "model.h"
@@ -179,42 +181,6 @@ static void reset_peak_rss(void) {
     }
 }
 
-static void cpu_name(char *buf, size_t len) {
-    snprintf(buf, len, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (!strncmp(line, "model name", 10)) {
-            char *p = strchr(line, ':');
-            if (p) {
-                p++;
-                while (*p == ' ' || *p == '\t')
-                    p++;
-                p[strcspn(p, "\n")] = '\0';
-                snprintf(buf, len, "%s", p);
-            }
-            break;
-        }
-    }
-    fclose(f);
-}
-
-static void json_str(const char *s) {
-    putchar('"');
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\')
-            printf("\\%c", ch);
-        else if (ch < 0x20)
-            printf("\\u%04x", ch);
-        else
-            putchar(ch);
-    }
-    putchar('"');
-}
-
 /* xorshift64*: prompt and decode token ids. */
 static int next_token(uint64_t *s, int vocab) {
     *s ^= *s >> 12;
@@ -276,9 +242,9 @@ static double measure_bw(struct kvr_threadpool *tp, size_t nbytes, int reps) {
         j->chunk = (4u << 20) / sizeof(uint64_t); /* 4 MiB per task: threads balance */
         int n_tasks = (int)((j->n + j->chunk - 1) / j->chunk);
         for (int r = 0; r < reps; r++) {
-            double t0 = kvr_now();
+            double t0 = kvr_clock_now();
             kvr_threadpool_run(tp, bw_task, j, n_tasks);
-            double t = kvr_now() - t0;
+            double t = kvr_clock_now() - t0;
             if ((double)nbytes / t / 1e9 > bw)
                 bw = (double)nbytes / t / 1e9;
         }
@@ -307,10 +273,10 @@ static double measure_sgemm(int n, int n_threads, int reps) {
         }
         openblas_set_num_threads(n_threads);
         for (int r = 0; r <= reps; r++) { /* r == 0 warms up */
-            double t0 = kvr_now();
+            double t0 = kvr_clock_now();
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
                         c, n);
-            double t = kvr_now() - t0;
+            double t = kvr_clock_now() - t0;
             double gf = 2.0 * n * (double)n * n / t / 1e9;
             if (r > 0 && gf > best_gf)
                 best_gf = gf;
@@ -384,7 +350,7 @@ static int ensure_model(const char *dir, const struct model_spec *sp, char *path
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
     fprintf(stderr, "bench engine: writing %s (%.2f GB, once)...\n", path, (double)want / 1e9);
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     int rc = kvr_model_write_synthetic(tmp, &sp->c, 1);
     if (rc == KVR_OK && rename(tmp, path) != 0) {
         KVR_LOG_ERROR("cannot rename '%s' to '%s': %s", tmp, path, strerror(errno));
@@ -393,7 +359,7 @@ static int ensure_model(const char *dir, const struct model_spec *sp, char *path
     if (rc != KVR_OK)
         unlink(tmp);
     else
-        fprintf(stderr, "bench engine: wrote it in %.1f s\n", kvr_now() - t0);
+        fprintf(stderr, "bench engine: wrote it in %.1f s\n", kvr_clock_now() - t0);
     return rc;
 }
 
@@ -509,9 +475,9 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
             for (int t = 1; t < T; t++)
                 tokens[t] = next_token(&rng, V);
             struct kvr_forward_item it = {.seq = s, .tokens = tokens, .n_tokens = T, .logits = logits};
-            double t0 = kvr_now();
+            double t0 = kvr_clock_now();
             rc = kvr_engine_forward(e, &it, 1);
-            times[r] = (double)T / (kvr_now() - t0);
+            times[r] = (double)T / (kvr_clock_now() - t0);
             kvr_kv_seq_free(s);
             if (rc != KVR_OK) {
                 fprintf(stderr, "bench engine: prefill of %d tokens failed: %s\n", T, kvr_status_str(rc));
@@ -562,7 +528,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         double bytes_sum = 0.0, flops_sum = 0.0;
         for (int r = -1; r < reps; r++) { /* r == -1: one untimed warm-up step */
             int n = r < 0 ? 1 : steps;
-            double t0 = kvr_now();
+            double t0 = kvr_clock_now();
             for (int st = 0; st < n; st++) {
                 if (r >= 0) {
                     double keys = (double)B * (kvr_kv_seq_n_past(seqs[0]) + 1);
@@ -577,7 +543,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
                     dtok[i] = next_token(&rng, V);
             }
             if (r >= 0)
-                times[r] = (double)B * n / (kvr_now() - t0);
+                times[r] = (double)B * n / (kvr_clock_now() - t0);
         }
         struct result *row = add_row(b);
         if (row) {
@@ -650,7 +616,7 @@ static void print_table(const struct bench *b, const char *cpu) {
 static void print_json(const struct bench *b, const char *cpu) {
     printf("{\"bench\":\"engine\",\"nproc\":%ld,\"threads\":%d,\"cpu\":", sysconf(_SC_NPROCESSORS_ONLN),
            b->n_threads);
-    json_str(cpu);
+    kvr_json_write_string(stdout, cpu);
     printf(",\"weights\":\"%s\"", b->cfg.weights == KVR_WEIGHTS_COPY ? "copy" : "mmap");
     printf(",\"quick\":%s,\"reps\":%d,\"bw_gbs\":%.3f,\"bw_gbs_min\":%.3f,\"bw_buffer_bytes\":%llu,"
            "\"sgemm_gflops\":%.3f,\"sgemm_gflops_min\":%.3f,\"sgemm_n\":%d,\"ceiling_runs\":%d,"
@@ -660,9 +626,9 @@ static void print_json(const struct bench *b, const char *cpu) {
            b->n_ceiling_runs);
     for (int i = 0; i < b->n_models; i++) {
         printf("%s{\"model\":", i ? "," : "");
-        json_str(b->models[i].name);
+        kvr_json_write_string(stdout, b->models[i].name);
         printf(",\"path\":");
-        json_str(b->models[i].path);
+        kvr_json_write_string(stdout, b->models[i].path);
         printf(",\"model_params\":%llu,\"weight_bytes_per_step\":%llu,\"kv_bytes_per_token\":%llu,"
                "\"peak_rss_bytes\":%llu}",
                (unsigned long long)b->models[i].params, (unsigned long long)b->models[i].weight_bytes,
@@ -672,7 +638,7 @@ static void print_json(const struct bench *b, const char *cpu) {
     for (int i = 0; i < b->n_rows; i++) {
         const struct result *r = &b->rows[i];
         printf("%s{\"model\":", i ? "," : "");
-        json_str(r->model);
+        kvr_json_write_string(stdout, r->model);
         printf(",\"model_params\":%llu,\"phase\":\"%s\",\"batch\":%d,\"prompt_len\":%d,",
                (unsigned long long)r->model_params, r->decode ? "decode" : "prefill", r->batch,
                r->prompt_len);
@@ -736,7 +702,7 @@ int kvr_bench_engine(int argc, char **argv) {
     b->n_threads = b->cfg.threads ? b->cfg.threads : ncpu > 0 ? (int)ncpu : 1;
     b->reps = b->cfg.reps ? b->cfg.reps : b->cfg.quick ? 1 : 3;
     char cpu[256];
-    cpu_name(cpu, sizeof cpu);
+    kvr_bench_cpu_model(cpu, sizeof cpu);
 
     /* Synthesize the checkpoints before measuring anything: writing them is I/O. */
     for (int i = 0; i < MAX_MODELS; i++) {

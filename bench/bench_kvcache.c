@@ -15,6 +15,8 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "clock.h"
+#include "json.h"
 #include "kv_cache.h"
 #include "log.h"
 #include "model.h"
@@ -195,13 +197,13 @@ static int fill(struct kvc *b, struct run *r, int *pos, int to) {
  * token; the seconds they took in *dt. */
 static int decode(struct kvc *b, struct run *r, int *pos, int D, double *dt) {
     int rc = KVR_OK;
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     for (int i = 0; rc == KVR_OK && i < D; i++, (*pos)++) {
         int tok = token_at(b, *pos);
         struct kvr_forward_item it = {.seq = r->seq, .tokens = &tok, .n_tokens = 1, .logits = r->logits};
         rc = kvr_engine_forward(r->eng, &it, 1);
     }
-    *dt = kvr_now() - t0;
+    *dt = kvr_clock_now() - t0;
     return rc;
 }
 
@@ -212,7 +214,7 @@ static int recompute_steps(struct kvc *b, struct run *r, int from, int R, double
     int *tokens = malloc((size_t)L * sizeof *tokens);
     if (!tokens)
         return KVR_ENOMEM;
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     for (int i = 0; rc == KVR_OK && i < R; i++) {
         for (int j = 0; j < L; j++)
             tokens[j] = token_at(b, from + i - L + 1 + j);
@@ -220,7 +222,7 @@ static int recompute_steps(struct kvc *b, struct run *r, int from, int R, double
         struct kvr_forward_item it = {.seq = r->seq, .tokens = tokens, .n_tokens = L, .logits = r->logits};
         rc = kvr_engine_forward(r->eng, &it, 1);
     }
-    *dt = kvr_now() - t0;
+    *dt = kvr_clock_now() - t0;
     free(tokens);
     return rc;
 }
@@ -273,24 +275,6 @@ static int measure(struct kvc *b) {
     return rc;
 }
 
-static void cpu_model(char *buf, size_t len) {
-    snprintf(buf, len, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        char *p = strchr(line, ':');
-        if (!strncmp(line, "model name", 10) && p) {
-            p += 1 + strspn(p + 1, " \t");
-            p[strcspn(p, "\n")] = '\0';
-            snprintf(buf, len, "%s", p);
-            break;
-        }
-    }
-    fclose(f);
-}
-
 /* The first three fields of /proc/loadavg ("1.00 0.50 0.25"), or "unknown": the cores may
  * be shared, and the numbers only mean something next to the load they ran under. */
 static void load_average(char *buf, size_t len) {
@@ -306,19 +290,23 @@ static void load_average(char *buf, size_t len) {
 static void print_report(const struct kvc *b) {
     const struct kvr_model_config *c = b->c;
     char cpu[256], s0[32], s1[32], loadavg[64];
-    cpu_model(cpu, sizeof cpu);
+    kvr_bench_cpu_model(cpu, sizeof cpu);
     load_average(loadavg, sizeof loadavg);
     uint64_t tok_nb = kvr_kv_token_nbytes(c->n_layers, c->kv_dim);
     double ratio = b->recompute_ms / b->sink_ms;
     if (b->cfg.json) {
-        printf("{\"bench\": \"kvcache\", \"model\": \"%s\", \"n_params\": %llu, \"dim\": %d, \"n_layers\": %d, "
+        printf("{\"bench\": \"kvcache\", \"model\": ");
+        kvr_json_write_string(stdout, b->cfg.model);
+        printf(", \"n_params\": %llu, \"dim\": %d, \"n_layers\": %d, "
                "\"n_kv_heads\": %d, \"seq_len\": %d, \"kv_token_nbytes\": %llu, \"block_tokens\": %d, "
-               "\"threads\": %d, \"nproc\": %ld, \"cpu\": \"%s\", \"kv_window\": %d, \"kv_sinks\": %d, "
-               "\"decode_tokens\": %d, \"dense_extrapolates_past\": %d, \"marks\": [",
-               b->cfg.model, (unsigned long long)kvr_model_n_params(b->model), c->dim, c->n_layers,
-               c->n_kv_heads, c->seq_len, (unsigned long long)tok_nb, BLOCK_TOKENS, b->n_threads,
-               sysconf(_SC_NPROCESSORS_ONLN), cpu, b->cfg.window, b->cfg.sinks, b->cfg.decode_tokens,
-               c->seq_len);
+               "\"threads\": %d, \"nproc\": %ld, \"cpu\": ",
+               (unsigned long long)kvr_model_n_params(b->model), c->dim, c->n_layers, c->n_kv_heads,
+               c->seq_len, (unsigned long long)tok_nb, BLOCK_TOKENS, b->n_threads,
+               sysconf(_SC_NPROCESSORS_ONLN));
+        kvr_json_write_string(stdout, cpu);
+        printf(", \"kv_window\": %d, \"kv_sinks\": %d, \"decode_tokens\": %d, "
+               "\"dense_extrapolates_past\": %d, \"marks\": [",
+               b->cfg.window, b->cfg.sinks, b->cfg.decode_tokens, c->seq_len);
         for (int i = 0; i < b->n_marks; i++) {
             const struct mark *m = &b->marks[i];
             printf("%s{\"tokens\": %d, \"dense_tok_s\": %.2f, \"dense_kv_nbytes\": %llu, \"sink_tok_s\": %.2f, "

@@ -18,7 +18,9 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "clock.h"
 #include "half.h"
+#include "json.h"
 #include "kv_cache.h"
 #include "kv_wire.h"
 #include "log.h"
@@ -433,13 +435,12 @@ static void print_json(const struct kw *w, const char *model) {
         printf("\"wire_nbytes\": %llu, \"raw_f32_nbytes\": %llu, \"msgs\": %d, \"tokens\": %d, "
                "\"block_tokens\": %d, "
                "\"prefill_s\": %.4f, \"prefill_cpu_s\": %.4f, \"prefill_threads\": %d, "
-               "\"loadavg\": %.2f, \"model\": \"",
+               "\"loadavg\": %.2f, \"model\": ",
                (unsigned long long)r->wire_nbytes, (unsigned long long)w->raw_nbytes, w->n_msgs,
                w->cfg.tokens, w->cfg.block_tokens, w->prefill_s, w->prefill_cpu_s,
                w->prefill_threads, w->loadavg);
-        for (const char *p = model; *p; p++) /* paths: escape what JSON needs */
-            printf(*p == '"' || *p == '\\' ? "\\%c" : "%c", *p);
-        printf("\"}");
+        kvr_json_write_string(stdout, model);
+        printf("}");
     }
     printf("\n]\n");
 }
@@ -531,12 +532,12 @@ int kvr_bench_kvwire(int argc, char **argv) {
     for (int run = 0; run < 3; run++) {
         kvr_kv_seq_reset(seq);
         struct kvr_forward_item it = {.seq = seq, .tokens = prompt, .n_tokens = n};
-        double t0 = kvr_now(), c0 = process_cpu();
+        double t0 = kvr_clock_now(), c0 = process_cpu();
         if ((rc = kvr_engine_forward(eng, &it, 1)) != KVR_OK) {
             fprintf(stderr, "kvrelay bench kvwire: prefill failed: %s\n", kvr_status_str(rc));
             goto out;
         }
-        double t = kvr_now() - t0, tc = process_cpu() - c0;
+        double t = kvr_clock_now() - t0, tc = process_cpu() - c0;
         if (run > 0 && t < w.prefill_s) {
             w.prefill_s = t;
             w.prefill_cpu_s = tc;

@@ -29,7 +29,4 @@ struct kvr_opt;
 int kvr_cli_parse(const char *cmd, const char *summary, const struct kvr_opt *table, int n_opts,
                   void *cfg, int argc, char **argv, int *done);
 
-/* Seconds on a monotonic clock. */
-double kvr_now(void);
-
 #endif /* KVR_CLI_H */

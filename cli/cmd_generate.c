@@ -8,6 +8,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "clock.h"
 #include "kv_cache.h"
 #include "log.h"
 #include "model.h"
@@ -139,7 +140,7 @@ int kvr_cmd_generate(int argc, char **argv) {
     int n_hist = n_prompt;
 
     /* Prefill: the whole prompt in one pass (recompute: its last L tokens). */
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     int first = pol.policy == KVR_KV_RECOMPUTE && n_prompt > pol.window ? n_prompt - pol.window : 0;
     struct kvr_forward_item item = {.seq = seq, .tokens = prompt + first, .n_tokens = n_prompt - first,
                                     .logits = logits};
@@ -147,14 +148,14 @@ int kvr_cmd_generate(int argc, char **argv) {
         fprintf(stderr, "kvrelay generate: prefill failed: %s\n", kvr_status_str(rc));
         goto out;
     }
-    double t1 = kvr_now();
+    double t1 = kvr_clock_now();
     for (int i = 1; i < n_prompt; i++)
         fputs(kvr_tokenizer_piece_safe(tok, prompt[i - 1], prompt[i]), stdout);
     fflush(stdout);
 
     int token = prompt[n_prompt - 1], pos = n_prompt, generated = 0;
     int next = kvr_sampler_sample(&sampler, logits, c->vocab_size, scratch);
-    double t2 = kvr_now();
+    double t2 = kvr_clock_now();
     for (;;) {
         if (next == KVR_TOKEN_BOS)
             break;
@@ -179,7 +180,7 @@ int kvr_cmd_generate(int argc, char **argv) {
         pos++;
         next = kvr_sampler_sample(&sampler, logits, c->vocab_size, scratch);
     }
-    double t3 = kvr_now();
+    double t3 = kvr_clock_now();
     printf("\n");
     fflush(stdout);
     int decode_steps = generated > 0 ? generated - 1 : 0;

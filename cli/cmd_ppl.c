@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "clock.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "options.h"
@@ -147,12 +148,12 @@ int kvr_cmd_ppl(int argc, char **argv) {
     struct kvr_ppl_params pp = {.model = model, .tokens = ids, .n_tokens = N, .policy = pol,
                                 .allow_extrapolation = cfg.allow_extrapolation, .n_threads = cfg.threads};
     struct kvr_ppl_result res;
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     if ((rc = kvr_ppl_eval(&pp, NULL, &res)) != KVR_OK) {
         fprintf(stderr, "kvrelay ppl: evaluation failed: %s\n", kvr_status_str(rc));
         goto out;
     }
-    double secs = kvr_now() - t0;
+    double secs = kvr_clock_now() - t0;
     /* L and S are reported as 0 for a policy that does not use them. */
     int L = pol.policy == KVR_KV_DENSE ? 0 : pol.window;
     int S = pol.policy == KVR_KV_SINK ? pol.sinks : 0;

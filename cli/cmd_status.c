@@ -5,6 +5,7 @@
 
 #include "cli.h"
 #include "grpc_client.h"
+#include "json.h"
 #include "options.h"
 #include "status.h"
 

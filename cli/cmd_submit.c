@@ -11,6 +11,7 @@
 
 #include "cli.h"
 #include "grpc_client.h"
+#include "json.h"
 #include "kv_cache.h"
 #include "options.h"
 #include "status.h"

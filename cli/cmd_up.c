@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "clock.h"
 #include "grpc_client.h"
 #include "kv_cache.h"
 #include "log.h"
@@ -120,11 +121,6 @@ static int bin_dir(char *out, size_t len) {
     return KVR_OK;
 }
 
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* Stops the job: SIGTERM to mpirun (it forwards it to the ranks), then SIGKILL to the
  * whole process group after grace_s. Returns mpirun's exit status. */
 static int stop_job(pid_t pid, double grace_s) {
@@ -133,7 +129,7 @@ static int stop_job(pid_t pid, double grace_s) {
     for (double waited = 0; waited < grace_s; waited += 0.1) {
         if (waitpid(pid, &st, WNOHANG) == pid)
             return st;
-        sleep_ms(100);
+        kvr_sleep_ms(100);
     }
     fprintf(stderr, "kvrelay up: the cluster did not stop in %.0f s; killing it\n", grace_s);
     kill(-pid, SIGKILL);
@@ -294,7 +290,7 @@ int kvr_cmd_up(int argc, char **argv) {
     snprintf(addr, sizeof addr, "%s:%d", cfg.host, cfg.port);
     fprintf(stderr, "kvrelay up: starting %d prefill and %d decode nodes (%d threads each%s) with %s\n",
             cfg.prefill, cfg.decode, threads, cfg.colocated ? ", colocated" : "", cfg.mpirun);
-    double t0 = kvr_now();
+    double t0 = kvr_clock_now();
     int st = 0, ready = 0;
     while (!up_signal) {
         if (waitpid(pid, &st, WNOHANG) == pid) {
@@ -314,17 +310,17 @@ int kvr_cmd_up(int argc, char **argv) {
             ready = 1;
             break;
         }
-        if (kvr_now() - t0 > (double)cfg.startup_timeout) {
+        if (kvr_clock_now() - t0 > (double)cfg.startup_timeout) {
             fprintf(stderr, "kvrelay up: not healthy after %.0f s; stopping it\n", (double)cfg.startup_timeout);
             stop_job(pid, 10.0);
             ex = KVR_EXIT_RUNTIME;
             goto out;
         }
-        sleep_ms(100);
+        kvr_sleep_ms(100);
     }
     if (ready) {
         printf("kvrelay up: ready at %s (%d prefill, %d decode%s) in %.1f s; Ctrl-C stops it\n", addr, cfg.prefill,
-               cfg.decode, cfg.colocated ? ", colocated" : "", kvr_now() - t0);
+               cfg.decode, cfg.colocated ? ", colocated" : "", kvr_clock_now() - t0);
         fflush(stdout);
     }
     while (!up_signal) {

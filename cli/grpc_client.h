@@ -93,8 +93,4 @@ int kvr_client_health(struct kvr_client *c, double timeout_s, int *serving, char
 int kvr_client_unary(struct kvr_client *c, const char *method, const void *req, size_t req_len,
                      double timeout_s, uint8_t **resp, size_t *resp_len, struct kvr_rpc_status *st);
 
-/* Writes s to f as a JSON string literal (quotes included) for tools that print what the
- * client returns: control characters escaped, valid UTF-8 kept, invalid bytes as U+FFFD. */
-void kvr_json_write_string(FILE *f, const char *s);
-
 #endif /* KVR_GRPC_CLIENT_H */

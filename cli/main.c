@@ -29,12 +29,6 @@ static void usage(FILE *f) {
     fprintf(f, "\n`kvrelay <command> --help` lists a command's options.\n");
 }
 
-double kvr_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 int kvr_cli_parse(const char *cmd, const char *summary, const struct kvr_opt *table, int n_opts,
                   void *cfg, int argc, char **argv, int *done) {
     char err[256];

@@ -58,7 +58,7 @@ struct coord_request {
     uint64_t seed;
     int stop_at_eos;      /* 1: BOS or EOS ends the generation; 0: neither (fixed length) */
     struct kvr_kv_policy_params policy;
-    double t_arrival;     /* coord_clock_now() when the call arrived */
+    double t_arrival;     /* kvr_clock_now() when the call arrived */
     struct coord_stream *stream; /* receives the events */
 };
 

@@ -3,6 +3,7 @@
  * drives each call's state machine, validates Generate requests and hands them to the
  * router. The router thread calls back through coord_grpc_stream_ops. This file is the one
  * edge where kvr_status becomes a gRPC status (style.md sections 5 and 10). */
+#include "clock.h"
 #include "grpc_server.h"
 
 #include <errno.h>
@@ -92,12 +93,6 @@ int coord_grpc_code_from_status(int status) {
     return (int)GRPC_STATUS_INTERNAL;
 }
 
-double coord_clock_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ---------------------------------------------------------------------------------------
  * Types
  * ------------------------------------------------------------------------------------- */
@@ -149,7 +144,7 @@ struct rpc_call {
     enum rpc_method method;
     struct tag t_recv, t_send, t_close;
     struct coord_stream stream;
-    double t_arrival; /* coord_clock_now() at accept */
+    double t_arrival; /* kvr_clock_now() at accept */
 
     pthread_mutex_t mu;        /* guards all below; held around every start_batch of the call */
     grpc_call *call;           /* NULL once released */
@@ -166,13 +161,11 @@ struct rpc_call {
     /* Generate only. */
     int submitted; /* the router accepted it; req_id is valid */
     uint64_t req_id;
-    int cancel_sent; /* coord_router_cancel called */
     int *q;          /* (q_cap) token ids received, not yet sent: q[q_head..q_tail) */
     int q_head, q_tail, q_cap;
     int prev_token;    /* the token before the next one to render */
     int n_sent;        /* token messages started */
-    char *prompt_text; /* owned until the first message goes out */
-    int first_sent;
+    char *prompt_text; /* owned until the first message goes out (then NULL) */
     uint64_t seed;
     int finished; /* finish() arrived; fields below valid */
     int fin_status;
@@ -348,6 +341,15 @@ static void call_finish(struct rpc_call *c, grpc_byte_buffer *bb, grpc_status_co
         grpc_call_cancel(c->call, NULL);
     }
     grpc_slice_unref(details);
+}
+
+/* With c->mu held: the last message of a call (bb from pack_message, which is NULL when
+ * it could not allocate) with OK, or no message and RESOURCE_EXHAUSTED without one. */
+static void call_finish_reply(struct rpc_call *c, grpc_byte_buffer *bb) {
+    if (bb)
+        call_finish(c, bb, GRPC_STATUS_OK, "");
+    else
+        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -536,7 +538,7 @@ static void generate_pump(struct rpc_call *c) {
         return;
     Kvrelay__V1__GenerateResponse m;
     kvrelay__v1__generate_response__init(&m);
-    if (!c->first_sent && c->prompt_text)
+    if (c->prompt_text)
         m.prompt_text = c->prompt_text;
 
     if (c->q_head < c->q_tail) {
@@ -568,11 +570,8 @@ static void generate_pump(struct rpc_call *c) {
         c->q_head++;
         c->prev_token = id;
         c->n_sent++;
-        if (!c->first_sent) {
-            c->first_sent = 1;
-            free(c->prompt_text);
-            c->prompt_text = NULL;
-        }
+        free(c->prompt_text);
+        c->prompt_text = NULL;
         return;
     }
     if (!c->finished)
@@ -597,12 +596,7 @@ static void generate_pump(struct rpc_call *c) {
         done.usage = &u;
         done.seed = c->seed;
         m.done = &done;
-        grpc_byte_buffer *bb = pack_message(&m.base);
-        if (!bb) {
-            call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
-            return;
-        }
-        call_finish(c, bb, GRPC_STATUS_OK, "");
+        call_finish_reply(c, pack_message(&m.base));
         return;
     }
     grpc_status_code code;
@@ -788,10 +782,7 @@ static void cluster_status_reply(struct rpc_call *c) {
         bb = pack_message(&r.base);
     }
     pthread_mutex_lock(&c->mu);
-    if (bb)
-        call_finish(c, bb, GRPC_STATUS_OK, "");
-    else
-        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+    call_finish_reply(c, bb);
     pthread_mutex_unlock(&c->mu);
     free(st);
     free(nodes);
@@ -833,10 +824,7 @@ static void health_reply(struct rpc_call *c) {
         bb = pack_message(&r.base);
     }
     pthread_mutex_lock(&c->mu);
-    if (bb)
-        call_finish(c, bb, GRPC_STATUS_OK, "");
-    else
-        call_finish(c, NULL, GRPC_STATUS_RESOURCE_EXHAUSTED, "coordinator out of memory");
+    call_finish_reply(c, bb);
     pthread_mutex_unlock(&c->mu);
     free(st);
 }
@@ -928,11 +916,10 @@ static void on_close(struct rpc_call *c, int success) {
     pthread_mutex_lock(&c->mu);
     c->n_batches--;
     c->closed = 1;
-    int cancel = c->submitted && c->router_holds && !c->cancel_sent;
+    int cancel = c->submitted && c->router_holds; /* on_close runs once per call */
     uint64_t id = c->req_id;
     struct coord_router *router = c->g ? c->g->router : NULL;
     if (cancel) {
-        c->cancel_sent = 1;
         KVR_LOG_INFO("call=%llu req=%llu: client %s; cancelling", (unsigned long long)c->serial,
                      (unsigned long long)id,
                      c->close_cancelled ? "cancelled or went away" : "closed");
@@ -1001,7 +988,7 @@ static void on_new_call(struct coord_grpc *g, int success) {
     c->call = call;
     c->method = method;
     c->serial = ++g->n_accepted;
-    c->t_arrival = coord_clock_now();
+    c->t_arrival = kvr_clock_now();
     c->t_recv = (struct tag){TAG_RECV, c};
     c->t_send = (struct tag){TAG_SEND, c};
     c->t_close = (struct tag){TAG_CLOSE, c};

@@ -49,8 +49,4 @@ extern const struct coord_stream_ops coord_grpc_stream_ops;
 int coord_grpc_code_from_status(int status);
 
 
-/* The coordinator's clock: CLOCK_MONOTONIC in seconds. coord_request.t_arrival and every
- * duration in coord_usage are measured against it. */
-double coord_clock_now(void);
-
 #endif /* KVR_GRPC_SERVER_H */
