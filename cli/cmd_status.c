@@ -11,6 +11,7 @@
 
 struct status_cfg {
     const char *addr;
+    struct kvr_cli_conn conn;
     int json;
     float timeout;
 };
@@ -18,6 +19,7 @@ struct status_cfg {
 /* clang-format off */
 static const struct kvr_opt status_opts[] = {
     {"addr", KVR_OPT_STRING, offsetof(struct status_cfg, addr), "127.0.0.1:50051", 0, -1, NULL, 0, "coordinator address HOST:PORT"},
+    KVR_CLI_CONN_OPTS(struct status_cfg),
     {"json", KVR_OPT_FLAG, offsetof(struct status_cfg, json), "0", 0, -1, NULL, 0, "print one JSON object"},
     {"timeout", KVR_OPT_FLOAT, offsetof(struct status_cfg, timeout), "10", 0, 1e7, NULL, 0, "deadline in seconds (0 = none)"},
 };
@@ -72,12 +74,9 @@ int kvr_cmd_status(int argc, char **argv) {
     if (done)
         return ex;
     struct kvr_client *client = NULL;
-    int rc = kvr_client_create(cfg.addr, &client);
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay status: cannot use address '%s': %s\n", cfg.addr,
-                kvr_status_str(rc));
-        return KVR_EXIT_USAGE;
-    }
+    int cex = kvr_cli_connect("status", cfg.addr, &cfg.conn, &client);
+    if (cex != KVR_EXIT_OK)
+        return cex;
     static struct coord_cluster_status s; /* large; one per process */
     struct kvr_rpc_status st;
     kvr_client_cluster_status(client, cfg.timeout, &s, &st);

@@ -18,6 +18,7 @@
 
 struct submit_cfg {
     const char *addr;
+    struct kvr_cli_conn conn;
     const char *prompt;
     const char *prompt_tokens;
     int max_tokens;
@@ -35,6 +36,7 @@ struct submit_cfg {
 /* clang-format off */
 static const struct kvr_opt submit_opts[] = {
     {"addr", KVR_OPT_STRING, offsetof(struct submit_cfg, addr), "127.0.0.1:50051", 0, -1, NULL, 0, "coordinator address HOST:PORT"},
+    KVR_CLI_CONN_OPTS(struct submit_cfg),
     {"prompt", KVR_OPT_STRING, offsetof(struct submit_cfg, prompt), NULL, 0, -1, NULL, 0, "prompt text"},
     {"prompt-tokens", KVR_OPT_STRING, offsetof(struct submit_cfg, prompt_tokens), NULL, 0, -1, NULL, 0, "prompt as token ids \"1,403,407\" instead of text (BOS added if missing)"},
     {"max-tokens", KVR_OPT_INT, offsetof(struct submit_cfg, max_tokens), "0", 0, 1 << 24, NULL, 0, "tokens to generate at most (0 = up to the model's context)"},
@@ -154,12 +156,10 @@ int kvr_cmd_submit(int argc, char **argv) {
     }
 
     struct kvr_client *client = NULL;
-    int rc = kvr_client_create(cfg.addr, &client);
-    if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay submit: cannot use address '%s': %s\n", cfg.addr,
-                kvr_status_str(rc));
+    int cex = kvr_cli_connect("submit", cfg.addr, &cfg.conn, &client);
+    if (cex != KVR_EXIT_OK) {
         free(ids);
-        return KVR_EXIT_USAGE;
+        return cex;
     }
     struct kvr_gen_params p = {
         .prompt = cfg.prompt,

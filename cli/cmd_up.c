@@ -1,14 +1,22 @@
 /* cmd_up.c - `kvrelay up`: starts a local cluster (one MPMD mpirun: a coordinator,
- * P prefill nodes, D decode nodes), waits until its Health RPC says serving, prints the
- * address, and stops it cleanly on Ctrl-C/SIGTERM (SIGTERM to mpirun, which forwards
- * it to every rank; SIGKILL to the process group if that does not end it). */
+ * P prefill nodes, D decode nodes, each under kvrelay-guard), waits until its Health RPC
+ * says serving, prints the address, and on Ctrl-C/SIGTERM/SIGHUP stops it in order and
+ * exits with the job's real status: 0 only if every rank exited 0 (cli/guard.c records
+ * each one; mpirun's own status says nothing under --enable-recovery). Signals are read
+ * from a signalfd, so none is lost between a check and a wait. If `kvrelay up` dies, the
+ * kernel kills mpirun (PR_SET_PDEATHSIG) and the guards and ranks follow it. */
+#define _GNU_SOURCE /* signalfd, prctl */
+#include <dirent.h>
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -44,6 +52,12 @@ struct up_cfg {
     const char *extra_decode;
     const char *log_level;
     const char *weights;
+    const char *extra_coord;
+    const char *tls_cert;
+    const char *tls_key;
+    const char *tls_ca;
+    const char *tls_server_name;
+    const char *auth_token_file;
 };
 
 static const struct kvr_opt up_opts[] = {
@@ -52,7 +66,7 @@ static const struct kvr_opt up_opts[] = {
     {"prefill", KVR_OPT_INT, offsetof(struct up_cfg, prefill), "1", 0, 256, NULL, 0, "prefill nodes (0 needs --colocated)"},
     {"decode", KVR_OPT_INT, offsetof(struct up_cfg, decode), "1", 1, 256, NULL, 0, "decode nodes"},
     {"port", KVR_OPT_INT, offsetof(struct up_cfg, port), "50051", 1, 65535, NULL, 0, "gRPC port of the coordinator"},
-    {"host", KVR_OPT_STRING, offsetof(struct up_cfg, host), "127.0.0.1", 0, -1, NULL, 0, "address to print and to check health on"},
+    {"host", KVR_OPT_STRING, offsetof(struct up_cfg, host), "127.0.0.1", 0, -1, NULL, 0, "address the coordinator listens on (0.0.0.0: every interface), prints and checks health on"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct up_cfg, kv_memory), "256MiB", 1, -1, NULL, 0, "KV block pool of each decode node"},
     {"colocated", KVR_OPT_FLAG, offsetof(struct up_cfg, colocated), "0", 0, -1, NULL, 0, "decode nodes also prefill (no KV transfer; needs --prefill 0)"},
     {"threads", KVR_OPT_INT, offsetof(struct up_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads per node (0 = CPUs / nodes, at least 1)"},
@@ -63,14 +77,16 @@ static const struct kvr_opt up_opts[] = {
     {"startup-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, startup_timeout), "600", 1, 86400, NULL, 0, "seconds to wait for the cluster to become healthy"},
     {"mpirun", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun), "mpirun", 0, -1, NULL, 0, "the MPI launcher"},
     {"prefill-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_prefill), "", 0, -1, NULL, 0, "extra options for every kvrelay-prefill (space-separated)"},
+    {"coordinator-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_coord), "", 0, -1, NULL, 0, "extra options for kvrelay-coordinator (space-separated)"},
+    {"tls-cert", KVR_OPT_STRING, offsetof(struct up_cfg, tls_cert), NULL, 0, -1, NULL, 0, "PEM certificate of the coordinator: serve gRPC over TLS (with --tls-key)"},
+    {"tls-key", KVR_OPT_STRING, offsetof(struct up_cfg, tls_key), NULL, 0, -1, NULL, 0, "PEM private key of --tls-cert"},
+    {"tls-ca", KVR_OPT_STRING, offsetof(struct up_cfg, tls_ca), NULL, 0, -1, NULL, 0, "PEM CA the health probe trusts (default: --tls-cert itself, right for a self-signed one)"},
+    {"tls-server-name", KVR_OPT_STRING, offsetof(struct up_cfg, tls_server_name), NULL, 0, -1, NULL, 0, "name in the certificate, if not --host"},
+    {"auth-token-file", KVR_OPT_STRING, offsetof(struct up_cfg, auth_token_file), NULL, 0, -1, NULL, 0, "bearer tokens clients must send (see kvrelay-coordinator --help)"},
     {"decode-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_decode), "", 0, -1, NULL, 0, "extra options for every kvrelay-decode (space-separated)"},
     {"weights", KVR_OPT_STRING, offsetof(struct up_cfg, weights), "auto", 0, -1, NULL, 0, "how nodes hold the weights: mmap (shared page cache), copy (huge pages, one copy per node) or auto (copy for a node alone on its host: never on one machine with several nodes)"},
     {"log-level", KVR_OPT_STRING, offsetof(struct up_cfg, log_level), "warn", 0, -1, NULL, 0, "log level of the nodes: error, warn, info, debug"},
 };
-
-static volatile sig_atomic_t up_signal;
-
-static void on_signal(int sig) { up_signal = sig; }
 
 /* argv under construction: fixed capacity, strings owned by the caller or by `strs`. */
 struct argv_buf {
@@ -121,20 +137,118 @@ static int bin_dir(char *out, size_t len) {
     return KVR_OK;
 }
 
-/* Stops the job: SIGTERM to mpirun (it forwards it to the ranks), then SIGKILL to the
- * whole process group after grace_s. Returns mpirun's exit status. */
-static int stop_job(pid_t pid, double grace_s) {
+/* ---------------------------------------------------------------------------------------
+ * The job: signals through a signalfd, ranks' fates through kvrelay-guard's status files.
+ * ------------------------------------------------------------------------------------- */
+
+/* Signals up waits for. They are blocked for the whole command (so none is lost between a
+ * check and a wait) and read from a signalfd; mpirun gets the old mask back before exec. */
+static const int up_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGCHLD};
+
+/* Waits up to timeout_ms (-1: forever) for a signal. Returns its number, or 0 on timeout. */
+static int wait_signal(int sfd, int timeout_ms) {
+    struct pollfd p = {.fd = sfd, .events = POLLIN};
+    int k = poll(&p, 1, timeout_ms);
+    if (k <= 0)
+        return 0;
+    struct signalfd_siginfo si;
+    if (read(sfd, &si, sizeof si) != (ssize_t)sizeof si)
+        return 0;
+    return (int)si.ssi_signo;
+}
+
+static const char *describe(int st, char *buf, size_t len) {
+    if (WIFEXITED(st))
+        snprintf(buf, len, "exit code %d", WEXITSTATUS(st));
+    else
+        snprintf(buf, len, "signal %d (%s)", WTERMSIG(st), strsignal(WTERMSIG(st)));
+    return buf;
+}
+
+/* Stops the job: SIGUSR1 to mpirun, which forwards it to every kvrelay-guard (each turns
+ * it into SIGTERM for its rank) and, unlike with SIGTERM, waits for the ranks instead of
+ * killing them after a second. After grace_s, or at a second stop signal, SIGKILL to
+ * mpirun: the guards and ranks follow it (PR_SET_PDEATHSIG). Returns mpirun's status. */
+static int stop_job(pid_t pid, int sfd, double grace_s) {
     int st = 0;
-    kill(pid, SIGTERM);
-    for (double waited = 0; waited < grace_s; waited += 0.1) {
+    kill(pid, SIGUSR1);
+    double t_end = kvr_clock_now() + grace_s;
+    for (;;) {
         if (waitpid(pid, &st, WNOHANG) == pid)
             return st;
-        kvr_sleep_ms(100);
+        double left = t_end - kvr_clock_now();
+        if (left <= 0) {
+            fprintf(stderr, "kvrelay up: the cluster did not stop in %.0f s; killing it\n", grace_s);
+            break;
+        }
+        int sig = wait_signal(sfd, (int)(left * 1000.0) + 1);
+        if (sig && sig != SIGCHLD) {
+            fprintf(stderr, "kvrelay up: second stop signal; killing the cluster\n");
+            break;
+        }
     }
-    fprintf(stderr, "kvrelay up: the cluster did not stop in %.0f s; killing it\n", grace_s);
-    kill(-pid, SIGKILL);
+    kill(pid, SIGKILL);
     waitpid(pid, &st, 0);
     return st;
+}
+
+/* Reads the guards' status files. Prints one line per rank that did not exit 0 (or left
+ * no status: it or its guard was killed) and returns how many; expected_names: (n_ranks)
+ * the program each rank runs, for ranks without a file. */
+static int report_ranks(const char *dir, int n_ranks, const char *const *names) {
+    int bad = 0;
+    for (int r = 0; r < n_ranks; r++) {
+        char path[4200], line[512] = "";
+        snprintf(path, sizeof path, "%s/rank-%d", dir, r);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (!fgets(line, sizeof line, f))
+                line[0] = '\0';
+            fclose(f);
+        }
+        int rank = -1, code = -1;
+        char prog[256], how[16];
+        if (sscanf(line, "%d %255s %15s %d", &rank, prog, how, &code) != 4 || rank != r) {
+            fprintf(stderr, "kvrelay up: rank %d (%s) left no exit status (killed with its guard)\n", r,
+                    names[r]);
+            bad++;
+            continue;
+        }
+        if (!strcmp(how, "exit") && code == 0)
+            continue;
+        bad++;
+        if (!strcmp(how, "signal"))
+            fprintf(stderr, "kvrelay up: rank %d (%s) was killed by signal %d (%s)\n", r, prog, code,
+                    strsignal(code));
+        else
+            fprintf(stderr, "kvrelay up: rank %d (%s) exited with code %d%s\n", r, prog, code,
+                    code == 23 ? " (the sanitizers' exit code: see their report above)" : "");
+    }
+    return bad;
+}
+
+static void remove_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d))) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+                continue;
+            char path[4400];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+}
+
+/* A client for the readiness probe: Health needs no token, but TLS needs a CA. */
+static int probe_client(const struct up_cfg *cfg, const char *addr, struct kvr_client **out) {
+    struct kvr_client_opts o = {.tls = cfg->tls_cert != NULL,
+                                .tls_ca_file = cfg->tls_ca ? cfg->tls_ca : cfg->tls_cert,
+                                .tls_server_name = cfg->tls_server_name};
+    return kvr_client_create_opts(addr, &o, out, NULL, 0);
 }
 
 int kvr_cmd_up(int argc, char **argv) {
@@ -160,6 +274,14 @@ int kvr_cmd_up(int argc, char **argv) {
         fprintf(stderr, "kvrelay up: --weights must be mmap, copy or auto\n");
         return KVR_EXIT_USAGE;
     }
+    if (!cfg.tls_cert != !cfg.tls_key) {
+        fprintf(stderr, "kvrelay up: --tls-cert and --tls-key go together\n");
+        return KVR_EXIT_USAGE;
+    }
+    if ((cfg.tls_ca || cfg.tls_server_name) && !cfg.tls_cert) {
+        fprintf(stderr, "kvrelay up: --tls-ca and --tls-server-name need --tls-cert and --tls-key\n");
+        return KVR_EXIT_USAGE;
+    }
     if (kvr_log_parse_level(cfg.log_level) < 0) {
         fprintf(stderr, "kvrelay up: --log-level must be error, warn, info or debug\n");
         return KVR_EXIT_USAGE;
@@ -179,7 +301,7 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
-    char dir[4096], coord_bin[4200], prefill_bin[4200], decode_bin[4200];
+    char dir[4096], coord_bin[4200], prefill_bin[4200], decode_bin[4200], guard_bin[4200];
     if (bin_dir(dir, sizeof dir) != KVR_OK) {
         fprintf(stderr, "kvrelay up: cannot find my own directory\n");
         return KVR_EXIT_RUNTIME;
@@ -187,22 +309,45 @@ int kvr_cmd_up(int argc, char **argv) {
     snprintf(coord_bin, sizeof coord_bin, "%s/kvrelay-coordinator", dir);
     snprintf(prefill_bin, sizeof prefill_bin, "%s/kvrelay-prefill", dir);
     snprintf(decode_bin, sizeof decode_bin, "%s/kvrelay-decode", dir);
+    snprintf(guard_bin, sizeof guard_bin, "%s/kvrelay-guard", dir);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     int nodes = cfg.prefill + cfg.decode;
     int threads = cfg.threads ? cfg.threads : (int)(ncpu / nodes > 0 ? ncpu / nodes : 1);
     char kv_mem[32];
     snprintf(kv_mem, sizeof kv_mem, "%llu", (unsigned long long)cfg.kv_memory);
-    char *extra_p = strdup(cfg.extra_prefill), *extra_d = strdup(cfg.extra_decode);
-    struct argv_buf *a = calloc(1, sizeof *a);
-    if (!extra_p || !extra_d || !a) {
-        free(extra_p);
-        free(extra_d);
-        free(a);
+    /* The guards record each rank's end here (see cli/guard.c). */
+    const char *tmp = getenv("TMPDIR");
+    char status_dir[4096];
+    snprintf(status_dir, sizeof status_dir, "%s/kvrelay-up.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    if (!mkdtemp(status_dir)) {
+        fprintf(stderr, "kvrelay up: cannot create a directory in %s: %s\n",
+                tmp && *tmp ? tmp : "/tmp", strerror(errno));
         return KVR_EXIT_RUNTIME;
     }
+    char *extra_p = strdup(cfg.extra_prefill), *extra_d = strdup(cfg.extra_decode);
+    char *extra_c = strdup(cfg.extra_coord);
+    char listen[300];
+    snprintf(listen, sizeof listen, "%s:%d", cfg.host, cfg.port);
+    struct argv_buf *a = calloc(1, sizeof *a);
+    const char **names = calloc((size_t)nodes + 1, sizeof *names);
+    struct kvr_client *client = NULL;
+    int sfd = -1;
+    sigset_t set, old_mask;
+    sigemptyset(&set);
+    for (size_t i = 0; i < sizeof up_signals / sizeof up_signals[0]; i++)
+        sigaddset(&set, up_signals[i]);
+    sigprocmask(SIG_BLOCK, &set, &old_mask);
+    if (!extra_p || !extra_d || !extra_c || !a || !names) {
+        ex = KVR_EXIT_RUNTIME;
+        goto out;
+    }
+    names[0] = "kvrelay-coordinator";
+    for (int r = 1; r <= nodes; r++)
+        names[r] = r <= cfg.prefill ? "kvrelay-prefill" : "kvrelay-decode";
     /* One MPMD job. --oversubscribe: more ranks than cores is the normal case on a laptop
      * or CI box; --enable-recovery: a node that dies does not take the job down (the
-     * coordinator notices its silence and re-runs its requests elsewhere). */
+     * coordinator notices its silence and re-runs its requests elsewhere). Every rank runs
+     * under kvrelay-guard, which records how it ended. */
     arg(a, cfg.mpirun);
     arg(a, "--oversubscribe");
     arg(a, "--enable-recovery");
@@ -212,23 +357,38 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, "KVR_LOG_LEVEL");
     arg(a, "-np");
     arg(a, "1");
+    arg(a, guard_bin);
+    arg(a, status_dir);
     arg(a, coord_bin);
     arg(a, "--model");
     arg(a, cfg.model);
     arg(a, "--tokenizer");
     arg(a, cfg.tokenizer);
     arg(a, "--listen");
-    arg(a, fmt(a, "0.0.0.0:%ld", cfg.port));
+    arg(a, listen);
     arg(a, "--queue-timeout");
     arg(a, fmt_s(a, cfg.queue_timeout));
     arg(a, "--node-timeout");
     arg(a, fmt_s(a, cfg.node_timeout));
     arg(a, "--startup-timeout");
     arg(a, fmt_s(a, cfg.startup_timeout));
+    if (cfg.tls_cert) {
+        arg(a, "--tls-cert");
+        arg(a, cfg.tls_cert);
+        arg(a, "--tls-key");
+        arg(a, cfg.tls_key);
+    }
+    if (cfg.auth_token_file) {
+        arg(a, "--auth-token-file");
+        arg(a, cfg.auth_token_file);
+    }
+    words(a, extra_c);
     if (cfg.prefill > 0) {
         arg(a, ":");
         arg(a, "-np");
         arg(a, fmt(a, "%ld", cfg.prefill));
+        arg(a, guard_bin);
+        arg(a, status_dir);
         arg(a, prefill_bin);
         arg(a, "--model");
         arg(a, cfg.model);
@@ -243,6 +403,8 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, ":");
     arg(a, "-np");
     arg(a, fmt(a, "%ld", cfg.decode));
+    arg(a, guard_bin);
+    arg(a, status_dir);
     arg(a, decode_bin);
     arg(a, "--model");
     arg(a, cfg.model);
@@ -258,15 +420,15 @@ int kvr_cmd_up(int argc, char **argv) {
         arg(a, "--colocated");
     words(a, extra_d);
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGHUP, &sa, NULL);
+    if ((sfd = signalfd(-1, &set, SFD_CLOEXEC)) < 0) {
+        fprintf(stderr, "kvrelay up: signalfd: %s\n", strerror(errno));
+        ex = KVR_EXIT_RUNTIME;
+        goto out;
+    }
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
     setenv("KVR_LOG_LEVEL", cfg.log_level, 1);
+    pid_t me = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         fprintf(stderr, "kvrelay up: fork: %s\n", strerror(errno));
@@ -275,29 +437,30 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     if (pid == 0) {
         /* Its own process group: a terminal's Ctrl-C reaches only us, and we stop the
-         * job in order; killpg can still reach every rank. */
+         * job in order. If we die (even by SIGKILL), the kernel kills mpirun, and the
+         * guards and ranks follow it (cli/guard.c). */
         setpgid(0, 0);
-        signal(SIGINT, SIG_DFL);
-        signal(SIGTERM, SIG_DFL);
-        signal(SIGHUP, SIG_DFL);
+        sigprocmask(SIG_SETMASK, &old_mask, NULL);
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != me)
+            _exit(127);
         execvp(a->v[0], a->v);
         fprintf(stderr, "kvrelay up: cannot run %s: %s\n", a->v[0], strerror(errno));
         _exit(127);
     }
     setpgid(pid, pid);
-    struct kvr_client *client = NULL;
     char addr[300];
     snprintf(addr, sizeof addr, "%s:%d", cfg.host, cfg.port);
     fprintf(stderr, "kvrelay up: starting %d prefill and %d decode nodes (%d threads each%s) with %s\n",
             cfg.prefill, cfg.decode, threads, cfg.colocated ? ", colocated" : "", cfg.mpirun);
     double t0 = kvr_clock_now();
-    int st = 0, ready = 0;
-    while (!up_signal) {
+    int st = 0, sig = 0, exited = 0;
+    while (!sig) {
         if (waitpid(pid, &st, WNOHANG) == pid) {
-            fprintf(stderr, "kvrelay up: the cluster exited before it was ready (%s %d)\n",
-                    WIFEXITED(st) ? "exit code" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-            ex = KVR_EXIT_RUNTIME;
-            goto out;
+            char how[80];
+            fprintf(stderr, "kvrelay up: the cluster exited before it was ready (mpirun: %s)\n",
+                    describe(st, how, sizeof how));
+            exited = 1;
+            break;
         }
         /* A fresh channel per probe: a channel that failed to connect waits out gRPC's
          * reconnect backoff (seconds) before trying again. */
@@ -305,42 +468,68 @@ int kvr_cmd_up(int argc, char **argv) {
         struct kvr_rpc_status rs;
         kvr_client_free(client);
         client = NULL;
-        if (kvr_client_create(addr, &client) == KVR_OK &&
-            kvr_client_health(client, 1.0, &serving, NULL, 0, &rs) == 0 && serving) {
-            ready = 1;
+        if (probe_client(&cfg, addr, &client) == KVR_OK &&
+            kvr_client_health(client, 1.0, &serving, NULL, 0, &rs) == 0 && serving)
             break;
-        }
         if (kvr_clock_now() - t0 > (double)cfg.startup_timeout) {
             fprintf(stderr, "kvrelay up: not healthy after %.0f s; stopping it\n", (double)cfg.startup_timeout);
-            stop_job(pid, 10.0);
+            stop_job(pid, sfd, 10.0);
+            report_ranks(status_dir, nodes + 1, names);
             ex = KVR_EXIT_RUNTIME;
             goto out;
         }
-        kvr_sleep_ms(100);
+        int s = wait_signal(sfd, 100);
+        if (s != SIGCHLD)
+            sig = s;
     }
-    if (ready) {
+    if (!sig && !exited) {
         printf("kvrelay up: ready at %s (%d prefill, %d decode%s) in %.1f s; Ctrl-C stops it\n", addr, cfg.prefill,
                cfg.decode, cfg.colocated ? ", colocated" : "", kvr_clock_now() - t0);
         fflush(stdout);
-    }
-    while (!up_signal) {
-        pid_t w = waitpid(pid, &st, 0);
-        if (w == pid) {
-            fprintf(stderr, "kvrelay up: the cluster exited (%s %d)\n", WIFEXITED(st) ? "exit code" : "signal",
-                    WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-            ex = WIFEXITED(st) && WEXITSTATUS(st) == 0 ? KVR_EXIT_OK : KVR_EXIT_RUNTIME;
-            goto out;
+        kvr_client_free(client);
+        client = NULL;
+        /* Serving: wait for a stop signal or for the job to end on its own. */
+        while (!sig) {
+            int s = wait_signal(sfd, -1);
+            if (s == SIGCHLD) {
+                if (waitpid(pid, &st, WNOHANG) == pid) {
+                    char how[80];
+                    fprintf(stderr, "kvrelay up: the cluster exited by itself (mpirun: %s)\n",
+                            describe(st, how, sizeof how));
+                    exited = 1;
+                    break;
+                }
+            } else if (s) {
+                sig = s;
+            }
         }
-        if (w < 0 && errno != EINTR)
-            break;
     }
-    fprintf(stderr, "kvrelay up: stopping the cluster\n");
-    st = stop_job(pid, 15.0);
-    ex = KVR_EXIT_OK;
+    if (sig) {
+        fprintf(stderr, "kvrelay up: %s: stopping the cluster\n", strsignal(sig));
+        st = stop_job(pid, sfd, 15.0);
+    }
+    /* The job's real status: every rank must have exited 0 (mpirun's own status says
+     * nothing under --enable-recovery), and a job that ended without being asked to has
+     * failed whatever its ranks say. */
+    int bad = report_ranks(status_dir, nodes + 1, names);
+    if (exited || bad) {
+        fprintf(stderr, "kvrelay up: the cluster %s%s\n", exited ? "ended without being stopped" : "stopped",
+                bad ? ", not every rank exited cleanly" : "");
+        ex = KVR_EXIT_RUNTIME;
+    } else {
+        fprintf(stderr, "kvrelay up: stopped; every rank exited cleanly\n");
+        ex = KVR_EXIT_OK;
+    }
 out:
     kvr_client_free(client);
+    if (sfd >= 0)
+        close(sfd);
+    sigprocmask(SIG_SETMASK, &old_mask, NULL);
+    remove_dir(status_dir);
+    free(names);
     free(extra_p);
     free(extra_d);
+    free(extra_c);
     free(a);
     return ex;
 }

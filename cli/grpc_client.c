@@ -4,6 +4,8 @@
  * the stream. Callers: cmd_submit.c, cmd_status.c, tests, the cluster benchmark. */
 #include "grpc_client.h"
 
+#include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +22,8 @@
 
 struct kvr_client {
     grpc_channel *ch;
+    grpc_metadata md[1]; /* sent with every call: authorization (when n_md is 1) */
+    size_t n_md;
 };
 
 const char *kvr_gen_finish_name(int reason) {
@@ -40,17 +44,145 @@ const char *kvr_gen_finish_name(int reason) {
 }
 
 int kvr_client_create(const char *addr, struct kvr_client **out) {
+    return kvr_client_create_opts(addr, NULL, out, NULL, 0);
+}
+
+/* A whole small file, NUL-terminated (owned), or NULL with the reason in err. */
+static char *read_small(const char *what, const char *path, char *err, size_t err_len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        if (err)
+            snprintf(err, err_len, "%s %s: %s", what, path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 20;
+    char *buf = malloc(cap + 1);
+    size_t n = buf ? fread(buf, 1, cap + 1, f) : 0;
+    fclose(f);
+    if (!buf || n > cap) {
+        if (err)
+            snprintf(err, err_len, "%s %s: %s", what, path, buf ? "larger than 1 MiB" : "out of memory");
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
+int kvr_client_read_token(const char *path, char *buf, size_t len, char *err, size_t err_len) {
+    char *text = read_small("token file", path, err, err_len);
+    if (!text)
+        return KVR_EIO;
+    int rc = KVR_EINVAL;
+    snprintf(err, err_len, "token file %s holds no token", path);
+    for (char *line = text; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (nl)
+            *nl = '\0';
+        char *b = line, *e = line + strlen(line);
+        while (*b == ' ' || *b == '\t' || *b == '\r')
+            b++;
+        while (e > b && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r'))
+            e--;
+        if (e > b && *b != '#') {
+            if ((size_t)(e - b) >= len) {
+                snprintf(err, err_len, "token file %s: the token is longer than %zu bytes", path,
+                         len - 1);
+            } else {
+                memcpy(buf, b, (size_t)(e - b));
+                buf[e - b] = '\0';
+                rc = KVR_OK;
+            }
+            break;
+        }
+        line = nl ? nl + 1 : NULL;
+    }
+    memset(text, 0, strlen(text));
+    free(text);
+    return rc;
+}
+
+int kvr_client_create_opts(const char *addr, const struct kvr_client_opts *o,
+                           struct kvr_client **out, char *err, size_t err_len) {
     *out = NULL;
+    if (err && err_len)
+        err[0] = '\0';
     if (!addr || !*addr)
         return KVR_EINVAL;
+    struct kvr_client_opts none = {0};
+    if (!o)
+        o = &none;
+    char *ca = NULL, *cert = NULL, *key = NULL;
+    if ((o->tls_ca_file && !(ca = read_small("TLS CA", o->tls_ca_file, err, err_len))) ||
+        (o->tls_cert_file && !(cert = read_small("TLS certificate", o->tls_cert_file, err, err_len))) ||
+        (o->tls_key_file && !(key = read_small("TLS key", o->tls_key_file, err, err_len)))) {
+        free(ca);
+        free(cert);
+        free(key);
+        return KVR_EIO;
+    }
     struct kvr_client *c = calloc(1, sizeof *c);
-    if (!c)
+    if (!c) {
+        free(ca);
+        free(cert);
+        free(key);
         return KVR_ENOMEM;
+    }
     grpc_init();
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    c->ch = grpc_channel_create(addr, creds, NULL);
-    grpc_channel_credentials_release(creds);
+    grpc_channel_credentials *creds;
+    if (o->tls || ca || cert) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = key, .cert_chain = cert};
+        creds = grpc_ssl_credentials_create(ca, cert && key ? &pair : NULL, NULL, NULL);
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
+    grpc_arg args[3];
+    size_t n_args = 0;
+    if (o->tls_server_name) {
+        args[n_args].type = GRPC_ARG_STRING;
+        args[n_args].key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        args[n_args].value.string = (char *)(uintptr_t)o->tls_server_name;
+        n_args++;
+    }
+    if (o->recv_window_bytes > 0) {
+        args[n_args].type = GRPC_ARG_INTEGER;
+        args[n_args].key = GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES;
+        args[n_args].value.integer = o->recv_window_bytes;
+        n_args++;
+        args[n_args].type = GRPC_ARG_INTEGER;
+        args[n_args].key = GRPC_ARG_HTTP2_BDP_PROBE;
+        args[n_args].value.integer = 0;
+        n_args++;
+    }
+    grpc_channel_args cargs = {.num_args = n_args, .args = args};
+    c->ch = creds ? grpc_channel_create(addr, creds, n_args ? &cargs : NULL) : NULL;
+    if (creds)
+        grpc_channel_credentials_release(creds);
+    free(ca);
+    free(cert);
+    if (key) {
+        memset(key, 0, strlen(key));
+        free(key);
+    }
+    if (c->ch && o->token) {
+        size_t tlen = strlen(o->token);
+        char *v = malloc(tlen + 8);
+        if (v) {
+            memcpy(v, "Bearer ", 7);
+            memcpy(v + 7, o->token, tlen + 1);
+            c->md[0].key = grpc_slice_from_static_string("authorization");
+            c->md[0].value = grpc_slice_from_copied_string(v);
+            memset(v, 0, tlen + 7);
+            free(v);
+            c->n_md = 1;
+        } else {
+            grpc_channel_destroy(c->ch);
+            c->ch = NULL;
+        }
+    }
     if (!c->ch) {
+        if (err && err_len && !err[0])
+            snprintf(err, err_len, "cannot create a gRPC channel to %s", addr);
         free(c);
         grpc_shutdown();
         return KVR_EGRPC;
@@ -63,6 +195,8 @@ void kvr_client_free(struct kvr_client *c) {
     if (!c)
         return;
     grpc_channel_destroy(c->ch);
+    if (c->n_md)
+        grpc_slice_unref(c->md[0].value);
     free(c);
     grpc_shutdown();
 }
@@ -121,6 +255,8 @@ static int run_call(struct kvr_client *c, const char *method, const void *req, s
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[0].data.send_initial_metadata.count = c->n_md;
+    ops[0].data.send_initial_metadata.metadata = c->n_md ? c->md : NULL;
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = req_bb;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

@@ -14,11 +14,35 @@
 
 struct kvr_client;
 
-/* Opens a channel to addr ("host:port"; insecure). Connecting is lazy: an unreachable
- * server shows up as the first call's status. Calls grpc_init (balanced by free).
- * Errors: KVR_EINVAL (NULL/empty addr), KVR_EGRPC, KVR_ENOMEM. Returns owned *out, free
- * with kvr_client_free. */
+/* Opens a channel to addr ("host:port"; plaintext, no token). Connecting is lazy: an
+ * unreachable server shows up as the first call's status. Calls grpc_init (balanced by
+ * free). Errors: KVR_EINVAL (NULL/empty addr), KVR_EGRPC, KVR_ENOMEM. Returns owned *out,
+ * free with kvr_client_free. */
 int kvr_client_create(const char *addr, struct kvr_client **out);
+
+/* How to reach a server that uses TLS or bearer tokens (docs/API.md, "Security"). */
+struct kvr_client_opts {
+    int tls;                     /* 1: TLS (implied by tls_ca_file) */
+    const char *tls_ca_file;     /* PEM certificates to trust; NULL: gRPC's default roots */
+    const char *tls_server_name; /* name the server's certificate must carry (default: the
+                                  * host part of addr); for tests and IP addresses */
+    const char *tls_cert_file;   /* client certificate (mTLS), with tls_key_file; optional */
+    const char *tls_key_file;
+    const char *token;           /* sent as "authorization: Bearer <token>" on every call */
+    int recv_window_bytes;       /* bytes a call reads ahead of its caller; 0 = gRPC's default
+                                  * (64 KiB, grown by BDP probing). A small value makes a slow
+                                  * reader slow on the wire too (tests of slow clients). */
+};
+
+/* kvr_client_create with options (o may be NULL). Files are read here: a missing or
+ * unreadable one is KVR_EIO with the reason in err (one line). */
+int kvr_client_create_opts(const char *addr, const struct kvr_client_opts *o,
+                           struct kvr_client **out, char *err, size_t err_len);
+
+/* Reads the first token of a token file (the coordinator's --auth-token-file format: one
+ * per line, blank and '#' lines skipped, spaces trimmed) into buf. Returns KVR_OK, KVR_EIO
+ * or KVR_EINVAL (no token, or longer than len - 1) with the reason in err. */
+int kvr_client_read_token(const char *path, char *buf, size_t len, char *err, size_t err_len);
 
 /* Closes the channel. No call may be running on it. Accepts NULL. */
 void kvr_client_free(struct kvr_client *c);

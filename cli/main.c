@@ -4,6 +4,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "grpc_client.h"
 #include "log.h"
 #include "options.h"
 #include "status.h"
@@ -47,6 +48,33 @@ int kvr_cli_parse(const char *cmd, const char *summary, const struct kvr_opt *ta
     }
     *done = 0;
     kvr_opts_log(prog, table, n_opts, cfg);
+    return KVR_EXIT_OK;
+}
+
+int kvr_cli_connect(const char *cmd, const char *addr, const struct kvr_cli_conn *conn,
+                    struct kvr_client **out) {
+    char token[4200] = "", err[512] = "";
+    if (!conn->tls_cert != !conn->tls_key) {
+        fprintf(stderr, "kvrelay %s: --tls-cert and --tls-key go together\n", cmd);
+        return KVR_EXIT_USAGE;
+    }
+    if (conn->auth_token_file &&
+        kvr_client_read_token(conn->auth_token_file, token, sizeof token, err, sizeof err) != KVR_OK) {
+        fprintf(stderr, "kvrelay %s: %s\n", cmd, err);
+        return KVR_EXIT_RUNTIME;
+    }
+    struct kvr_client_opts o = {.tls = conn->tls,
+                                .tls_ca_file = conn->tls_ca,
+                                .tls_server_name = conn->tls_server_name,
+                                .tls_cert_file = conn->tls_cert,
+                                .tls_key_file = conn->tls_key,
+                                .token = token[0] ? token : NULL};
+    int rc = kvr_client_create_opts(addr, &o, out, err, sizeof err);
+    memset(token, 0, sizeof token);
+    if (rc != KVR_OK) {
+        fprintf(stderr, "kvrelay %s: %s\n", cmd, err[0] ? err : "cannot use that address");
+        return rc == KVR_EIO ? KVR_EXIT_RUNTIME : KVR_EXIT_USAGE;
+    }
     return KVR_EXIT_OK;
 }
 

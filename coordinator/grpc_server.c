@@ -7,6 +7,7 @@
 #include "grpc_server.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -23,6 +24,7 @@
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
 
+#include "auth.h"
 #include "grpc_codes.h"
 #include "kvrelay.pb-c.h"
 #include "log.h"
@@ -167,7 +169,8 @@ struct rpc_call {
     int n_sent;        /* token messages started */
     char *prompt_text; /* owned until the first message goes out (then NULL) */
     uint64_t seed;
-    int finished; /* finish() arrived; fields below valid */
+    int overflowed; /* ended for holding more than max_pending_tokens: drop later tokens */
+    int finished;   /* finish() arrived; fields below valid */
     int fin_status;
     enum coord_finish fin_reason;
     struct coord_usage fin_usage;
@@ -184,6 +187,9 @@ struct coord_grpc {
     int max_piece_len; /* longest vocabulary string: bounds bytes per prompt token */
     int port;
     int grace_ms;
+    const struct coord_auth *auth; /* NULL: no token needed */
+    int max_pending;               /* tokens a call may hold (max_pending_tokens) */
+    atomic_llong pending_now, pending_max, n_overflowed;
     grpc_metadata md[1]; /* initial metadata every call sends: "kvr-server: kvrelay" */
 
     /* The armed request_call (CQ thread only). */
@@ -271,6 +277,9 @@ static void call_free(struct rpc_call *c) {
  * the caller must call_free(c) after unlocking (nobody else can reach c any more). */
 static int call_settle(struct rpc_call *c) {
     if (c->call && c->n_batches == 0) {
+        /* Nothing can be sent any more: the queue no longer counts. */
+        atomic_fetch_sub(&c->g->pending_now, (long long)(c->q_tail - c->q_head));
+        c->q_head = c->q_tail = 0;
         grpc_call_unref(c->call);
         c->call = NULL;
         /* The last touch of g: after this the server may be destroyed. */
@@ -568,6 +577,7 @@ static void generate_pump(struct rpc_call *c) {
         c->md_sent = c->send_busy = 1;
         c->send_bb = bb;
         c->q_head++;
+        atomic_fetch_sub(&c->g->pending_now, 1);
         c->prev_token = id;
         c->n_sent++;
         free(c->prompt_text);
@@ -617,20 +627,55 @@ static void generate_pump(struct rpc_call *c) {
     call_finish(c, NULL, code, msg);
 }
 
+/* Raises *max to v if v is larger (any thread). */
+static void atomic_max_ll(atomic_llong *max, long long v) {
+    long long cur = atomic_load(max);
+    while (v > cur && !atomic_compare_exchange_weak(max, &cur, v)) {
+    }
+}
+
+/* Queues generated tokens for the call. The queue is bounded: a client that reads slower
+ * than the cluster writes (gRPC's flow control stops our sends once the client's window
+ * is full) would otherwise make it grow for as long as the generation runs. Past
+ * max_pending tokens the call ends with RESOURCE_EXHAUSTED; on_close then cancels the
+ * request in the cluster, which frees its KV blocks. docs/API.md ("Slow readers"). */
 static void stream_tokens(struct coord_stream *s, const int *ids, int n) {
     struct rpc_call *c = s->call;
     if (n <= 0)
         return;
     pthread_mutex_lock(&c->mu);
-    if (c->call && !c->closed && !c->status_sent) {
+    if (c->call && !c->closed && !c->status_sent && !c->overflowed) {
+        struct coord_grpc *g = c->g;
+        int held = c->q_tail - c->q_head;
+        if ((long long)held + n > (long long)g->max_pending) {
+            char msg[KVR_GRPC_MSG_LEN];
+            snprintf(msg, sizeof msg,
+                     "the client reads too slowly: %d generated tokens are waiting to be sent "
+                     "(limit %d)",
+                     held + n, g->max_pending);
+            KVR_LOG_WARN("call=%llu req=%llu -> RESOURCE_EXHAUSTED: %s", (unsigned long long)c->serial,
+                         (unsigned long long)c->req_id, msg);
+            c->overflowed = 1;
+            atomic_fetch_add(&g->n_overflowed, 1);
+            atomic_fetch_sub(&g->pending_now, (long long)held);
+            c->q_head = c->q_tail = 0;
+            /* Not call_finish: a send may be in flight, and the status must reach the
+             * client even though its window is full (it travels as HEADERS, not DATA). */
+            grpc_call_cancel_with_status(c->call, GRPC_STATUS_RESOURCE_EXHAUSTED, msg, NULL);
+            pthread_mutex_unlock(&c->mu);
+            return;
+        }
         if (c->q_tail + n > c->q_cap && c->q_head > 0) {
             memmove(c->q, c->q + c->q_head, (size_t)(c->q_tail - c->q_head) * sizeof *c->q);
             c->q_tail -= c->q_head;
             c->q_head = 0;
         }
         if (c->q_tail + n > c->q_cap) {
-            /* Only when the client reads slower than the cluster generates. */
+            /* Only when the client reads slower than the cluster generates; bounded by
+             * max_pending above. */
             int cap = c->q_cap * 2 > c->q_tail + n ? c->q_cap * 2 : c->q_tail + n;
+            if (cap > g->max_pending)
+                cap = g->max_pending;
             int *q = realloc(c->q, (size_t)cap * sizeof *q);
             if (!q) {
                 KVR_LOG_ERROR("req=%llu: out of memory queueing %d tokens; cancelling",
@@ -644,6 +689,8 @@ static void stream_tokens(struct coord_stream *s, const int *ids, int n) {
         }
         memcpy(c->q + c->q_tail, ids, (size_t)n * sizeof *ids);
         c->q_tail += n;
+        atomic_fetch_add(&g->pending_now, (long long)n);
+        atomic_max_ll(&g->pending_max, (long long)(c->q_tail - c->q_head));
         generate_pump(c);
     }
     pthread_mutex_unlock(&c->mu);
@@ -949,6 +996,24 @@ static int arm_request(struct coord_grpc *g) {
     return KVR_OK;
 }
 
+/* The verdict on a call's `authorization` metadata. */
+static enum coord_auth_verdict call_credentials(const struct coord_grpc *g,
+                                                const grpc_metadata_array *md) {
+    const grpc_metadata *found = NULL;
+    for (size_t i = 0; i < md->count; i++) {
+        grpc_slice k = md->metadata[i].key;
+        if (GRPC_SLICE_LENGTH(k) == 13 && !memcmp(GRPC_SLICE_START_PTR(k), "authorization", 13)) {
+            if (found)
+                return COORD_AUTH_MALFORMED; /* two credentials: accept neither */
+            found = &md->metadata[i];
+        }
+    }
+    if (!found)
+        return coord_auth_check(g->auth, NULL, 0);
+    return coord_auth_check(g->auth, (const char *)GRPC_SLICE_START_PTR(found->value),
+                            GRPC_SLICE_LENGTH(found->value));
+}
+
 static void on_new_call(struct coord_grpc *g, int success) {
     g->armed = 0;
     grpc_call *call = success ? g->nc_call : NULL;
@@ -964,6 +1029,12 @@ static void on_new_call(struct coord_grpc *g, int success) {
             if (GRPC_SLICE_LENGTH(m) == strlen(methods[i].path) && !strcmp(path, methods[i].path))
                 method = methods[i].method;
     }
+    /* Health stays open (load balancers and `kvrelay up` probe it without a secret; it
+     * names no host); every other method, unknown ones included, needs a token when the
+     * server has any. */
+    enum coord_auth_verdict verdict = COORD_AUTH_OK;
+    if (call && g->auth && method != RPC_HEALTH)
+        verdict = call_credentials(g, &g->nc_md);
     /* Re-arm first so that the server always has a request_call outstanding. */
     grpc_call_details_destroy(&g->nc_details);
     grpc_metadata_array_destroy(&g->nc_md);
@@ -1002,6 +1073,13 @@ static void on_new_call(struct coord_grpc *g, int success) {
     op.data.recv_close_on_server.cancelled = &c->close_cancelled;
     if (!call_start(c, &op, 1, &c->t_close)) {
         grpc_call_cancel(c->call, NULL);
+    } else if (verdict != COORD_AUTH_OK) {
+        KVR_LOG_INFO("call=%llu %s: %s bearer token -> UNAUTHENTICATED", (unsigned long long)c->serial,
+                     path, coord_auth_verdict_name(verdict));
+        call_finish(c, NULL, GRPC_STATUS_UNAUTHENTICATED,
+                    verdict == COORD_AUTH_MISSING
+                        ? "this server needs a bearer token (metadata authorization: Bearer <token>)"
+                        : "invalid bearer token");
     } else if (method == RPC_UNKNOWN) {
         char msg[KVR_GRPC_MSG_LEN];
         snprintf(msg, sizeof msg, "unknown method %s", path);
@@ -1087,6 +1165,14 @@ int coord_grpc_active_calls(const struct coord_grpc *g) {
     return atomic_load(&g->n_calls);
 }
 
+void coord_grpc_stream_stats(const struct coord_grpc *g, struct coord_grpc_stream_stats *out) {
+    /* The counters are only read here; atomic_load takes a non-const pointer in C11. */
+    struct coord_grpc *m = (struct coord_grpc *)(uintptr_t)g;
+    out->pending_tokens = atomic_load(&m->pending_now);
+    out->pending_tokens_max = atomic_load(&m->pending_max);
+    out->overflowed_calls = atomic_load(&m->n_overflowed);
+}
+
 int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out) {
     *out = NULL;
     if (!p || !p->addr || !p->tok || p->seq_len < 1 || p->vocab_size < 1 ||
@@ -1126,18 +1212,78 @@ int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out)
     pthread_cond_init(&g->cv, &ca);
     pthread_condattr_destroy(&ca);
 
-    /* No SO_REUSEPORT: a second coordinator on the same port must fail to bind, not share. */
-    grpc_arg args[1];
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = mutable_str(GRPC_ARG_ALLOW_REUSEPORT);
-    args[0].value.integer = 0;
-    grpc_channel_args cargs = {.num_args = 1, .args = args};
+    /* Every limit is set here, explicitly, rather than left to gRPC's defaults (which
+     * change between versions); docs/API.md ("Server options") lists them. */
+    int ka_time = p->keepalive_time_ms ? p->keepalive_time_ms : COORD_GRPC_DEFAULT_KEEPALIVE_TIME_MS;
+    int ka_timeout =
+        p->keepalive_timeout_ms ? p->keepalive_timeout_ms : COORD_GRPC_DEFAULT_KEEPALIVE_TIMEOUT_MS;
+    int max_streams =
+        p->max_concurrent_streams ? p->max_concurrent_streams : COORD_GRPC_DEFAULT_MAX_STREAMS;
+    int max_msg = p->max_message_bytes ? p->max_message_bytes : COORD_GRPC_DEFAULT_MAX_MESSAGE_BYTES;
+    g->max_pending =
+        p->max_pending_tokens > 0 ? p->max_pending_tokens : COORD_GRPC_DEFAULT_MAX_PENDING_TOKENS;
+    g->auth = p->auth;
+    atomic_init(&g->pending_now, 0);
+    atomic_init(&g->pending_max, 0);
+    atomic_init(&g->n_overflowed, 0);
+    struct {
+        const char *key;
+        int value;
+    } iargs[] = {
+        /* No SO_REUSEPORT: a second coordinator on the same port must fail to bind, not share. */
+        {GRPC_ARG_ALLOW_REUSEPORT, 0},
+        /* Ping an idle connection every ka_time: a client that vanished without a FIN
+         * (host down, NAT dropped) frees its calls and their KV blocks. INT_MAX = never. */
+        {GRPC_ARG_KEEPALIVE_TIME_MS, ka_time < 0 ? INT32_MAX : ka_time},
+        {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, ka_timeout},
+        {GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1},
+        /* Clients may ping too, but not more often than every 10 s without data. */
+        {GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000},
+        {GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2},
+        {GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams},
+        {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_msg},
+        {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_msg},
+        /* Request metadata (the token included) is small: 16 KiB is plenty. */
+        {GRPC_ARG_MAX_METADATA_SIZE, 16384},
+    };
+    grpc_arg args[sizeof iargs / sizeof iargs[0]];
+    for (size_t i = 0; i < sizeof iargs / sizeof iargs[0]; i++) {
+        args[i].type = GRPC_ARG_INTEGER;
+        args[i].key = mutable_str(iargs[i].key);
+        args[i].value.integer = iargs[i].value;
+    }
+    grpc_channel_args cargs = {.num_args = sizeof args / sizeof args[0], .args = args};
     g->cq = grpc_completion_queue_create_for_next(NULL);
     g->server = grpc_server_create(&cargs, NULL);
     if (!g->cq || !g->server)
         goto fail;
     grpc_server_register_completion_queue(g->server, g->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int tls = p->tls_cert_pem || p->tls_key_pem;
+    grpc_server_credentials *creds;
+    if (tls) {
+        if (!p->tls_cert_pem || !p->tls_key_pem) {
+            KVR_LOG_ERROR("TLS needs both a certificate and its private key");
+            goto fail;
+        }
+        /* gRPC checks the PEM text when the first connection arrives, too late to tell the
+         * operator: the caller (main.c) checks that the files look like PEM. */
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = p->tls_key_pem,
+                                           .cert_chain = p->tls_cert_pem};
+        creds = grpc_ssl_server_credentials_create_ex(
+            p->tls_client_ca_pem, &pair, 1,
+            p->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else if (p->tls_client_ca_pem) {
+        KVR_LOG_ERROR("a client CA (mTLS) needs TLS: give the server certificate and key too");
+        goto fail;
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    if (!creds) {
+        KVR_LOG_ERROR("cannot create the server credentials");
+        goto fail;
+    }
     g->port = grpc_server_add_http2_port(g->server, p->addr, creds);
     grpc_server_credentials_release(creds);
     if (g->port <= 0) {
@@ -1152,8 +1298,9 @@ int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out)
         KVR_LOG_ERROR("pthread_create: %s", strerror(errno));
         goto fail;
     }
-    KVR_LOG_INFO("listening on %s (port %d), context %d, vocab %d", p->addr, g->port, g->seq_len,
-                 g->vocab_size);
+    KVR_LOG_INFO("listening on %s (port %d, %s%s%s), context %d, vocab %d", p->addr, g->port,
+                 tls ? "TLS" : "plaintext", p->tls_client_ca_pem ? ", client certificates" : "",
+                 g->auth ? ", bearer tokens" : "", g->seq_len, g->vocab_size);
     *out = g;
     return KVR_OK;
 

@@ -1,8 +1,13 @@
 /* main.c - kvrelay-coordinator: the cluster's front door (rank of role coordinator in
  * the MPI job). The MPI thread (this one) runs the router; grpc_server.c runs its own
  * completion-queue thread. See docs/ARCHITECTURE.md. */
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "auth.h"
 
 #include "grpc_server.h"
 #include "log.h"
@@ -22,18 +27,65 @@ struct coord_cfg {
     float node_timeout;
     float startup_timeout;
     int max_retries;
+    const char *tls_cert;
+    const char *tls_key;
+    const char *tls_client_ca;
+    const char *auth_token_file;
+    float keepalive_time;
+    float keepalive_timeout;
+    int max_streams;
+    uint64_t max_message;
+    int max_pending_tokens;
 };
 
 static const struct kvr_opt opts[] = {
     {"model", KVR_OPT_STRING, offsetof(struct coord_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint every node serves (checked by fingerprint)"},
     {"tokenizer", KVR_OPT_STRING, offsetof(struct coord_cfg, tokenizer), NULL, 0, -1, NULL, 1, "tokenizer.bin of the model"},
-    {"listen", KVR_OPT_STRING, offsetof(struct coord_cfg, listen), "0.0.0.0:50051", 0, -1, NULL, 0, "gRPC listen address"},
+    {"listen", KVR_OPT_STRING, offsetof(struct coord_cfg, listen), "127.0.0.1:50051", 0, -1, NULL, 0, "gRPC listen address HOST:PORT (loopback by default: give 0.0.0.0:PORT to serve other machines)"},
     {"queue-max", KVR_OPT_INT, offsetof(struct coord_cfg, queue_max), "1024", 1, 1 << 20, NULL, 0, "requests waiting for KV memory at most (then RESOURCE_EXHAUSTED)"},
     {"queue-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, queue_timeout), "30", 0.01, 86400, NULL, 0, "seconds a request may wait for KV memory"},
     {"node-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, node_timeout), "10", 0.2, 86400, NULL, 0, "seconds of silence after which a node is dead"},
     {"startup-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, startup_timeout), "600", 1, 86400, NULL, 0, "seconds to wait for every node to load the model"},
     {"max-retries", KVR_OPT_INT, offsetof(struct coord_cfg, max_retries), "2", 0, 15, NULL, 0, "re-runs of a request whose node died"},
+    {"tls-cert", KVR_OPT_STRING, offsetof(struct coord_cfg, tls_cert), NULL, 0, -1, NULL, 0, "PEM certificate chain of the server: turns TLS on (with --tls-key)"},
+    {"tls-key", KVR_OPT_STRING, offsetof(struct coord_cfg, tls_key), NULL, 0, -1, NULL, 0, "PEM private key of --tls-cert"},
+    {"tls-client-ca", KVR_OPT_STRING, offsetof(struct coord_cfg, tls_client_ca), NULL, 0, -1, NULL, 0, "PEM CA certificates: clients must present a certificate signed by one (mTLS)"},
+    {"auth-token-file", KVR_OPT_STRING, offsetof(struct coord_cfg, auth_token_file), NULL, 0, -1, NULL, 0, "file of bearer tokens, one per line: every RPC but Health needs 'authorization: Bearer <token>'"},
+    {"keepalive-time", KVR_OPT_FLOAT, offsetof(struct coord_cfg, keepalive_time), "60", 0, 86400, NULL, 0, "seconds between keepalive pings on an idle connection (0 = never)"},
+    {"keepalive-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, keepalive_timeout), "20", 0.1, 3600, NULL, 0, "seconds to wait for a ping's answer before closing the connection"},
+    {"max-concurrent-streams", KVR_OPT_INT, offsetof(struct coord_cfg, max_streams), "256", 1, 1 << 20, NULL, 0, "calls at once on one client connection"},
+    {"max-message-bytes", KVR_OPT_SIZE, offsetof(struct coord_cfg, max_message), "4MiB", 1024, 1 << 30, NULL, 0, "largest gRPC message received or sent"},
+    {"max-pending-tokens", KVR_OPT_INT, offsetof(struct coord_cfg, max_pending_tokens), "65536", 1, 1 << 24, NULL, 0, "generated tokens held for a client that reads slowly; past it the call ends with RESOURCE_EXHAUSTED"},
 };
+
+/* The whole of a small PEM file, NUL-terminated (owned), or NULL with the reason printed. */
+static char *read_pem(const char *opt, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "kvrelay-coordinator: --%s %s: %s\n", opt, path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 20, n = 0;
+    char *buf = malloc(cap + 1);
+    if (buf)
+        n = fread(buf, 1, cap + 1, f);
+    fclose(f);
+    if (buf)
+        buf[n < cap ? n : cap] = '\0';
+    if (!buf || n > cap || !strstr(buf, "-----BEGIN ")) {
+        fprintf(stderr, "kvrelay-coordinator: --%s %s: %s\n", opt, path,
+                !buf ? "out of memory" : n > cap ? "larger than 1 MiB, not a PEM file" : "not a PEM file (no -----BEGIN line)");
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* Whether a listen address is a loopback one (where plaintext is between local users). */
+static int loopback(const char *addr) {
+    return !strncmp(addr, "127.", 4) || !strncmp(addr, "localhost:", 10) || !strncmp(addr, "[::1]:", 6) ||
+           !strncmp(addr, "unix:", 5);
+}
 
 int main(int argc, char **argv) {
     struct coord_cfg cfg;
@@ -56,6 +108,34 @@ int main(int argc, char **argv) {
         fprintf(stderr, "kvrelay-coordinator: cannot load tokenizer '%s': %s\n", cfg.tokenizer, kvr_status_str(rc));
         kvr_role_exit(x, KVR_EIO);
     }
+    /* Security material first: a bad file is one clear line before the cluster waits. */
+    char *cert = NULL, *key = NULL, *client_ca = NULL;
+    struct coord_auth *auth = NULL;
+    if (!cfg.tls_cert != !cfg.tls_key) {
+        fprintf(stderr, "kvrelay-coordinator: --tls-cert and --tls-key go together\n");
+        kvr_role_exit(x, KVR_EINVAL);
+    }
+    if (cfg.tls_client_ca && !cfg.tls_cert) {
+        fprintf(stderr, "kvrelay-coordinator: --tls-client-ca needs TLS (--tls-cert and --tls-key)\n");
+        kvr_role_exit(x, KVR_EINVAL);
+    }
+    if ((cfg.tls_cert && !(cert = read_pem("tls-cert", cfg.tls_cert))) ||
+        (cfg.tls_key && !(key = read_pem("tls-key", cfg.tls_key))) ||
+        (cfg.tls_client_ca && !(client_ca = read_pem("tls-client-ca", cfg.tls_client_ca))))
+        kvr_role_exit(x, KVR_EINVAL);
+    if (cfg.auth_token_file) {
+        char err[256];
+        if (coord_auth_load(cfg.auth_token_file, &auth, err, sizeof err) != KVR_OK) {
+            fprintf(stderr, "kvrelay-coordinator: --auth-token-file: %s\n", err);
+            kvr_role_exit(x, KVR_EINVAL);
+        }
+    }
+    if (!loopback(cfg.listen) && !cert)
+        KVR_LOG_WARN("listening on %s without TLS: requests%s travel in clear text", cfg.listen,
+                     auth ? " and bearer tokens" : "");
+    if (!loopback(cfg.listen) && !auth && !client_ca)
+        KVR_LOG_WARN("listening on %s without --auth-token-file or --tls-client-ca: anyone who can "
+                     "reach it may use the cluster", cfg.listen);
     struct coord_router_params rtp = {.xfer = x, .ops = &coord_grpc_stream_ops, .queue_max = cfg.queue_max,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
                                      .max_retries = cfg.max_retries};
@@ -71,8 +151,19 @@ int main(int argc, char **argv) {
         kvr_role_exit(x, KVR_EIO);
     }
     struct coord_grpc_params gp = {.addr = cfg.listen, .router = router, .tok = tok, .seq_len = seq_len,
-                                   .vocab_size = vocab, .shutdown_grace_ms = 2000};
-    if ((rc = coord_grpc_start(&gp, &grpc)) != KVR_OK) {
+                                   .vocab_size = vocab, .shutdown_grace_ms = 2000,
+                                   .tls_cert_pem = cert, .tls_key_pem = key, .tls_client_ca_pem = client_ca,
+                                   .auth = auth,
+                                   .keepalive_time_ms = cfg.keepalive_time > 0 ? (int)(cfg.keepalive_time * 1000.0f) : -1,
+                                   .keepalive_timeout_ms = (int)(cfg.keepalive_timeout * 1000.0f),
+                                   .max_concurrent_streams = cfg.max_streams,
+                                   .max_message_bytes = (int)cfg.max_message,
+                                   .max_pending_tokens = cfg.max_pending_tokens};
+    rc = coord_grpc_start(&gp, &grpc);
+    free(cert);
+    free(key);
+    free(client_ca);
+    if (rc != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: cannot serve gRPC on %s: %s\n", cfg.listen, kvr_status_str(rc));
         coord_router_shutdown(router);
         kvr_role_exit(x, KVR_EIO);
@@ -86,6 +177,7 @@ int main(int argc, char **argv) {
     coord_router_shutdown(router);
     coord_grpc_stop(grpc);
     coord_router_free(router);
+    coord_auth_free(auth);
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
     kvr_xfer_finalize(x, 2.0);

@@ -16,10 +16,21 @@
 #include <time.h>
 #include <unistd.h>
 
+#define MARK_VAR "KVRTEST_CLUSTER"
+#define MAX_LIVE 8
+
+/* Clusters started and not yet stopped: the atexit handler takes them down. */
+static struct cluster *live[MAX_LIVE];
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void nap_ms(long ms) {
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
 }
 
 int harness_free_port(void) {
@@ -35,10 +46,149 @@ int harness_free_port(void) {
     return port;
 }
 
+/* Whether process pid carries mark in its environment; its program's base name into exe. */
+static int marked(pid_t pid, const char *mark, char *exe, size_t exe_len) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    static char buf[1 << 17];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    char want[128];
+    int wl = snprintf(want, sizeof want, MARK_VAR "=%s", mark);
+    int found = 0;
+    for (ssize_t i = 0; i < n;) {
+        size_t l = strlen(buf + i);
+        if ((int)l == wl && !memcmp(buf + i, want, (size_t)wl))
+            found = 1;
+        i += (ssize_t)l + 1;
+    }
+    if (!found)
+        return 0;
+    exe[0] = '\0';
+    snprintf(path, sizeof path, "/proc/%d/exe", (int)pid);
+    char full[1024];
+    ssize_t k = readlink(path, full, sizeof full - 1);
+    if (k > 0) {
+        full[k] = '\0';
+        const char *base = strrchr(full, '/');
+        base = base ? base + 1 : full;
+        size_t bl = strlen(base) < exe_len - 1 ? strlen(base) : exe_len - 1;
+        memcpy(exe, base, bl);
+        exe[bl] = '\0';
+    }
+    return 1;
+}
+
+/* Calls fn for every live process of the cluster (zombies excluded: they are gone). */
+static int for_each_proc(const struct cluster *c, void (*fn)(pid_t pid, const char *exe, void *ud),
+                         void *ud) {
+    DIR *d = opendir("/proc");
+    if (!d)
+        return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        pid_t pid = (pid_t)atoi(e->d_name);
+        if (pid <= 0 || pid == getpid())
+            continue;
+        char exe[256];
+        if (!marked(pid, c->mark, exe, sizeof exe))
+            continue;
+        char path[64], st[512];
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+        FILE *f = fopen(path, "r");
+        int zombie = 0;
+        if (f) {
+            size_t k = fread(st, 1, sizeof st - 1, f);
+            st[k] = '\0';
+            fclose(f);
+            char *rp = strrchr(st, ')');
+            zombie = rp && rp[1] == ' ' && rp[2] == 'Z';
+        }
+        if (zombie)
+            continue;
+        n++;
+        if (fn)
+            fn(pid, exe, ud);
+    }
+    closedir(d);
+    return n;
+}
+
+int cluster_count_procs(const struct cluster *c) {
+    return for_each_proc(c, NULL, NULL);
+}
+
+static void print_proc(pid_t pid, const char *exe, void *ud) {
+    (void)ud;
+    fprintf(stderr, "harness:   left behind: pid %d (%s)\n", (int)pid, exe);
+}
+
+static void kill_proc(pid_t pid, const char *exe, void *ud) {
+    (void)exe;
+    (void)ud;
+    kill(pid, SIGKILL);
+}
+
+int cluster_wait_gone(const struct cluster *c, double timeout_s) {
+    double t_end = now_s() + timeout_s;
+    int n;
+    while ((n = cluster_count_procs(c)) > 0 && now_s() < t_end)
+        nap_ms(20);
+    return n;
+}
+
+static void forget(struct cluster *c) {
+    for (int i = 0; i < MAX_LIVE; i++)
+        if (live[i] == c)
+            live[i] = NULL;
+    if (c->out_fd > 0)
+        close(c->out_fd);
+    c->out_fd = -1;
+}
+
+/* Kills whatever is left of c: its process group, then every marked process. */
+static void take_down(struct cluster *c) {
+    if (c->pid > 0) {
+        kill(-c->pid, SIGKILL);
+        int st;
+        waitpid(c->pid, &st, 0);
+        c->pid = 0;
+    }
+    if (cluster_wait_gone(c, 10) > 0) {
+        for_each_proc(c, print_proc, NULL);
+        for_each_proc(c, kill_proc, NULL);
+        cluster_wait_gone(c, 5);
+    }
+    forget(c);
+}
+
+static void at_exit_take_down(void) {
+    for (int i = 0; i < MAX_LIVE; i++) {
+        if (live[i]) {
+            fprintf(stderr, "harness: test ended with a cluster running (port %d): killing it\n", live[i]->port);
+            take_down(live[i]);
+        }
+    }
+}
+
 int cluster_start(struct cluster *c, double timeout_s, const char *const *extra) {
+    static int registered;
+    if (!registered) {
+        atexit(at_exit_take_down);
+        registered = 1;
+    }
     memset(c, 0, sizeof *c);
+    c->out_fd = -1;
     c->port = harness_free_port();
     snprintf(c->addr, sizeof c->addr, "127.0.0.1:%d", c->port);
+    snprintf(c->mark, sizeof c->mark, "%d.%d", (int)getpid(), c->port);
     char bin[1024], model[1024], tok[1024], port[16];
     snprintf(bin, sizeof bin, "%s/kvrelay", KVR_BIN_DIR);
     snprintf(model, sizeof model, "%s/models/stories260K.bin", KVR_SHARED_DIR);
@@ -53,14 +203,26 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
     if (pipe(pfd) != 0)
         return -1;
     c->pid = fork();
-    if (c->pid < 0)
+    if (c->pid < 0) {
+        c->pid = 0;
         return -1;
+    }
     if (c->pid == 0) {
+        /* Its own process group, so the harness can kill everything it started at once. */
+        setpgid(0, 0);
+        setenv(MARK_VAR, c->mark, 1);
         dup2(pfd[1], 1);
         close(pfd[0]);
         close(pfd[1]);
         execv(bin, (char *const *)(uintptr_t)argv);
         _exit(127);
+    }
+    setpgid(c->pid, c->pid);
+    for (int i = 0; i < MAX_LIVE; i++) {
+        if (!live[i]) {
+            live[i] = c;
+            break;
+        }
     }
     close(pfd[1]);
     c->out_fd = pfd[0];
@@ -87,84 +249,62 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
     return -1;
 }
 
-int cluster_stop(struct cluster *c, double timeout_s) {
+int cluster_wait(struct cluster *c, double timeout_s) {
     if (c->pid <= 0)
         return -1;
-    kill(c->pid, SIGTERM);
     double t_end = now_s() + timeout_s;
     int st = 0;
     while (now_s() < t_end) {
         pid_t w = waitpid(c->pid, &st, WNOHANG);
         if (w == c->pid) {
             c->pid = 0;
-            if (c->out_fd > 0)
-                close(c->out_fd);
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            c->exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            return c->exit_code;
         }
-        struct timespec ts = {0, 50000000};
-        nanosleep(&ts, NULL);
+        nap_ms(20);
     }
-    fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing\n", timeout_s);
-    kill(c->pid, SIGKILL);
-    waitpid(c->pid, &st, 0);
-    c->pid = 0;
-    if (c->out_fd > 0)
-        close(c->out_fd);
     return -1;
 }
 
-/* Parent pid of pid from /proc, or -1. */
-static pid_t parent_of(pid_t pid) {
-    char path[64], buf[512];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
+int cluster_stop(struct cluster *c, double timeout_s) {
+    if (c->pid <= 0) {
+        forget(c);
         return -1;
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    char *rp = strrchr(buf, ')');
-    int ppid = -1;
-    if (!rp || sscanf(rp + 2, "%*c %d", &ppid) != 1)
+    }
+    kill(c->pid, SIGTERM);
+    int code = cluster_wait(c, timeout_s);
+    if (code < 0) {
+        fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing its process group\n", timeout_s);
+        take_down(c);
         return -1;
-    return (pid_t)ppid;
+    }
+    /* up has exited: every process of the cluster must be gone with it. */
+    int left = cluster_wait_gone(c, 10);
+    if (left > 0) {
+        fprintf(stderr, "harness: kvrelay up exited but %d of its processes did not\n", left);
+        take_down(c);
+        return -1;
+    }
+    forget(c);
+    return code;
+}
+
+struct pid_list {
+    const char *prog;
+    pid_t *pids;
+    int n, max;
+};
+
+static void collect_rank(pid_t pid, const char *exe, void *ud) {
+    struct pid_list *l = ud;
+    static const char *progs[] = {"kvrelay-coordinator", "kvrelay-prefill", "kvrelay-decode"};
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(exe, progs[i]) && (!l->prog || !strcmp(l->prog, progs[i])) && l->n < l->max)
+            l->pids[l->n++] = pid;
 }
 
 int cluster_pids(const struct cluster *c, const char *prog, pid_t *pids, int max) {
-    static const char *progs[] = {"kvrelay-coordinator", "kvrelay-prefill", "kvrelay-decode"};
-    DIR *d = opendir("/proc");
-    if (!d)
-        return 0;
-    int n = 0;
-    struct dirent *e;
-    while ((e = readdir(d)) && n < max) {
-        pid_t pid = (pid_t)atoi(e->d_name);
-        if (pid <= 0)
-            continue;
-        char path[64], exe[1024];
-        snprintf(path, sizeof path, "/proc/%d/exe", (int)pid);
-        ssize_t k = readlink(path, exe, sizeof exe - 1);
-        if (k <= 0)
-            continue;
-        exe[k] = '\0';
-        const char *base = strrchr(exe, '/');
-        base = base ? base + 1 : exe;
-        int match = 0;
-        for (int i = 0; i < 3; i++)
-            if (!strcmp(base, progs[i]) && (!prog || !strcmp(prog, progs[i])))
-                match = 1;
-        if (!match)
-            continue;
-        /* Ours if `kvrelay up` (c->pid) is an ancestor. */
-        pid_t p = pid;
-        for (int depth = 0; depth < 8 && p > 1; depth++) {
-            p = parent_of(p);
-            if (p == c->pid) {
-                pids[n++] = pid;
-                break;
-            }
-        }
-    }
-    closedir(d);
-    return n;
+    struct pid_list l = {.prog = prog, .pids = pids, .n = 0, .max = max};
+    for_each_proc(c, collect_rank, &l);
+    return l.n;
 }

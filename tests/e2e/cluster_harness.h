@@ -1,16 +1,22 @@
 /* cluster_harness.h - starts and stops a real local cluster (`kvrelay up`, i.e. mpirun
- * with a coordinator, prefill and decode processes) for the end-to-end tests, and finds
- * its processes so a test can kill one or check that all are gone. */
+ * with a coordinator, prefill and decode processes under kvrelay-guard) for the
+ * end-to-end tests, and finds its processes so a test can kill one or check that all are
+ * gone. `kvrelay up` runs in its own process group, and every process of the cluster
+ * carries the environment variable KVRTEST_CLUSTER=<test pid>.<port>, so the harness can
+ * find (and kill) whatever is left even after the launcher died. A test that exits early
+ * (REQUIRE) still takes its clusters down: an atexit handler kills what is left. */
 #ifndef KVR_CLUSTER_HARNESS_H
 #define KVR_CLUSTER_HARNESS_H
 
 #include <sys/types.h>
 
 struct cluster {
-    pid_t pid;         /* `kvrelay up` */
+    pid_t pid;         /* `kvrelay up` (also its process group); 0 once reaped */
     int port;
     char addr[64];     /* "127.0.0.1:<port>" */
     int out_fd;        /* its stdout (the ready line) */
+    char mark[64];     /* the value of KVRTEST_CLUSTER in its processes */
+    int exit_code;     /* after cluster_stop/cluster_wait: up's exit code, 128 + signal */
 };
 
 /* A TCP port that was free a moment ago. */
@@ -21,13 +27,25 @@ int harness_free_port(void);
  * (the cluster is stopped then). */
 int cluster_start(struct cluster *c, double timeout_s, const char *const *extra);
 
-/* SIGTERM to `kvrelay up`; waits up to timeout_s. Returns its exit code, or -1 if it had
- * to be killed. */
+/* SIGTERM to `kvrelay up`; waits up to timeout_s for it, then for every process of the
+ * cluster to be gone. Returns up's exit code (128 + signal if a signal ended it), or -1
+ * if it had to be killed (its process group and every marked process get SIGKILL). */
 int cluster_stop(struct cluster *c, double timeout_s);
 
-/* Pids of the cluster's processes (kvrelay-coordinator/prefill/decode whose command
- * line carries this cluster's port or model and whose ancestor is c->pid). Writes up to
- * max pids of the given program name (NULL: any of the three); returns how many. */
+/* Waits up to timeout_s for `kvrelay up` to exit by itself (after a SIGKILL the test sent
+ * it, say). Returns its exit code as cluster_stop does, or -1 on timeout. */
+int cluster_wait(struct cluster *c, double timeout_s);
+
+/* Processes of the cluster still alive (any program: up, mpirun, guards, ranks). */
+int cluster_count_procs(const struct cluster *c);
+
+/* Waits up to timeout_s until no process of the cluster is left; returns how many are
+ * left (0: all gone). Polls /proc: a bounded wait on state, not a sleep. */
+int cluster_wait_gone(const struct cluster *c, double timeout_s);
+
+/* Pids of the cluster's processes (kvrelay-coordinator/prefill/decode carrying this
+ * cluster's mark). Writes up to max pids of the given program name (NULL: any of the
+ * three); returns how many. */
 int cluster_pids(const struct cluster *c, const char *prog, pid_t *pids, int max);
 
 #endif /* KVR_CLUSTER_HARNESS_H */

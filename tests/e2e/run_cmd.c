@@ -52,7 +52,8 @@ int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r) {
         n_env++;
     char **env = calloc(n_env + 1, sizeof *env);
     posix_spawn_file_actions_t fa;
-    int have_fa = 0;
+    posix_spawnattr_t attr;
+    int have_fa = 0, have_attr = 0;
     if (out_fd < 0 || err_fd < 0 || !env) {
         fprintf(stderr, "run_cmd: cannot create capture files: %s\n", strerror(errno));
         goto out;
@@ -67,14 +68,20 @@ int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r) {
     have_fa = 1;
     posix_spawn_file_actions_adddup2(&fa, out_fd, STDOUT_FILENO);
     posix_spawn_file_actions_adddup2(&fa, err_fd, STDERR_FILENO);
+    /* Its own process group: a timeout kills it and everything it started. */
+    if (posix_spawnattr_init(&attr) != 0)
+        goto out;
+    have_attr = 1;
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+    posix_spawnattr_setpgroup(&attr, 0);
     pid_t pid;
-    int e = posix_spawn(&pid, argv[0], &fa, NULL, argv, env);
+    int e = posix_spawn(&pid, argv[0], &fa, &attr, argv, env);
     if (e != 0) {
         fprintf(stderr, "run_cmd: cannot start %s: %s\n", argv[0], strerror(e));
         goto out;
     }
     /* Poll every 5 ms: a hang guard, not a measurement. */
-    int status;
+    int status = 0;
     long waited_ms = 0;
     for (;;) {
         pid_t w = waitpid(pid, &status, WNOHANG);
@@ -87,7 +94,7 @@ int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r) {
         if (!r->timed_out && waited_ms >= (long)timeout_s * 1000) {
             fprintf(stderr, "run_cmd: %s %s did not finish in %d s: killed\n", argv[0],
                     argv[1] ? argv[1] : "", timeout_s);
-            kill(pid, SIGKILL);
+            kill(-pid, SIGKILL);
             r->timed_out = 1;
         }
         struct timespec ts = {0, 5 * 1000 * 1000};
@@ -110,6 +117,8 @@ int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r) {
 out:
     if (have_fa)
         posix_spawn_file_actions_destroy(&fa);
+    if (have_attr)
+        posix_spawnattr_destroy(&attr);
     free(env);
     if (out_fd >= 0) {
         close(out_fd);

@@ -16,8 +16,9 @@ struct cmd_result {
 };
 
 /* Runs argv[0] with argv (NULL-terminated) and the caller's environment minus every
- * KVR_* variable (so options cannot leak in from the shell running the tests). Waits for
- * it; after timeout_s seconds it is killed (SIGKILL) and reported as timed out, so a
+ * KVR_* variable (so options cannot leak in from the shell running the tests), in its own
+ * process group. Waits for it; after timeout_s seconds its whole process group is killed
+ * (SIGKILL) and it is reported as timed out, so a
  * hang fails the test with a message instead of ctest's silent timeout. Returns 0, or
  * -1 when it could not be started (printed to stderr). */
 int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r);

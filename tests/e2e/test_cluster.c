@@ -12,7 +12,12 @@
  *              re-run elsewhere and the client still gets exactly the golden text.
  *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text;
  *              `kvrelay bench cluster --json` against them completes every request and
- *              leaves the pool empty. */
+ *              leaves the pool empty.
+ *   launcher   `kvrelay up` SIGKILLed: every process of the cluster goes with it; mpirun
+ *              SIGKILLed: its ranks go and up exits 1; a rank that aborts makes up exit 1
+ *              at the stop.
+ * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
+ * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -458,7 +463,8 @@ static void scenario_faults(void) {
             CHECK_EQ(s.nodes[i].alive, 0);
     /* The survivors still serve. */
     CHECK_EQ(concurrent_golden(2, "faults/after-death"), 2);
-    CHECK(cluster_stop(&cl, 30) >= 0);
+    /* The killed node is a rank that did not exit cleanly: up says so. */
+    CHECK_EQ(cluster_stop(&cl, 30), 1);
 }
 
 static void scenario_colocated(void) {
@@ -490,6 +496,64 @@ static void scenario_colocated(void) {
     CHECK_EQ(cluster_stop(&cl, 30), 0);
 }
 
+/* The pid of mpirun among the cluster's processes (the parent of a rank's guard). */
+static pid_t mpirun_of_cluster(void) {
+    pid_t pids[8];
+    if (cluster_pids(&cl, "kvrelay-coordinator", pids, 8) < 1)
+        return -1;
+    char path[64], buf[512];
+    pid_t p = pids[0];
+    for (int up = 0; up < 2; up++) { /* rank -> guard -> mpirun */
+        snprintf(path, sizeof path, "/proc/%d/stat", (int)p);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            return -1;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        char *rp = strrchr(buf, ')');
+        int ppid = -1;
+        if (!rp || sscanf(rp + 2, "%*c %d", &ppid) != 1)
+            return -1;
+        p = (pid_t)ppid;
+    }
+    return p;
+}
+
+static void scenario_launcher(void) {
+    const char *args[] = {"--prefill", "1", "--decode", "1", NULL};
+
+    /* 1. SIGKILL to `kvrelay up` alone (not its group): the kernel takes mpirun down
+     * (PR_SET_PDEATHSIG), and the guards and ranks follow it. */
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    CHECK_EQ(cluster_pids(&cl, NULL, (pid_t[8]){0}, 8), 3);
+    kill(cl.pid, SIGKILL);
+    CHECK_EQ(cluster_wait(&cl, 10), 128 + SIGKILL);
+    int left = cluster_wait_gone(&cl, 20);
+    if (left)
+        fprintf(stderr, "launcher: %d processes outlived a SIGKILLed kvrelay up\n", left);
+    CHECK_EQ(left, 0);
+    cluster_stop(&cl, 5); /* forgets it (nothing left to stop) */
+
+    /* 2. mpirun dies: its ranks go, and up reports a job that ended by itself. */
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    pid_t mpirun = mpirun_of_cluster();
+    CHECK(mpirun > 0);
+    if (mpirun > 0)
+        kill(mpirun, SIGKILL);
+    CHECK_EQ(cluster_wait(&cl, 20), 1);
+    CHECK_EQ(cluster_wait_gone(&cl, 20), 0);
+    cluster_stop(&cl, 5);
+
+    /* 3. A rank aborts while the cluster serves: the others go on (the node is declared
+     * dead), and at the stop up exits 1 instead of mpirun's 0. */
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    pid_t dec[4];
+    REQUIRE(cluster_pids(&cl, "kvrelay-decode", dec, 4) == 1);
+    kill(dec[0], SIGABRT);
+    CHECK_EQ(cluster_stop(&cl, 30), 1);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     load_golden();
@@ -504,6 +568,8 @@ int main(int argc, char **argv) {
         scenario_faults();
     else if (!strcmp(which, "colocated"))
         scenario_colocated();
+    else if (!strcmp(which, "launcher"))
+        scenario_launcher();
     else
         REQUIRE(!"unknown scenario");
     if (cl.pid > 0)
