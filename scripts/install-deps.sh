@@ -7,7 +7,8 @@ PKGS=(build-essential cmake pkg-config
       libopenblas-dev libzstd-dev
       libopenmpi-dev openmpi-bin
       libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
-      clang libclang-rt-14-dev)
+      clang libclang-rt-14-dev
+      openssl python3-grpcio python3-protobuf protobuf-compiler)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -11,7 +11,7 @@ kvr_unit_test(test_cluster_golden
 target_include_directories(test_cluster_golden PRIVATE ${KVR_CLUSTER_TEST_DIR}/e2e)
 add_dependencies(test_cluster_golden kvrelay kvrelay-coordinator kvrelay-prefill kvrelay-decode)
 set_tests_properties(test_cluster_golden PROPERTIES RUN_SERIAL TRUE)
-foreach(scenario memory timeout faults colocated launcher)
+foreach(scenario memory timeout faults colocated secure launcher)
   add_test(NAME test_cluster_${scenario} COMMAND test_cluster_golden ${scenario})
   set_tests_properties(test_cluster_${scenario} PROPERTIES TIMEOUT 240 LABELS cluster RUN_SERIAL TRUE
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")

@@ -13,6 +13,11 @@
  *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text;
  *              `kvrelay bench cluster --json` against them completes every request and
  *              leaves the pool empty.
+ *   secure     TLS + bearer token (certificate made by openssl at test time): Python's
+ *              grpcio (an independent client) gets the golden text; kvrelay submit with
+ *              the CA and token too; without the token UNAUTHENTICATED, without the CA no
+ *              connection; a client that reads slowly ends with RESOURCE_EXHAUSTED, its
+ *              blocks freed, the coordinator's memory flat.
  *   launcher   `kvrelay up` SIGKILLed: every process of the cluster goes with it; mpirun
  *              SIGKILLed: its ranks go and up exits 1; a rank that aborts makes up exit 1
  *              at the stop.
@@ -20,6 +25,7 @@
  * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
 #include <errno.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -192,9 +198,20 @@ static int concurrent_golden(int n, const char *what) {
     return ok;
 }
 
+/* Client options of status() (the secure scenario sets TLS and the token). */
+static struct kvr_client_opts status_opts;
+static char status_ca[256], status_token[64];
+
+static int status_tls(const char *ca, const char *token) {
+    snprintf(status_ca, sizeof status_ca, "%s", ca);
+    snprintf(status_token, sizeof status_token, "%s", token);
+    status_opts = (struct kvr_client_opts){.tls_ca_file = status_ca, .token = status_token};
+    return 1;
+}
+
 static int status(struct coord_cluster_status *s) {
     struct kvr_client *c = NULL;
-    REQUIRE(kvr_client_create(cl.addr, &c) == 0);
+    REQUIRE(kvr_client_create_opts(cl.addr, &status_opts, &c, NULL, 0) == 0);
     struct kvr_rpc_status st;
     int code = kvr_client_cluster_status(c, 5.0, s, &st);
     kvr_client_free(c);
@@ -496,6 +513,157 @@ static void scenario_colocated(void) {
     CHECK_EQ(cluster_stop(&cl, 30), 0);
 }
 
+/* VmHWM (peak resident set, KiB) of pid, or -1. */
+static long vm_hwm_kib(pid_t pid) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    long v = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmHWM: %ld kB", &v) == 1)
+            break;
+    fclose(f);
+    return v;
+}
+
+static int sh_quiet(const char *cmd) {
+    int rc = system(cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+struct slow_reader {
+    int n;
+};
+
+static int slow_read(void *ud, const struct kvr_gen_msg *m) {
+    struct slow_reader *s = ud;
+    if (m->has_token) {
+        s->n++;
+        sleep_ms(50);
+    }
+    return 0;
+}
+
+static void scenario_secure(void) {
+    if (sh_quiet("openssl version >/dev/null 2>&1") != 0 || sh_quiet("/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null") != 0 ||
+        sh_quiet("protoc --version >/dev/null 2>&1") != 0) {
+        fprintf(stderr, "SKIP secure: needs openssl, protoc and Debian's python3-grpcio + python3-protobuf "
+                        "(scripts/install-deps.sh installs them)\n");
+        CHECK(0 && "secure scenario could not run");
+        return;
+    }
+    char dir[] = "/tmp/kvr_test_secure_XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    char cmd[4096], cert[256], key[256], tokf[256];
+    snprintf(cert, sizeof cert, "%s/srv.pem", dir);
+    snprintf(key, sizeof key, "%s/srv.key", dir);
+    snprintf(tokf, sizeof tokf, "%s/token", dir);
+    snprintf(cmd, sizeof cmd,
+             "cd %s && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=kvrelay.test "
+             "-addext subjectAltName=DNS:kvrelay.test,IP:127.0.0.1 -keyout srv.key -out srv.pem >/dev/null 2>&1 && "
+             "echo e2e-token-0123456789abcdef > token && echo wrong-token-0123456789ab > wrong",
+             dir);
+    REQUIRE(sh_quiet(cmd) == 0);
+    /* Self-signed: kvrelay up's health probe trusts the certificate itself. */
+    const char *args[] = {"--prefill", "1", "--decode", "1", "--tls-cert", cert, "--tls-key", key,
+                          "--auth-token-file", tokf, "--coordinator-args", "--max-pending-tokens 128", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+
+    /* Python's grpcio over TLS with the token: the golden text. */
+    char py[1024];
+    snprintf(py, sizeof py, "/usr/bin/python3 %s/tests/e2e/py_client.py --proto-dir %s/proto --out-dir %s --addr %s --ca %s",
+             KVR_SOURCE_DIR, KVR_SOURCE_DIR, dir, cl.addr, cert);
+    struct kvr_gen_params gp = golden_params(1);
+    char *argv_gen[] = {"/bin/sh", "-c", cmd, NULL};
+    snprintf(cmd, sizeof cmd, "%s --token-file %s --text-out %s/text generate '%s' %d", py, tokf, dir, gp.prompt,
+             gp.max_tokens);
+    struct cmd_result r;
+    REQUIRE(run_cmd(argv_gen, 120, &r) == 0);
+    fprintf(stderr, "secure: python generate -> %.300s\n%s", r.out, r.err);
+    CHECK_EQ(r.exit_code, 0);
+    CHECK(strstr(r.out, "\"code\": \"OK\"") != NULL);
+    char text_path[300];
+    snprintf(text_path, sizeof text_path, "%s/text", dir);
+    FILE *tf0 = fopen(text_path, "r");
+    static char got[1 << 16];
+    size_t got_n = tf0 ? fread(got, 1, sizeof got - 1, tf0) : 0;
+    if (tf0)
+        fclose(tf0);
+    got[got_n] = '\0';
+    CHECK_STREQ(got, golden[1].text);
+    cmd_result_free(&r);
+    /* Without the token: UNAUTHENTICATED, and ClusterStatus names no host. Health is open. */
+    snprintf(cmd, sizeof cmd, "%s status", py);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK(strstr(r.out, "\"code\": \"UNAUTHENTICATED\"") != NULL);
+    CHECK(!strstr(r.out, "hosts"));
+    cmd_result_free(&r);
+    snprintf(cmd, sizeof cmd, "%s health", py);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK(strstr(r.out, "\"serving\": true") != NULL);
+    cmd_result_free(&r);
+    snprintf(cmd, sizeof cmd, "%s --token-file %s status", py, tokf);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK(strstr(r.out, "\"hosts\": [\"") != NULL);
+    cmd_result_free(&r);
+
+    /* kvrelay submit: with CA and token the golden text; a wrong token exits 3; no CA, 4. */
+    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls-ca %s --auth-token-file %s --prompt '%s' --max-tokens %d --temperature 0",
+             bin_path("kvrelay"), cl.addr, cert, tokf, gp.prompt, gp.max_tokens);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK_EQ(r.exit_code, 0);
+    CHECK(strncmp(r.out, golden[1].text, strlen(golden[1].text)) == 0);
+    cmd_result_free(&r);
+    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls-ca %s --auth-token-file %s/wrong --prompt hi --max-tokens 3",
+             bin_path("kvrelay"), cl.addr, cert, dir);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK_EQ(r.exit_code, 3);
+    CHECK(strstr(r.err, "UNAUTHENTICATED") != NULL);
+    cmd_result_free(&r);
+    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls --auth-token-file %s --prompt hi --max-tokens 3 --timeout 20",
+             bin_path("kvrelay"), cl.addr, tokf);
+    REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
+    CHECK_EQ(r.exit_code, 4);
+    cmd_result_free(&r);
+
+    /* A client that reads one message per 50 ms through a 4 KiB window while 2000 tokens are
+     * generated: once 128 wait at the coordinator (--max-pending-tokens) the call ends with
+     * RESOURCE_EXHAUSTED, its KV blocks come back, and the coordinator's peak memory does
+     * not grow with the generation (the queue holds at most 128 ids = 512 bytes; gRPC holds
+     * at most the client's window and one message in flight). */
+    pid_t coord[2];
+    REQUIRE(cluster_pids(&cl, "kvrelay-coordinator", coord, 2) == 1);
+    long hwm0 = vm_hwm_kib(coord[0]);
+    char tok_text[64];
+    FILE *tf = fopen(tokf, "r");
+    REQUIRE(tf && fgets(tok_text, sizeof tok_text, tf));
+    fclose(tf);
+    tok_text[strcspn(tok_text, "\n")] = '\0';
+    struct kvr_client_opts o = {.tls_ca_file = cert, .token = tok_text, .recv_window_bytes = 4096};
+    struct kvr_client *c = NULL;
+    REQUIRE(kvr_client_create_opts(cl.addr, &o, &c, NULL, 0) == 0);
+    struct kvr_gen_params sp = {.prompt = "Once upon a time", .max_tokens = 2000, .ignore_eos = 1,
+                                .kv_policy = KVR_KV_SINK, .kv_window = 64, .kv_sinks = 4, .timeout_s = 120};
+    struct slow_reader sr = {0};
+    struct kvr_rpc_status st;
+    int code = kvr_client_generate(c, &sp, slow_read, &sr, NULL, &st);
+    kvr_client_free(c);
+    long hwm1 = vm_hwm_kib(coord[0]);
+    fprintf(stderr, "secure: slow reader -> %s (%s) after %d tokens; coordinator VmHWM %ld -> %ld KiB\n",
+            kvr_grpc_code_name(code), st.message, sr.n, hwm0, hwm1);
+    CHECK_EQ(code, GRPC_RESOURCE_EXHAUSTED);
+    CHECK(strstr(st.message, "reads too slowly") != NULL);
+    CHECK(sr.n < 2000);
+    CHECK(hwm0 > 0 && hwm1 - hwm0 < 4096);
+    REQUIRE(status_tls(cert, tok_text));
+    CHECK(wait_pool_empty(10.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    sh_quiet(cmd);
+}
+
 /* The pid of mpirun among the cluster's processes (the parent of a rank's guard). */
 static pid_t mpirun_of_cluster(void) {
     pid_t pids[8];
@@ -568,6 +736,8 @@ int main(int argc, char **argv) {
         scenario_faults();
     else if (!strcmp(which, "colocated"))
         scenario_colocated();
+    else if (!strcmp(which, "secure"))
+        scenario_secure();
     else if (!strcmp(which, "launcher"))
         scenario_launcher();
     else
