@@ -221,8 +221,7 @@ static int report_ranks(const char *dir, int n_ranks, const char *const *names) 
             fprintf(stderr, "kvrelay up: rank %d (%s) was killed by signal %d (%s)\n", r, prog, code,
                     strsignal(code));
         else
-            fprintf(stderr, "kvrelay up: rank %d (%s) exited with code %d%s\n", r, prog, code,
-                    code == 23 ? " (the sanitizers' exit code: see their report above)" : "");
+            fprintf(stderr, "kvrelay up: rank %d (%s) exited with code %d\n", r, prog, code);
     }
     return bad;
 }
