@@ -47,6 +47,7 @@ struct up_cfg {
     float queue_timeout;
     float node_timeout;
     float startup_timeout;
+    float stop_timeout;
     const char *mpirun;
     const char *extra_prefill;
     const char *extra_decode;
@@ -75,6 +76,7 @@ static const struct kvr_opt up_opts[] = {
     {"queue-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, queue_timeout), "30", 0.01, 86400, NULL, 0, "seconds a request may wait for KV memory"},
     {"node-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, node_timeout), "10", 0.2, 86400, NULL, 0, "seconds of silence after which a node is dead"},
     {"startup-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, startup_timeout), "600", 1, 86400, NULL, 0, "seconds to wait for the cluster to become healthy"},
+    {"stop-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, stop_timeout), "15", 1, 86400, NULL, 0, "seconds the ranks get to stop cleanly after Ctrl-C/SIGTERM before they are killed (and up exits 1)"},
     {"mpirun", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun), "mpirun", 0, -1, NULL, 0, "the MPI launcher"},
     {"prefill-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_prefill), "", 0, -1, NULL, 0, "extra options for every kvrelay-prefill (space-separated)"},
     {"coordinator-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_coord), "", 0, -1, NULL, 0, "extra options for kvrelay-coordinator (space-separated)"},
@@ -505,7 +507,7 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     if (sig) {
         fprintf(stderr, "kvrelay up: %s: stopping the cluster\n", strsignal(sig));
-        st = stop_job(pid, sfd, 15.0);
+        st = stop_job(pid, sfd, (double)cfg.stop_timeout);
     }
     /* The job's real status: every rank must have exited 0 (mpirun's own status says
      * nothing under --enable-recovery), and a job that ended without being asked to has

@@ -14,6 +14,8 @@
 #include "half.h"
 #include "log.h"
 #include "model.h"
+
+#include <xxhash.h>
 #include "status.h"
 
 /* Header layout; offsets are part of the format (docs/KV_WIRE_FORMAT.md lists them too:
@@ -34,8 +36,8 @@
 #define OFF_PAYLOAD     32 /* u32 payload bytes on the wire */
 #define OFF_FINGERPRINT 36 /* u64 */
 #define OFF_SEQ_ID      44 /* u64 */
-#define OFF_PAYLOAD_SUM 52 /* u64 kvr_hash64 of the uncompressed payload */
-#define OFF_HEADER_SUM  60 /* u32 low half of kvr_hash64 of bytes 0..59 */
+#define OFF_PAYLOAD_SUM 52 /* u64 kvr_wire_hash of the uncompressed payload */
+#define OFF_HEADER_SUM  60 /* u32 low half of kvr_wire_hash of bytes 0..59 */
 _Static_assert(OFF_HEADER_SUM + 4 == KVR_WIRE_HEADER_NBYTES, "header layout");
 
 #define FLAG_COMPRESSED 0x01u
@@ -120,8 +122,12 @@ static uint64_t get64(const uint8_t *p) {
     return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
 }
 
+uint64_t kvr_wire_hash(const void *data, size_t len, uint64_t seed) {
+    return (uint64_t)XXH3_64bits_withSeed(data, len, (XXH64_hash_t)seed);
+}
+
 static uint32_t header_sum(const uint8_t *h) {
-    return (uint32_t)kvr_hash64(h, OFF_HEADER_SUM, KVR_WIRE_HEADER_SEED);
+    return (uint32_t)kvr_wire_hash(h, OFF_HEADER_SUM, KVR_WIRE_HEADER_SEED);
 }
 
 /* ---- codec --------------------------------------------------------------------- */
@@ -369,7 +375,7 @@ int kvr_wire_encode(struct kvr_wire_codec *c, const struct kvr_wire_opts *o,
     int shuffle = o->transform == KVR_WIRE_TF_SHUFFLE;
     pack(c->buf, k, 0, n, 2 * n, o->dtype, shuffle);
     pack(c->buf, v, n, n, 2 * n, o->dtype, shuffle);
-    uint64_t sum = kvr_hash64(c->buf, raw, KVR_WIRE_PAYLOAD_SEED);
+    uint64_t sum = kvr_wire_hash(c->buf, raw, KVR_WIRE_PAYLOAD_SEED);
 
     uint8_t *h = dst;
     uint8_t *payload = h + KVR_WIRE_HEADER_NBYTES;
@@ -595,7 +601,7 @@ int kvr_wire_decode(struct kvr_wire_codec *c, const void *src, size_t len,
             return rc;
         payload = c->buf;
     }
-    uint64_t sum = kvr_hash64(payload, raw, KVR_WIRE_PAYLOAD_SEED);
+    uint64_t sum = kvr_wire_hash(payload, raw, KVR_WIRE_PAYLOAD_SEED);
     if (sum != w.payload_sum) {
         KVR_LOG_WARN("seq=%llu layers %d+%d tokens %d+%d: payload checksum mismatch (header says "
                      "%016llx, payload gives %016llx)",

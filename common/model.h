@@ -83,7 +83,8 @@ uint64_t kvr_model_expected_nbytes(const struct kvr_model_config *c, const char 
  * with the given shape. Deterministic in seed. KVR_EINVAL for a bad shape, KVR_EIO. */
 int kvr_model_write_synthetic(const char *path, const struct kvr_model_config *c, uint64_t seed);
 
-/* 64-bit hash of a byte range (used for fingerprints and wire checksums elsewhere). */
+/* 64-bit hash of a byte range, used for model fingerprints (the KV wire format checksums
+ * with XXH3-64 since its version 2: kvr_wire_hash in kv_wire.h). */
 uint64_t kvr_hash64(const void *data, size_t len, uint64_t seed);
 
 #endif /* KVR_MODEL_H */

@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config
-      libopenblas-dev libzstd-dev
+      libopenblas-dev libzstd-dev libxxhash-dev
       libopenmpi-dev openmpi-bin
       libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
       clang libclang-rt-14-dev

@@ -194,8 +194,10 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
     snprintf(model, sizeof model, "%s/models/stories260K.bin", KVR_SHARED_DIR);
     snprintf(tok, sizeof tok, "%s/models/tok512.bin", KVR_SHARED_DIR);
     snprintf(port, sizeof port, "%d", c->port);
-    const char *argv[64] = {bin, "up", "--model", model, "--tokenizer", tok, "--port", port};
-    int n = 8;
+    /* A generous stop timeout: under ASan every rank runs LeakSanitizer at exit, which
+     * takes seconds on a loaded machine; a stop that does not finish still fails. */
+    const char *argv[64] = {bin, "up", "--model", model, "--tokenizer", tok, "--port", port, "--stop-timeout", "90"};
+    int n = 10;
     for (int i = 0; extra && extra[i] && n < 63; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
@@ -216,7 +218,7 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
          * suppressed (tests/lsan_mpi.supp explains how they are recognised). */
         const char *asan = getenv("ASAN_OPTIONS");
         static char asan_opts[2048];
-        snprintf(asan_opts, sizeof asan_opts, "%s%sfast_unwind_on_malloc=0:malloc_context_size=64",
+        snprintf(asan_opts, sizeof asan_opts, "%s%sfast_unwind_on_malloc=0:malloc_context_size=16",
                  asan ? asan : "", asan && *asan ? ":" : "");
         setenv("ASAN_OPTIONS", asan_opts, 1);
         setenv("LSAN_OPTIONS", "suppressions=" KVR_SOURCE_DIR "/tests/lsan_mpi.supp:print_suppressions=0", 1);
@@ -283,9 +285,11 @@ int cluster_stop(struct cluster *c, double timeout_s) {
         return -1;
     }
     kill(c->pid, SIGTERM);
-    int code = cluster_wait(c, timeout_s);
+    /* up's own --stop-timeout (90 s) bounds the stop; wait a little longer than that. */
+    double wait_s = timeout_s > 100 ? timeout_s : 100;
+    int code = cluster_wait(c, wait_s);
     if (code < 0) {
-        fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing its process group\n", timeout_s);
+        fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing its process group\n", wait_s);
         take_down(c);
         return -1;
     }

@@ -76,14 +76,14 @@ static void fix_checksums(uint8_t *m, size_t len) {
     size_t avail = len - KVR_WIRE_HEADER_NBYTES;
     if (pay <= avail && raw <= 2 * MAX_FLOATS * 4) {
         if (!(m[6] & 1) && pay == raw) {
-            wr64(m + 52, kvr_hash64(payload, raw, KVR_WIRE_PAYLOAD_SEED));
+            wr64(m + 52, kvr_wire_hash(payload, raw, KVR_WIRE_PAYLOAD_SEED));
         } else if (m[6] & 1) {
             size_t r = ZSTD_decompress(inflated, raw, payload, pay);
             if (!ZSTD_isError(r) && r == raw)
-                wr64(m + 52, kvr_hash64(inflated, raw, KVR_WIRE_PAYLOAD_SEED));
+                wr64(m + 52, kvr_wire_hash(inflated, raw, KVR_WIRE_PAYLOAD_SEED));
         }
     }
-    wr32(m + 60, (uint32_t)kvr_hash64(m, 60, KVR_WIRE_HEADER_SEED));
+    wr32(m + 60, (uint32_t)kvr_wire_hash(m, 60, KVR_WIRE_HEADER_SEED));
 }
 
 /* Bit-equal values; with nan_ok, two NaNs also count as equal. */

@@ -68,7 +68,7 @@ static uint32_t get32le(const uint8_t *p) {
 /* Recomputes the header checksum after a test edited a header field, so the decoder gets
  * past it to the check under test. */
 static void reseal(uint8_t *m) {
-    put32le(m + H_HEADER_SUM, (uint32_t)kvr_hash64(m, H_HEADER_SUM, KVR_WIRE_HEADER_SEED));
+    put32le(m + H_HEADER_SUM, (uint32_t)kvr_wire_hash(m, H_HEADER_SUM, KVR_WIRE_HEADER_SEED));
 }
 
 /* ---- log capture --------------------------------------------------------------------- */
@@ -462,9 +462,11 @@ static void test_errors(void) {
     EXPECT(m, f.len, KVR_EMAGIC, "bad magic 6b565257");
     EXPECT(m, 4, KVR_EMAGIC, "bad magic");
     m = copy_msg(&f);
-    m[H_VERSION] = 2;
-    EXPECT(m, f.len, KVR_EVERSION, "format version 2, this build reads 1");
-    EXPECT(m, 6, KVR_EVERSION, "format version 2");
+    m[H_VERSION] = 3;
+    EXPECT(m, f.len, KVR_EVERSION, "format version 3, this build reads 2");
+    EXPECT(m, 6, KVR_EVERSION, "format version 3");
+    m[H_VERSION] = 1; /* version 1 (kvr_hash64 checksums) is refused, not misread */
+    EXPECT(m, f.len, KVR_EVERSION, "format version 1, this build reads 2");
 
     /* Any header byte changed without resealing: the header checksum. */
     m = copy_msg(&f);
@@ -682,6 +684,44 @@ static void test_errors(void) {
 
 /* Prefills the bundled model, ships every (block, layer) of the prompt's cache through
  * the codec into a pool with another block size, and greedy-decodes from both. */
+/* With --write-golden DIR, test_end_to_end writes the golden messages there (done once;
+ * the files are checked in under tests/data and read by test_golden_block). */
+static const char *golden_out_dir;
+
+/* The golden block: tokens 16..31, layer 2 of the bundled model's cache of the
+ * end-to-end prompt, in two encodings. */
+#define GOLDEN_T0    16
+#define GOLDEN_LAYER 2
+#define GOLDEN_SEQ   0x0123456789abcdefull
+static const struct {
+    const char *file;
+    struct kvr_wire_opts opts;
+} golden_files[] = {
+    {"kv_block_v2_f32_shuffle_zstd.bin", {.dtype = KVR_WIRE_F32, .transform = KVR_WIRE_TF_SHUFFLE, .level = 1}},
+    {"kv_block_v2_f16_none_zstd3.bin", {.dtype = KVR_WIRE_F16, .transform = KVR_WIRE_TF_NONE, .level = 3}},
+};
+
+static void write_golden(const struct kvr_wire_block *b, const float *k, const float *v) {
+    struct kvr_wire_codec *c = NULL;
+    size_t n = (size_t)b->n_tokens * (size_t)b->n_kv_heads * (size_t)b->head_dim;
+    REQUIRE(kvr_wire_codec_create(n, &c) == KVR_OK);
+    size_t cap = kvr_wire_max_nbytes(b);
+    uint8_t *msg = malloc(cap);
+    REQUIRE(msg);
+    for (size_t i = 0; i < sizeof golden_files / sizeof golden_files[0]; i++) {
+        size_t len = 0;
+        REQUIRE(kvr_wire_encode(c, &golden_files[i].opts, b, k, v, msg, cap, &len) == KVR_OK);
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", golden_out_dir, golden_files[i].file);
+        FILE *f = fopen(path, "wb");
+        REQUIRE(f && fwrite(msg, 1, len, f) == len);
+        fclose(f);
+        fprintf(stderr, "wrote %s (%zu bytes)\n", path, len);
+    }
+    free(msg);
+    kvr_wire_codec_free(c);
+}
+
 static void test_end_to_end(void) {
     struct kvr_model *model = NULL;
     struct kvr_tokenizer *tok = NULL;
@@ -773,6 +813,19 @@ static void test_end_to_end(void) {
         }
     }
     kvr_kv_seq_advance(sb, n_cached);
+    if (golden_out_dir) {
+        float *k, *v;
+        REQUIRE(kvr_kv_seq_slot(sa, GOLDEN_LAYER, GOLDEN_T0, &k, &v) == KVR_OK);
+        struct kvr_wire_block b = {.fingerprint = fp,
+                                   .seq_id = GOLDEN_SEQ,
+                                   .layer_begin = GOLDEN_LAYER,
+                                   .n_layers = 1,
+                                   .token_begin = GOLDEN_T0,
+                                   .n_tokens = bt_a,
+                                   .n_kv_heads = cfg->n_kv_heads,
+                                   .head_dim = cfg->head_dim};
+        write_golden(&b, k, v);
+    }
     CHECK_EQ(n_fail, 0);
     CHECK_EQ(n_msgs, ((n_cached + bt_a - 1) / bt_a) * cfg->n_layers);
     CHECK(wire_bytes < (size_t)n_cached * tok_nbytes);
@@ -828,7 +881,127 @@ static void test_end_to_end(void) {
     kvr_model_free(model);
 }
 
-int main(void) {
+/* ---- the checksum and the golden block ---------------------------------------------- */
+
+/* 64-bit FNV-1a: an independent digest of decoded values (not the format's checksum). */
+static uint64_t fnv1a(const void *data, size_t n) {
+    const uint8_t *p = data;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* Known answers of the format's checksum (docs/KV_WIRE_FORMAT.md lists them). The values
+ * were computed with Debian's python3-xxhash 3.0.0 (its own build of xxHash 0.8.1), not
+ * with the library this test links; XXH3("", seed 0) is xxHash's published value. Input
+ * of length n: byte i = (7 i + 1) mod 256. Lengths cross every internal path of XXH3
+ * (1-3, 4-8, 9-16, 17-128, 129-240, and the striped loop above 240). */
+static void test_checksum_vectors(void) {
+    static const struct {
+        size_t n;
+        uint64_t seed, want;
+    } kat[] = {
+        {0, 0, 0x2d06800538d394c2ull},
+        {0, KVR_WIRE_PAYLOAD_SEED, 0x8c9ddb3eaaf47a1dull},
+        {0, KVR_WIRE_HEADER_SEED, 0xeda49e6700f03640ull},
+        {1, KVR_WIRE_PAYLOAD_SEED, 0x9e68be2bea3f6904ull},
+        {3, KVR_WIRE_PAYLOAD_SEED, 0x2b4bcb70431a4d60ull},
+        {4, KVR_WIRE_PAYLOAD_SEED, 0xbb6b68d5258f303cull},
+        {8, KVR_WIRE_PAYLOAD_SEED, 0x9139784f117711faull},
+        {9, KVR_WIRE_PAYLOAD_SEED, 0xeda8a096b5eaf49cull},
+        {16, KVR_WIRE_PAYLOAD_SEED, 0xde219aca9095b142ull},
+        {17, KVR_WIRE_PAYLOAD_SEED, 0xcdeae6f002a43401ull},
+        {128, KVR_WIRE_PAYLOAD_SEED, 0x631fc1a0ed97accaull},
+        {129, KVR_WIRE_PAYLOAD_SEED, 0x0d16ce607dce5232ull},
+        {240, KVR_WIRE_PAYLOAD_SEED, 0x1e728d55b7a00ea6ull},
+        {241, KVR_WIRE_PAYLOAD_SEED, 0x8fc61b50541a8189ull},
+        {1024, KVR_WIRE_PAYLOAD_SEED, 0xd52826898e95db76ull},
+        {4096, KVR_WIRE_PAYLOAD_SEED, 0xb5d808b019fbeadcull},
+    };
+    static uint8_t buf[4096];
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (uint8_t)(i * 7 + 1);
+    int bad = 0;
+    for (size_t i = 0; i < sizeof kat / sizeof kat[0]; i++) {
+        uint64_t got = kvr_wire_hash(buf, kat[i].n, kat[i].seed);
+        if (got != kat[i].want) {
+            fprintf(stderr, "checksum of %zu bytes, seed %016llx: %016llx, want %016llx\n", kat[i].n,
+                    (unsigned long long)kat[i].seed, (unsigned long long)got,
+                    (unsigned long long)kat[i].want);
+            bad++;
+        }
+    }
+    CHECK_EQ(bad, 0);
+    /* "a" with seed 0, the other published style of vector. */
+    CHECK_EQ(kvr_wire_hash("a", 1, 0), 0xe6c632b61e964e1full);
+}
+
+static uint8_t *read_data(const char *name, size_t *len) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/tests/data/%s", KVR_SOURCE_DIR, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "cannot open %s\n", path);
+        return NULL;
+    }
+    uint8_t *buf = malloc(1 << 16);
+    *len = buf ? fread(buf, 1, 1 << 16, f) : 0;
+    fclose(f);
+    return buf;
+}
+
+/* Messages encoded once from the bundled model and checked in: any change to the format
+ * (header layout, checksum, shuffle, f16 rounding, version) fails here. */
+static void test_golden_block(void) {
+    const int kv_dim = 32, nt = 16; /* the bundled model: 4 KV heads of 8 */
+    const size_t n = (size_t)nt * kv_dim;
+    float k32[512], v32[512], k16[512], v16[512];
+    struct kvr_wire_codec *c = NULL;
+    REQUIRE(kvr_wire_codec_create(n, &c) == KVR_OK);
+    float *outk[2] = {k32, k16}, *outv[2] = {v32, v16};
+    /* FNV-1a of the decoded K then V floats, recorded when the files were written. */
+    static const uint64_t want_digest[2] = {0x96502179571d289eull, 0xfe015c6338ba170aull};
+    for (int i = 0; i < 2; i++) {
+        size_t len = 0;
+        uint8_t *m = read_data(golden_files[i].file, &len);
+        REQUIRE(m);
+        struct kvr_wire_block b = {0};
+        int rc = kvr_wire_decode(c, m, len, 0, &b, outk[i], outv[i], n);
+        CHECK_EQ(rc, KVR_OK);
+        CHECK_EQ(m[4] | m[5] << 8, KVR_WIRE_VERSION);
+        CHECK_EQ(b.seq_id, GOLDEN_SEQ);
+        CHECK_EQ(b.layer_begin, GOLDEN_LAYER);
+        CHECK_EQ(b.n_layers, 1);
+        CHECK_EQ(b.token_begin, GOLDEN_T0);
+        CHECK_EQ(b.n_tokens, nt);
+        CHECK_EQ(b.n_kv_heads, 4);
+        CHECK_EQ(b.head_dim, 8);
+        CHECK_EQ(b.dtype, golden_files[i].opts.dtype);
+        CHECK_EQ(b.transform, golden_files[i].opts.transform);
+        CHECK(b.compressed);
+        uint64_t d = fnv1a(outk[i], n * 4) ^ (fnv1a(outv[i], n * 4) * 3);
+        if (d != want_digest[i])
+            fprintf(stderr, "golden %s: decoded digest %016llx\n", golden_files[i].file, (unsigned long long)d);
+        CHECK_EQ(d, want_digest[i]);
+        free(m);
+    }
+    /* The f16 message holds the f32 message's values rounded to half precision. */
+    int mism = 0;
+    for (size_t i = 0; i < n; i++)
+        mism += !f16_within(k32[i], k16[i]) || !f16_within(v32[i], v16[i]);
+    CHECK_EQ(mism, 0);
+    kvr_wire_codec_free(c);
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--write-golden")) {
+        golden_out_dir = argv[2];
+        test_end_to_end();
+        return 0;
+    }
+    test_checksum_vectors();
+    test_golden_block();
     test_half();
     test_roundtrip();
     test_errors();
