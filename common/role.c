@@ -45,6 +45,9 @@ int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, str
     sa.sa_handler = on_stop_signal;
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
+    /* mpirun forwards SIGUSR1 and then waits, where after SIGTERM it kills the ranks a
+     * second later: `kill -USR1 <mpirun>` is the clean stop of any mpirun launch. */
+    sigaction(SIGUSR1, &sa, NULL);
     return KVR_OK;
 }
 

@@ -12,7 +12,7 @@
 struct kvr_model;
 struct kvr_kv_pool;
 
-/* Set by SIGTERM/SIGINT once kvr_role_start installed the handlers. */
+/* Set by SIGTERM/SIGINT/SIGUSR1 once kvr_role_start installed the handlers. */
 extern volatile sig_atomic_t kvr_role_stop;
 
 struct kvr_role_params {

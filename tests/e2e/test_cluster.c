@@ -541,7 +541,7 @@ static int slow_read(void *ud, const struct kvr_gen_msg *m) {
     struct slow_reader *s = ud;
     if (m->has_token) {
         s->n++;
-        sleep_ms(50);
+        sleep_ms(10);
     }
     return 0;
 }
@@ -628,7 +628,7 @@ static void scenario_secure(void) {
     CHECK_EQ(r.exit_code, 4);
     cmd_result_free(&r);
 
-    /* A client that reads one message per 50 ms through a 4 KiB window while 2000 tokens are
+    /* A client that reads one message per 10 ms through a 4 KiB window while 2000 tokens are
      * generated: once 128 wait at the coordinator (--max-pending-tokens) the call ends with
      * RESOURCE_EXHAUSTED, its KV blocks come back, and the coordinator's peak memory does
      * not grow with the generation (the queue holds at most 128 ids = 512 bytes; gRPC holds
