@@ -51,7 +51,7 @@ if [ ! -s "$MODEL" ]; then
 fi
 
 up_pid=""
-job_pids="" # mpirun and the ranks (mpirun gives every rank its own process group)
+job_pids="" # mpirun, the guards and the ranks (each in its own process group)
 alive_pid() { [ -r "/proc/$1/stat" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 stop_cluster() {
     [ -n "$up_pid" ] || return 0
@@ -115,7 +115,10 @@ start_cluster() {
             addr="127.0.0.1:$port"
             local mpirun_pid
             mpirun_pid=$(pgrep -P "$up_pid" | head -1)
-            job_pids="$mpirun_pid $(pgrep -P "$mpirun_pid" | tr '\n' ' ')"
+            # mpirun's children are kvrelay-guard processes, each the parent of one rank.
+            local guards
+            guards=$(pgrep -P "$mpirun_pid" | tr '\n' ' ')
+            job_pids="$mpirun_pid $guards $(for g in $guards; do pgrep -P "$g"; done | tr '\n' ' ')"
             return 0
         fi
         kill -0 "$up_pid" 2>/dev/null || break

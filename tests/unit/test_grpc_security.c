@@ -6,10 +6,12 @@
  *     server name all fail; the right CA succeeds; mTLS without and with a client cert;
  *   - bearer tokens: missing, wrong, right; Health stays open; ClusterStatus (host names)
  *     is refused without the token;
- *   - limits: a message over --max-message-bytes is refused; a client that reads slower
+ *   - limits: a message over --max-message-bytes is refused; one stream per connection
+ *     (max_concurrent_streams 1) holds a second call back; a client that reads slower
  *     than tokens arrive gets RESOURCE_EXHAUSTED once max_pending_tokens are waiting, the
  *     queue never holds more, and the request is cancelled in the cluster. */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -431,6 +433,82 @@ static void test_limits(void) {
     coord_grpc_stop(g);
 }
 
+/* ---- max concurrent streams ----------------------------------------------------------- */
+
+static struct kvr_client *shared_client;
+static volatile int release_first;
+
+static int hold_fn(void *ud, const struct kvr_gen_msg *m) {
+    (void)ud;
+    if (m->has_token)
+        while (!release_first)
+            kvr_sleep_ms(5);
+    return m->has_token; /* cancel after the first token, once released */
+}
+
+struct stream_job {
+    int code, n;
+    pthread_t th;
+    int hold;
+};
+
+static int count_fn(void *ud, const struct kvr_gen_msg *m) {
+    struct stream_job *j = ud;
+    j->n += m->has_token;
+    return 0;
+}
+
+static void *stream_main(void *arg) {
+    struct stream_job *j = arg;
+    struct kvr_rpc_status st;
+    struct kvr_gen_params p = {.prompt = "Once upon a time", .max_tokens = 3, .kv_sinks = -1, .timeout_s = 60};
+    j->code = kvr_client_generate(shared_client, &p, j->hold ? hold_fn : count_fn, j, NULL, &st);
+    return NULL;
+}
+
+/* --max-concurrent-streams 1: a second call on the same connection waits in the client
+ * until the first ends, and then runs. */
+static void test_max_streams(void) {
+    char addr[64];
+    fake_router_reset();
+    struct coord_grpc *g = start((struct coord_grpc_params){.max_concurrent_streams = 1}, addr, sizeof addr);
+    REQUIRE(kvr_client_create(addr, &shared_client) == KVR_OK);
+    struct fake_router_cfg hold = {.emit = 1, .per_call = 1, .stall = 1};
+    fake_router_configure(&hold);
+    struct stream_job a = {.hold = 1}, b = {0};
+    REQUIRE(pthread_create(&a.th, NULL, stream_main, &a) == 0);
+    struct fake_router_stats fs;
+    double t_end = kvr_clock_now() + 10;
+    do {
+        kvr_sleep_ms(5);
+        fake_router_stats(&fs);
+    } while (fs.n_admitted < 1 && kvr_clock_now() < t_end);
+    REQUIRE(fs.n_admitted == 1);
+    struct fake_router_cfg quick = {.emit = 3, .per_call = 1, .finish_reason = COORD_FINISH_LENGTH};
+    fake_router_configure(&quick);
+    REQUIRE(pthread_create(&b.th, NULL, stream_main, &b) == 0);
+    /* The second call must not reach the server while the first holds the only stream. A
+     * bounded look (1 s): if the limit were missing it would arrive within milliseconds. */
+    t_end = kvr_clock_now() + 1.0;
+    do {
+        kvr_sleep_ms(10);
+        fake_router_stats(&fs);
+    } while (fs.n_submits == 1 && kvr_clock_now() < t_end);
+    CHECK_EQ(fs.n_submits, 1);
+    release_first = 1;
+    pthread_join(a.th, NULL);
+    pthread_join(b.th, NULL);
+    CHECK_EQ(a.code, 1); /* CANCELLED by its client */
+    CHECK_EQ(b.code, C_OK);
+    CHECK_EQ(b.n, 3);
+    fake_router_wait_idle(10);
+    fake_router_stats(&fs);
+    CHECK_EQ(fs.n_submits, 2);
+    kvr_client_free(shared_client);
+    fake_router_reset();
+    coord_grpc_stop(g);
+}
+
 int main(void) {
     kvr_log_init("test", -1);
     signal(SIGPIPE, SIG_IGN);
@@ -439,6 +517,7 @@ int main(void) {
     double t0 = kvr_clock_now();
     test_auth_module();
     test_limits();
+    test_max_streams();
     if (system("openssl version >/dev/null 2>&1") != 0) {
         fprintf(stderr, "SKIP TLS tests: openssl is not installed (scripts/install-deps.sh installs it)\n");
     } else {
