@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -210,8 +211,11 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
         return -1;
     }
     if (c->pid == 0) {
-        /* Its own process group, so the harness can kill everything it started at once. */
+        /* Its own process group, so the harness can kill everything it started at once;
+         * and if the test itself dies (a crash, ctest's timeout), the kernel kills up,
+         * whose own PR_SET_PDEATHSIG chain then takes the cluster down. */
         setpgid(0, 0);
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
         setenv(MARK_VAR, c->mark, 1);
         /* Under ASan (scripts/test.sh), LeakSanitizer checks every rank at exit and
          * `kvrelay up` fails the stop if one leaked; the MPI stack's own leaks are

@@ -4,7 +4,8 @@
  * gone. `kvrelay up` runs in its own process group, and every process of the cluster
  * carries the environment variable KVRTEST_CLUSTER=<test pid>.<port>, so the harness can
  * find (and kill) whatever is left even after the launcher died. A test that exits early
- * (REQUIRE) still takes its clusters down: an atexit handler kills what is left. */
+ * (REQUIRE) still takes its clusters down: an atexit handler kills what is left; a test
+ * that crashes takes `kvrelay up` with it (PR_SET_PDEATHSIG), and up takes the rest. */
 #ifndef KVR_CLUSTER_HARNESS_H
 #define KVR_CLUSTER_HARNESS_H
 

@@ -24,6 +24,7 @@
  * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
  * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
 #include <errno.h>
+#include <strings.h>
 #include <pthread.h>
 #include <sys/wait.h>
 #include <signal.h>
@@ -688,6 +689,35 @@ static pid_t mpirun_of_cluster(void) {
     return p;
 }
 
+/* Listening sockets on port (from /proc/net/tcp and tcp6): how many, and how many of them
+ * bound to a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x). */
+static void listeners(int port, int *n, int *n_loopback) {
+    *n = *n_loopback = 0;
+    const char *files[] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    for (int f = 0; f < 2; f++) {
+        FILE *fp = fopen(files[f], "r");
+        if (!fp)
+            continue;
+        char line[512], local[64];
+        unsigned lport, st;
+        while (fgets(line, sizeof line, fp)) {
+            if (sscanf(line, " %*d: %63[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", local, &lport, &st) != 3)
+                continue;
+            if ((int)lport != port || st != 0x0A) /* 0A: LISTEN */
+                continue;
+            (*n)++;
+            size_t len = strlen(local);
+            /* The address as the kernel prints it: 4-byte words in host order (x86: little
+             * endian), so 127.x.y.z ends in "7F" of its word. */
+            if ((len == 8 && !strncasecmp(local + 6, "7F", 2)) ||
+                (len == 32 && !strncasecmp(local, "0000000000000000FFFF0000", 24) && !strncasecmp(local + 30, "7F", 2)) ||
+                (len == 32 && !strcasecmp(local, "00000000000000000000000001000000")))
+                (*n_loopback)++;
+        }
+        fclose(fp);
+    }
+}
+
 static void scenario_launcher(void) {
     const char *args[] = {"--prefill", "1", "--decode", "1", NULL};
 
@@ -695,6 +725,11 @@ static void scenario_launcher(void) {
      * (PR_SET_PDEATHSIG), and the guards and ranks follow it. */
     REQUIRE(cluster_start(&cl, 120, args) == 0);
     CHECK_EQ(cluster_pids(&cl, NULL, (pid_t[8]){0}, 8), 3);
+    /* Safe default: the coordinator listens on loopback only. */
+    int n_listen, n_loop;
+    listeners(cl.port, &n_listen, &n_loop);
+    CHECK(n_listen >= 1);
+    CHECK_EQ(n_loop, n_listen);
     kill(cl.pid, SIGKILL);
     CHECK_EQ(cluster_wait(&cl, 10), 128 + SIGKILL);
     int left = cluster_wait_gone(&cl, 20);
