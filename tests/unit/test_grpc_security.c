@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -436,12 +437,12 @@ static void test_limits(void) {
 /* ---- max concurrent streams ----------------------------------------------------------- */
 
 static struct kvr_client *shared_client;
-static volatile int release_first;
+static atomic_int release_first; /* set by main, read by the first call's thread */
 
 static int hold_fn(void *ud, const struct kvr_gen_msg *m) {
     (void)ud;
     if (m->has_token)
-        while (!release_first)
+        while (!atomic_load(&release_first))
             kvr_sleep_ms(5);
     return m->has_token; /* cancel after the first token, once released */
 }
@@ -495,7 +496,7 @@ static void test_max_streams(void) {
         fake_router_stats(&fs);
     } while (fs.n_submits == 1 && kvr_clock_now() < t_end);
     CHECK_EQ(fs.n_submits, 1);
-    release_first = 1;
+    atomic_store(&release_first, 1);
     pthread_join(a.th, NULL);
     pthread_join(b.th, NULL);
     CHECK_EQ(a.code, 1); /* CANCELLED by its client */
