@@ -169,21 +169,29 @@ static const char *describe(int st, char *buf, size_t len) {
 
 /* Stops the job: SIGUSR1 to mpirun, which forwards it to every kvrelay-guard (each turns
  * it into SIGTERM for its rank) and, unlike with SIGTERM, waits for the ranks instead of
- * killing them after a second. After grace_s, or at a second stop signal, SIGKILL to
- * mpirun: the guards and ranks follow it (PR_SET_PDEATHSIG). Returns mpirun's status. */
+ * killing them after a second. mpirun forwards a signal only to the processes it has
+ * already started, so during start-up a single SIGUSR1 can miss ranks launched just
+ * after it: it is sent again every second until mpirun exits (a rank that already stops
+ * only hears it again). After grace_s, or at a second stop signal, SIGKILL to mpirun: the
+ * guards and ranks follow it (PR_SET_PDEATHSIG). Returns mpirun's status. */
 static int stop_job(pid_t pid, int sfd, double grace_s) {
     int st = 0;
-    kill(pid, SIGUSR1);
-    double t_end = kvr_clock_now() + grace_s;
+    double t_end = kvr_clock_now() + grace_s, t_next = 0;
     for (;;) {
         if (waitpid(pid, &st, WNOHANG) == pid)
             return st;
-        double left = t_end - kvr_clock_now();
+        double now = kvr_clock_now();
+        if (now >= t_next) {
+            kill(pid, SIGUSR1);
+            t_next = now + 1.0;
+        }
+        double left = t_end - now;
         if (left <= 0) {
             fprintf(stderr, "kvrelay up: the cluster did not stop in %.0f s; killing it\n", grace_s);
             break;
         }
-        int sig = wait_signal(sfd, (int)(left * 1000.0) + 1);
+        double wait_s = left < t_next - now ? left : t_next - now;
+        int sig = wait_signal(sfd, (int)(wait_s * 1000.0) + 1);
         if (sig && sig != SIGCHLD) {
             fprintf(stderr, "kvrelay up: second stop signal; killing the cluster\n");
             break;
@@ -454,7 +462,7 @@ int kvr_cmd_up(int argc, char **argv) {
     fprintf(stderr, "kvrelay up: starting %d prefill and %d decode nodes (%d threads each%s) with %s\n",
             cfg.prefill, cfg.decode, threads, cfg.colocated ? ", colocated" : "", cfg.mpirun);
     double t0 = kvr_clock_now();
-    int st = 0, sig = 0, exited = 0;
+    int st = 0, sig = 0, exited = 0, ready = 0;
     while (!sig) {
         if (waitpid(pid, &st, WNOHANG) == pid) {
             char how[80];
@@ -484,6 +492,7 @@ int kvr_cmd_up(int argc, char **argv) {
             sig = s;
     }
     if (!sig && !exited) {
+        ready = 1;
         printf("kvrelay up: ready at %s (%d prefill, %d decode%s) in %.1f s; Ctrl-C stops it\n", addr, cfg.prefill,
                cfg.decode, cfg.colocated ? ", colocated" : "", kvr_clock_now() - t0);
         fflush(stdout);
@@ -510,11 +519,13 @@ int kvr_cmd_up(int argc, char **argv) {
         st = stop_job(pid, sfd, (double)cfg.stop_timeout);
     }
     /* The job's real status: every rank must have exited 0 (mpirun's own status says
-     * nothing under --enable-recovery), and a job that ended without being asked to has
-     * failed whatever its ranks say. */
+     * nothing under --enable-recovery), and a job that ended without being asked to, or
+     * never served, has failed whatever its ranks say (a rank stopped while it was still
+     * in MPI_Init dies of SIGTERM anyway). */
     int bad = report_ranks(status_dir, nodes + 1, names);
-    if (exited || bad) {
-        fprintf(stderr, "kvrelay up: the cluster %s%s\n", exited ? "ended without being stopped" : "stopped",
+    if (exited || bad || !ready) {
+        fprintf(stderr, "kvrelay up: the cluster %s%s\n",
+                exited ? "ended without being stopped" : ready ? "stopped" : "was stopped before it was ready",
                 bad ? ", not every rank exited cleanly" : "");
         ex = KVR_EXIT_RUNTIME;
     } else {

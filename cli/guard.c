@@ -40,6 +40,15 @@ static void write_status(const char *dir, const char *rank, const char *prog, in
 }
 
 int main(int argc, char **argv) {
+    /* Signals arrive on a descriptor: none is lost between checking and waiting. Blocked
+     * first of all, so that a SIGUSR1 forwarded while we start is held, not fatal. */
+    sigset_t set, old;
+    sigemptyset(&set);
+    int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+        sigaddset(&set, sigs[i]);
+    if (sigprocmask(SIG_BLOCK, &set, &old) != 0)
+        return 1;
     if (argc < 3) {
         fprintf(stderr, "usage: kvrelay-guard STATUS_DIR PROGRAM [ARGS...]\n"
                         "(started by `kvrelay up` through mpirun; not meant to be run by hand)\n");
@@ -55,14 +64,6 @@ int main(int argc, char **argv) {
         snprintf(rank_buf, sizeof rank_buf, "pid%d", (int)getpid());
         rank = rank_buf;
     }
-    /* Signals arrive on a descriptor: none is lost between checking and waiting. */
-    sigset_t set, old;
-    sigemptyset(&set);
-    int sigs[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
-    for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-        sigaddset(&set, sigs[i]);
-    if (sigprocmask(SIG_BLOCK, &set, &old) != 0)
-        return 1;
     int sfd = signalfd(-1, &set, SFD_CLOEXEC);
     if (sfd < 0) {
         fprintf(stderr, "kvrelay-guard: signalfd: %s\n", strerror(errno));

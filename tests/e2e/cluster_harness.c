@@ -179,7 +179,7 @@ static void at_exit_take_down(void) {
     }
 }
 
-int cluster_start(struct cluster *c, double timeout_s, const char *const *extra) {
+int cluster_spawn(struct cluster *c, const char *const *extra) {
     static int registered;
     if (!registered) {
         atexit(at_exit_take_down);
@@ -244,6 +244,12 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
     close(pfd[1]);
     c->out_fd = pfd[0];
     fprintf(stderr, "harness: started kvrelay up (pid %d) on port %d\n", (int)c->pid, c->port);
+    return 0;
+}
+
+int cluster_start(struct cluster *c, double timeout_s, const char *const *extra) {
+    if (cluster_spawn(c, extra) != 0)
+        return -1;
     char buf[4096];
     size_t len = 0;
     double t_end = now_s() + timeout_s;

@@ -28,6 +28,10 @@ int harness_free_port(void);
  * (the cluster is stopped then). */
 int cluster_start(struct cluster *c, double timeout_s, const char *const *extra);
 
+/* Starts `kvrelay up` as cluster_start does but returns at once (0, or -1 if it could not
+ * be started), without waiting for the ready line. */
+int cluster_spawn(struct cluster *c, const char *const *extra);
+
 /* SIGTERM to `kvrelay up`; waits up to timeout_s for it, then for every process of the
  * cluster to be gone. Returns up's exit code (128 + signal if a signal ended it), or -1
  * if it had to be killed (its process group and every marked process get SIGKILL). */

@@ -19,8 +19,8 @@
  *              connection; a client that reads slowly ends with RESOURCE_EXHAUSTED, its
  *              blocks freed, the coordinator's memory flat.
  *   launcher   `kvrelay up` SIGKILLed: every process of the cluster goes with it; mpirun
- *              SIGKILLed: its ranks go and up exits 1; a rank that aborts makes up exit 1
- *              at the stop.
+ *              SIGKILLed: its ranks go and up exits 1; a stop during start-up ends at
+ *              once (exit 1); a rank that aborts makes up exit 1 at the stop.
  * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
  * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
 #include <errno.h>
@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include "check.h"
+#include "clock.h"
 #include "cluster_harness.h"
 #include "golden.h"
 #include "grpc_client.h"
@@ -748,9 +749,23 @@ static void scenario_launcher(void) {
     CHECK_EQ(cluster_wait_gone(&cl, 20), 0);
     cluster_stop(&cl, 5);
 
-    /* 3. A rank aborts while the cluster serves: the others go on (the node is declared
+    /* 3. A stop while the cluster is still starting: mpirun forwards a signal only to the
+     * processes it has started, so up repeats it until every rank got it. The stop ends
+     * well within --stop-timeout (90 s here), with 1 (the cluster never served), and
+     * leaves nothing behind. */
+    REQUIRE(cluster_spawn(&cl, args) == 0);
+    kvr_sleep_ms(300);
+    kill(cl.pid, SIGTERM);
+    CHECK_EQ(cluster_wait(&cl, 30), 1);
+    CHECK_EQ(cluster_wait_gone(&cl, 20), 0);
+    cluster_stop(&cl, 5);
+
+    /* 4. A rank aborts while the cluster serves: the others go on (the node is declared
      * dead), and at the stop up exits 1 instead of mpirun's 0. */
-    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    /* A stop after a rank died can wait in MPI_Finalize (Open MPI's runtime still counts
+     * the dead rank; issue 15 item 5): 10 s bound that here, the verdict is 1 anyway. */
+    const char *args4[] = {"--prefill", "1", "--decode", "1", "--stop-timeout", "10", NULL};
+    REQUIRE(cluster_start(&cl, 120, args4) == 0);
     pid_t dec[4];
     REQUIRE(cluster_pids(&cl, "kvrelay-decode", dec, 4) == 1);
     kill(dec[0], SIGABRT);
