@@ -31,8 +31,9 @@ static void write_status(const char *dir, const char *rank, const char *prog, in
     base = base ? base + 1 : prog;
     snprintf(path, sizeof path, "%s/rank-%s", dir, rank);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int n = WIFSIGNALED(st) ? snprintf(line, sizeof line, "%s %s signal %d\n", rank, base, WTERMSIG(st))
-                            : snprintf(line, sizeof line, "%s %s exit %d\n", rank, base, WEXITSTATUS(st));
+    int n = WIFSIGNALED(st)
+                ? snprintf(line, sizeof line, "%s %s signal %d\n", rank, base, WTERMSIG(st))
+                : snprintf(line, sizeof line, "%s %s exit %d\n", rank, base, WEXITSTATUS(st));
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0 || write(fd, line, (size_t)n) != n || close(fd) != 0 || rename(tmp, path) != 0)
         fprintf(stderr, "kvrelay-guard: cannot record rank %s's status in %s: %s\n", rank, dir,

@@ -10,8 +10,8 @@
 
 #include "status.h"
 
-#define TOKEN_MIN 16
-#define TOKEN_MAX 4096
+#define TOKEN_MIN  16
+#define TOKEN_MAX  4096
 #define TOKENS_MAX 64
 
 struct coord_auth {
@@ -114,8 +114,8 @@ static int parse_lines(struct coord_auth *a, const char *text, size_t n, char *e
     return KVR_OK;
 }
 
-int coord_auth_create(const char *const *tokens, int n_tokens, struct coord_auth **out,
-                      char *err, size_t err_len) {
+int coord_auth_create(const char *const *tokens, int n_tokens, struct coord_auth **out, char *err,
+                      size_t err_len) {
     *out = NULL;
     struct coord_auth *a = calloc(1, sizeof *a);
     if (!a)

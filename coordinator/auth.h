@@ -27,8 +27,8 @@ int coord_auth_load(const char *path, struct coord_auth **out, char *err, size_t
 
 /* Builds the table from tokens in memory (same rules as one file line each); for tests
  * and for callers that got the secret some other way. */
-int coord_auth_create(const char *const *tokens, int n_tokens, struct coord_auth **out,
-                      char *err, size_t err_len);
+int coord_auth_create(const char *const *tokens, int n_tokens, struct coord_auth **out, char *err,
+                      size_t err_len);
 
 void coord_auth_free(struct coord_auth *a);
 
@@ -40,8 +40,7 @@ int coord_auth_count(const struct coord_auth *a);
  * one or more spaces after it). Compares with every loaded token in time that depends
  * only on len and the number of tokens, never on where the bytes differ or on a loaded
  * token's length. Thread-safe (reads only). */
-enum coord_auth_verdict coord_auth_check(const struct coord_auth *a, const char *value,
-                                         size_t len);
+enum coord_auth_verdict coord_auth_check(const struct coord_auth *a, const char *value, size_t len);
 
 /* "ok", "missing", "malformed", "wrong". */
 const char *coord_auth_verdict_name(enum coord_auth_verdict v);

@@ -38,10 +38,12 @@ int harness_free_port(void) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0)
         return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {
+        .sin_family = AF_INET, .sin_port = 0, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof a;
     int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
         port = ntohs(a.sin_port);
     close(fd);
     return port;
@@ -173,7 +175,8 @@ static void take_down(struct cluster *c) {
 static void at_exit_take_down(void) {
     for (int i = 0; i < MAX_LIVE; i++) {
         if (live[i]) {
-            fprintf(stderr, "harness: test ended with a cluster running (port %d): killing it\n", live[i]->port);
+            fprintf(stderr, "harness: test ended with a cluster running (port %d): killing it\n",
+                    live[i]->port);
             take_down(live[i]);
         }
     }
@@ -197,7 +200,8 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
     snprintf(port, sizeof port, "%d", c->port);
     /* A generous stop timeout: under ASan every rank runs LeakSanitizer at exit, which
      * takes seconds on a loaded machine; a stop that does not finish still fails. */
-    const char *argv[64] = {bin, "up", "--model", model, "--tokenizer", tok, "--port", port, "--stop-timeout", "90"};
+    const char *argv[64] = {bin,      "up", "--model",        model, "--tokenizer", tok,
+                            "--port", port, "--stop-timeout", "90"};
     int n = 10;
     for (int i = 0; extra && extra[i] && n < 63; i++)
         argv[n++] = extra[i];
@@ -225,7 +229,8 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
         snprintf(asan_opts, sizeof asan_opts, "%s%sfast_unwind_on_malloc=0:malloc_context_size=16",
                  asan ? asan : "", asan && *asan ? ":" : "");
         setenv("ASAN_OPTIONS", asan_opts, 1);
-        setenv("LSAN_OPTIONS", "suppressions=" KVR_SOURCE_DIR "/tests/lsan_mpi.supp:print_suppressions=0", 1);
+        setenv("LSAN_OPTIONS",
+               "suppressions=" KVR_SOURCE_DIR "/tests/lsan_mpi.supp:print_suppressions=0", 1);
         setenv("OMPI_MCA_mca_base_component_disable_dlclose", "1", 1);
         setenv("PMIX_MCA_mca_base_component_disable_dlclose", "1", 1);
         dup2(pfd[1], 1);
@@ -267,7 +272,8 @@ int cluster_start(struct cluster *c, double timeout_s, const char *const *extra)
             }
         }
     }
-    fprintf(stderr, "harness: the cluster did not get ready in %.0f s (stdout: %.*s)\n", timeout_s, (int)len, buf);
+    fprintf(stderr, "harness: the cluster did not get ready in %.0f s (stdout: %.*s)\n", timeout_s,
+            (int)len, buf);
     cluster_stop(c, 15);
     return -1;
 }
@@ -299,7 +305,8 @@ int cluster_stop(struct cluster *c, double timeout_s) {
     double wait_s = timeout_s > 100 ? timeout_s : 100;
     int code = cluster_wait(c, wait_s);
     if (code < 0) {
-        fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing its process group\n", wait_s);
+        fprintf(stderr, "harness: kvrelay up did not stop in %.0f s; killing its process group\n",
+                wait_s);
         take_down(c);
         return -1;
     }

@@ -115,7 +115,8 @@ static int make_certs(void) {
 static void test_auth_module(void) {
     char err[256];
     struct coord_auth *a = NULL;
-    write_file(path_in("tokens"), "# kvrelay tokens\n\n  old-token-0123456789  \r\nnew-token-abcdefghij\n");
+    write_file(path_in("tokens"),
+               "# kvrelay tokens\n\n  old-token-0123456789  \r\nnew-token-abcdefghij\n");
     REQUIRE(coord_auth_load(path_in("tokens"), &a, err, sizeof err) == KVR_OK);
     CHECK_EQ(coord_auth_count(a), 2);
     const char *v;
@@ -183,8 +184,8 @@ static int generate(const char *addr, const struct kvr_client_opts *o, int *n_to
     struct kvr_client *c = NULL;
     REQUIRE(kvr_client_create_opts(addr, o, &c, NULL, 0) == KVR_OK);
     struct kvr_gen_usage u;
-    struct kvr_gen_params p = {.prompt = "Once upon a time", .max_tokens = 5, .kv_sinks = -1,
-                               .timeout_s = 10};
+    struct kvr_gen_params p = {
+        .prompt = "Once upon a time", .max_tokens = 5, .kv_sinks = -1, .timeout_s = 10};
     memset(&u, 0, sizeof u);
     int code = kvr_client_generate(c, &p, NULL, NULL, &u, st);
     if (n_tokens)
@@ -208,8 +209,10 @@ static void set_status(void) {
     static struct coord_cluster_status st;
     memset(&st, 0, sizeof st);
     st.n_nodes = 2;
-    st.nodes[0] = (struct coord_node_status){.rank = 1, .role = "prefill", .host = "secret-host-a", .alive = 1};
-    st.nodes[1] = (struct coord_node_status){.rank = 2, .role = "decode", .host = "secret-host-b", .alive = 1};
+    st.nodes[0] = (struct coord_node_status){
+        .rank = 1, .role = "prefill", .host = "secret-host-a", .alive = 1};
+    st.nodes[1] = (struct coord_node_status){
+        .rank = 2, .role = "decode", .host = "secret-host-b", .alive = 1};
     st.seq_len = SEQ_LEN;
     st.vocab_size = VOCAB;
     fake_router_set_status(&st);
@@ -222,8 +225,9 @@ static void test_tls_and_tokens(void) {
     REQUIRE(coord_auth_create(toks, 1, &auth, err, sizeof err) == KVR_OK);
     char *cert = slurp(path_in("srv.pem")), *key = slurp(path_in("srv.key"));
     char addr[64];
-    struct coord_grpc *g = start((struct coord_grpc_params){.tls_cert_pem = cert, .tls_key_pem = key, .auth = auth},
-                                 addr, sizeof addr);
+    struct coord_grpc *g =
+        start((struct coord_grpc_params){.tls_cert_pem = cert, .tls_key_pem = key, .auth = auth},
+              addr, sizeof addr);
     struct fake_router_cfg cfg = {.emit = 5, .per_call = 1, .finish_reason = COORD_FINISH_LENGTH};
     fake_router_configure(&cfg);
     set_status();
@@ -238,13 +242,16 @@ static void test_tls_and_tokens(void) {
     struct kvr_client_opts no_ca = {.tls = 1, .tls_server_name = "kvrelay.test"};
     CHECK_EQ(health(addr, &no_ca, &st), C_UNAVAILABLE);
     CHECK_EQ(st.reached, 0);
-    struct kvr_client_opts rogue = {.tls_ca_file = path_in("rogue.pem"), .tls_server_name = "kvrelay.test"};
+    struct kvr_client_opts rogue = {.tls_ca_file = path_in("rogue.pem"),
+                                    .tls_server_name = "kvrelay.test"};
     CHECK_EQ(health(addr, &rogue, &st), C_UNAVAILABLE);
-    struct kvr_client_opts wrong_name = {.tls_ca_file = path_in("ca.pem"), .tls_server_name = "other.test"};
+    struct kvr_client_opts wrong_name = {.tls_ca_file = path_in("ca.pem"),
+                                         .tls_server_name = "other.test"};
     CHECK_EQ(health(addr, &wrong_name, &st), C_UNAVAILABLE);
 
     /* The right CA: by the certificate's DNS name, and by its IP address (no override). */
-    struct kvr_client_opts ok = {.tls_ca_file = path_in("ca.pem"), .tls_server_name = "kvrelay.test"};
+    struct kvr_client_opts ok = {.tls_ca_file = path_in("ca.pem"),
+                                 .tls_server_name = "kvrelay.test"};
     CHECK_EQ(health(addr, &ok, &st), C_OK); /* Health needs no token */
     struct kvr_client_opts by_ip = {.tls_ca_file = path_in("ca.pem")};
     CHECK_EQ(health(addr, &by_ip, &st), C_OK);
@@ -271,7 +278,8 @@ static void test_tls_and_tokens(void) {
     REQUIRE(kvr_client_create_opts(addr, &ok, &c, NULL, 0) == KVR_OK);
     uint8_t *resp = NULL;
     size_t rlen = 0;
-    CHECK_EQ(kvr_client_unary(c, "/kvrelay.v1.Inference/Nope", "", 0, 10, &resp, &rlen, &st), C_UNAUTHENTICATED);
+    CHECK_EQ(kvr_client_unary(c, "/kvrelay.v1.Inference/Nope", "", 0, 10, &resp, &rlen, &st),
+             C_UNAUTHENTICATED);
     free(resp);
     kvr_client_free(c);
 
@@ -287,24 +295,31 @@ static void test_tls_and_tokens(void) {
     write_file(path_in("wrong-token"), "wrong-token-0123456789\n");
     char cmd[4096];
     const char *bin = KVR_BIN_DIR "/kvrelay";
-    snprintf(cmd, sizeof cmd,
-             "%s submit --addr %s --prompt hi --max-tokens 3 --tls-ca %s --tls-server-name kvrelay.test "
-             "--auth-token-file %s >/dev/null 2>&1",
-             bin, addr, path_in("ca.pem"), path_in("client-token"));
+    snprintf(
+        cmd, sizeof cmd,
+        "%s submit --addr %s --prompt hi --max-tokens 3 --tls-ca %s --tls-server-name kvrelay.test "
+        "--auth-token-file %s >/dev/null 2>&1",
+        bin, addr, path_in("ca.pem"), path_in("client-token"));
     CHECK_EQ(WEXITSTATUS(system(cmd)), 0);
-    snprintf(cmd, sizeof cmd,
-             "%s submit --addr %s --prompt hi --max-tokens 3 --tls-ca %s --tls-server-name kvrelay.test "
-             "--auth-token-file %s >/dev/null 2>&1",
-             bin, addr, path_in("ca.pem"), path_in("wrong-token"));
+    snprintf(
+        cmd, sizeof cmd,
+        "%s submit --addr %s --prompt hi --max-tokens 3 --tls-ca %s --tls-server-name kvrelay.test "
+        "--auth-token-file %s >/dev/null 2>&1",
+        bin, addr, path_in("ca.pem"), path_in("wrong-token"));
     CHECK_EQ(WEXITSTATUS(system(cmd)), 3); /* refused by a server that answered */
-    snprintf(cmd, sizeof cmd, "%s status --addr %s --tls --tls-server-name kvrelay.test >/dev/null 2>&1", bin, addr);
+    snprintf(cmd, sizeof cmd,
+             "%s status --addr %s --tls --tls-server-name kvrelay.test >/dev/null 2>&1", bin, addr);
     CHECK_EQ(WEXITSTATUS(system(cmd)), 4); /* no trusted server reached */
-    snprintf(cmd, sizeof cmd, "%s status --addr %s --tls-ca %s >/dev/null 2>&1", bin, addr, path_in("ca.pem"));
+    snprintf(cmd, sizeof cmd, "%s status --addr %s --tls-ca %s >/dev/null 2>&1", bin, addr,
+             path_in("ca.pem"));
     CHECK_EQ(WEXITSTATUS(system(cmd)), 3); /* UNAUTHENTICATED */
-    snprintf(cmd, sizeof cmd, "%s status --addr %s --tls-ca %s --auth-token-file %s 2>/dev/null | grep -q secret-host-b",
-             bin, addr, path_in("ca.pem"), path_in("client-token"));
+    snprintf(
+        cmd, sizeof cmd,
+        "%s status --addr %s --tls-ca %s --auth-token-file %s 2>/dev/null | grep -q secret-host-b",
+        bin, addr, path_in("ca.pem"), path_in("client-token"));
     CHECK_EQ(WEXITSTATUS(system(cmd)), 0);
-    snprintf(cmd, sizeof cmd, "%s status --addr %s --auth-token-file %s/none >/dev/null 2>&1", bin, addr, dir);
+    snprintf(cmd, sizeof cmd, "%s status --addr %s --auth-token-file %s/none >/dev/null 2>&1", bin,
+             addr, dir);
     CHECK_EQ(WEXITSTATUS(system(cmd)), 1); /* unreadable token file */
     fake_router_wait_idle(10);
     fake_router_reset();
@@ -316,13 +331,16 @@ static void test_tls_and_tokens(void) {
 }
 
 static void test_mtls(void) {
-    char *cert = slurp(path_in("srv.pem")), *key = slurp(path_in("srv.key")), *ca = slurp(path_in("ca.pem"));
+    char *cert = slurp(path_in("srv.pem")), *key = slurp(path_in("srv.key")),
+         *ca = slurp(path_in("ca.pem"));
     char addr[64];
-    struct coord_grpc *g = start(
-        (struct coord_grpc_params){.tls_cert_pem = cert, .tls_key_pem = key, .tls_client_ca_pem = ca}, addr,
-        sizeof addr);
+    struct coord_grpc *g = start((struct coord_grpc_params){.tls_cert_pem = cert,
+                                                            .tls_key_pem = key,
+                                                            .tls_client_ca_pem = ca},
+                                 addr, sizeof addr);
     struct kvr_rpc_status st;
-    struct kvr_client_opts no_cert = {.tls_ca_file = path_in("ca.pem"), .tls_server_name = "kvrelay.test"};
+    struct kvr_client_opts no_cert = {.tls_ca_file = path_in("ca.pem"),
+                                      .tls_server_name = "kvrelay.test"};
     CHECK_EQ(health(addr, &no_cert, &st), C_UNAVAILABLE);
     struct kvr_client_opts foreign = no_cert;
     foreign.tls_cert_file = path_in("rogue.pem");
@@ -340,8 +358,12 @@ static void test_mtls(void) {
     /* Bad set-ups are refused at start, not at the first connection. */
     struct coord_grpc *bad = NULL;
     int prev = kvr_log_set_level(-1);
-    struct coord_grpc_params gp = {.addr = "127.0.0.1:0", .router = fake_router_get(), .tok = tok,
-                                   .seq_len = SEQ_LEN, .vocab_size = VOCAB, .tls_cert_pem = "-----BEGIN CERTIFICATE-----\nnot\n"};
+    struct coord_grpc_params gp = {.addr = "127.0.0.1:0",
+                                   .router = fake_router_get(),
+                                   .tok = tok,
+                                   .seq_len = SEQ_LEN,
+                                   .vocab_size = VOCAB,
+                                   .tls_cert_pem = "-----BEGIN CERTIFICATE-----\nnot\n"};
     CHECK_EQ(coord_grpc_start(&gp, &bad), KVR_EGRPC); /* no key */
     gp.tls_key_pem = "-----BEGIN PRIVATE KEY-----\nnot\n";
     CHECK_EQ(coord_grpc_start(&gp, &bad), KVR_EGRPC); /* garbage PEM */
@@ -370,7 +392,8 @@ static void test_limits(void) {
     char addr[64];
     const int cap = 64;
     struct coord_grpc *g =
-        start((struct coord_grpc_params){.max_message_bytes = 4096, .max_pending_tokens = cap}, addr, sizeof addr);
+        start((struct coord_grpc_params){.max_message_bytes = 4096, .max_pending_tokens = cap},
+              addr, sizeof addr);
     struct kvr_rpc_status st;
 
     /* A request message over the limit: gRPC refuses it before our code sees it. */
@@ -386,17 +409,22 @@ static void test_limits(void) {
      * 4 KiB window. The call ends with RESOURCE_EXHAUSTED once more than `cap` tokens wait,
      * the queue never held more than cap, and the request is cancelled in the cluster. */
     fake_router_reset();
-    struct fake_router_cfg cfg = {.emit = 20000, .per_call = 16, .stall = 1, .finish_reason = COORD_FINISH_LENGTH};
+    struct fake_router_cfg cfg = {
+        .emit = 20000, .per_call = 16, .stall = 1, .finish_reason = COORD_FINISH_LENGTH};
     fake_router_configure(&cfg);
     struct kvr_client_opts o = {.recv_window_bytes = 4096};
     REQUIRE(kvr_client_create_opts(addr, &o, &c, NULL, 0) == KVR_OK);
     struct slow s = {.sleep_ms = 20};
-    p = (struct kvr_gen_params){.prompt = "Once upon a time", .max_tokens = 20000, .kv_policy = KVR_KV_SINK,
-                                .kv_window = 64, .kv_sinks = 4, .timeout_s = 60};
+    p = (struct kvr_gen_params){.prompt = "Once upon a time",
+                                .max_tokens = 20000,
+                                .kv_policy = KVR_KV_SINK,
+                                .kv_window = 64,
+                                .kv_sinks = 4,
+                                .timeout_s = 60};
     double t0 = kvr_clock_now();
     int code = kvr_client_generate(c, &p, slow_fn, &s, NULL, &st);
-    fprintf(stderr, "slow reader: %s (%s) after %d tokens, %.2f s\n", kvr_grpc_code_name(code), st.message, s.n,
-            kvr_clock_now() - t0);
+    fprintf(stderr, "slow reader: %s (%s) after %d tokens, %.2f s\n", kvr_grpc_code_name(code),
+            st.message, s.n, kvr_clock_now() - t0);
     CHECK_EQ(code, C_RESOURCE_EXHAUSTED);
     CHECK(strstr(st.message, "reads too slowly") != NULL);
     CHECK(s.n < 20000);
@@ -419,7 +447,8 @@ static void test_limits(void) {
 
     /* A reader that keeps up is not cut off: exactly cap tokens in one burst still fit. */
     fake_router_reset();
-    cfg = (struct fake_router_cfg){.emit = cap, .per_call = cap, .finish_reason = COORD_FINISH_LENGTH};
+    cfg = (struct fake_router_cfg){
+        .emit = cap, .per_call = cap, .finish_reason = COORD_FINISH_LENGTH};
     fake_router_configure(&cfg);
     REQUIRE(kvr_client_create_opts(addr, &o, &c, NULL, 0) == KVR_OK);
     s = (struct slow){.sleep_ms = 1};
@@ -462,7 +491,8 @@ static int count_fn(void *ud, const struct kvr_gen_msg *m) {
 static void *stream_main(void *arg) {
     struct stream_job *j = arg;
     struct kvr_rpc_status st;
-    struct kvr_gen_params p = {.prompt = "Once upon a time", .max_tokens = 3, .kv_sinks = -1, .timeout_s = 60};
+    struct kvr_gen_params p = {
+        .prompt = "Once upon a time", .max_tokens = 3, .kv_sinks = -1, .timeout_s = 60};
     j->code = kvr_client_generate(shared_client, &p, j->hold ? hold_fn : count_fn, j, NULL, &st);
     return NULL;
 }
@@ -472,7 +502,8 @@ static void *stream_main(void *arg) {
 static void test_max_streams(void) {
     char addr[64];
     fake_router_reset();
-    struct coord_grpc *g = start((struct coord_grpc_params){.max_concurrent_streams = 1}, addr, sizeof addr);
+    struct coord_grpc *g =
+        start((struct coord_grpc_params){.max_concurrent_streams = 1}, addr, sizeof addr);
     REQUIRE(kvr_client_create(addr, &shared_client) == KVR_OK);
     struct fake_router_cfg hold = {.emit = 1, .per_call = 1, .stall = 1};
     fake_router_configure(&hold);
@@ -520,7 +551,8 @@ int main(void) {
     test_limits();
     test_max_streams();
     if (system("openssl version >/dev/null 2>&1") != 0) {
-        fprintf(stderr, "SKIP TLS tests: openssl is not installed (scripts/install-deps.sh installs it)\n");
+        fprintf(stderr,
+                "SKIP TLS tests: openssl is not installed (scripts/install-deps.sh installs it)\n");
     } else {
         REQUIRE(make_certs() == 0);
         test_tls_and_tokens();
