@@ -34,6 +34,7 @@ struct kvr_cli_conn {
 };
 
 /* Option-table rows for a struct kvr_cli_conn field named `conn` in cfg type T. */
+/* clang-format off */
 #define KVR_CLI_CONN_OPTS(T)                                                                                 \
     {"tls", KVR_OPT_FLAG, offsetof(T, conn.tls), "0", 0, -1, NULL, 0, "use TLS (implied by --tls-ca)"},     \
     {"tls-ca", KVR_OPT_STRING, offsetof(T, conn.tls_ca), NULL, 0, -1, NULL, 0,                               \
@@ -45,6 +46,7 @@ struct kvr_cli_conn {
     {"tls-key", KVR_OPT_STRING, offsetof(T, conn.tls_key), NULL, 0, -1, NULL, 0, "PEM key of --tls-cert"}, \
     {"auth-token-file", KVR_OPT_STRING, offsetof(T, conn.auth_token_file), NULL, 0, -1, NULL, 0,             \
      "file holding the bearer token to send (its first token line)"}
+/* clang-format on */
 
 struct kvr_client;
 /* Opens the client for `kvrelay <cmd>`; on failure prints "kvrelay <cmd>: <reason>" and

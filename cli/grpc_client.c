@@ -61,7 +61,8 @@ static char *read_small(const char *what, const char *path, char *err, size_t er
     fclose(f);
     if (!buf || n > cap) {
         if (err)
-            snprintf(err, err_len, "%s %s: %s", what, path, buf ? "larger than 1 MiB" : "out of memory");
+            snprintf(err, err_len, "%s %s: %s", what, path,
+                     buf ? "larger than 1 MiB" : "out of memory");
         free(buf);
         return NULL;
     }
@@ -114,7 +115,8 @@ int kvr_client_create_opts(const char *addr, const struct kvr_client_opts *o,
         o = &none;
     char *ca = NULL, *cert = NULL, *key = NULL;
     if ((o->tls_ca_file && !(ca = read_small("TLS CA", o->tls_ca_file, err, err_len))) ||
-        (o->tls_cert_file && !(cert = read_small("TLS certificate", o->tls_cert_file, err, err_len))) ||
+        (o->tls_cert_file &&
+         !(cert = read_small("TLS certificate", o->tls_cert_file, err, err_len))) ||
         (o->tls_key_file && !(key = read_small("TLS key", o->tls_key_file, err, err_len)))) {
         free(ca);
         free(cert);

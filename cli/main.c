@@ -58,8 +58,8 @@ int kvr_cli_connect(const char *cmd, const char *addr, const struct kvr_cli_conn
         fprintf(stderr, "kvrelay %s: --tls-cert and --tls-key go together\n", cmd);
         return KVR_EXIT_USAGE;
     }
-    if (conn->auth_token_file &&
-        kvr_client_read_token(conn->auth_token_file, token, sizeof token, err, sizeof err) != KVR_OK) {
+    if (conn->auth_token_file && kvr_client_read_token(conn->auth_token_file, token, sizeof token,
+                                                       err, sizeof err) != KVR_OK) {
         fprintf(stderr, "kvrelay %s: %s\n", cmd, err);
         return KVR_EXIT_RUNTIME;
     }

@@ -653,8 +653,8 @@ static void stream_tokens(struct coord_stream *s, const int *ids, int n) {
                      "the client reads too slowly: %d generated tokens are waiting to be sent "
                      "(limit %d)",
                      held + n, g->max_pending);
-            KVR_LOG_WARN("call=%llu req=%llu -> RESOURCE_EXHAUSTED: %s", (unsigned long long)c->serial,
-                         (unsigned long long)c->req_id, msg);
+            KVR_LOG_WARN("call=%llu req=%llu -> RESOURCE_EXHAUSTED: %s",
+                         (unsigned long long)c->serial, (unsigned long long)c->req_id, msg);
             c->overflowed = 1;
             atomic_fetch_add(&g->n_overflowed, 1);
             atomic_fetch_sub(&g->pending_now, (long long)held);
@@ -1074,12 +1074,13 @@ static void on_new_call(struct coord_grpc *g, int success) {
     if (!call_start(c, &op, 1, &c->t_close)) {
         grpc_call_cancel(c->call, NULL);
     } else if (verdict != COORD_AUTH_OK) {
-        KVR_LOG_INFO("call=%llu %s: %s bearer token -> UNAUTHENTICATED", (unsigned long long)c->serial,
-                     path, coord_auth_verdict_name(verdict));
-        call_finish(c, NULL, GRPC_STATUS_UNAUTHENTICATED,
-                    verdict == COORD_AUTH_MISSING
-                        ? "this server needs a bearer token (metadata authorization: Bearer <token>)"
-                        : "invalid bearer token");
+        KVR_LOG_INFO("call=%llu %s: %s bearer token -> UNAUTHENTICATED",
+                     (unsigned long long)c->serial, path, coord_auth_verdict_name(verdict));
+        call_finish(
+            c, NULL, GRPC_STATUS_UNAUTHENTICATED,
+            verdict == COORD_AUTH_MISSING
+                ? "this server needs a bearer token (metadata authorization: Bearer <token>)"
+                : "invalid bearer token");
     } else if (method == RPC_UNKNOWN) {
         char msg[KVR_GRPC_MSG_LEN];
         snprintf(msg, sizeof msg, "unknown method %s", path);
@@ -1214,12 +1215,14 @@ int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out)
 
     /* Every limit is set here, explicitly, rather than left to gRPC's defaults (which
      * change between versions); docs/API.md ("Server options") lists them. */
-    int ka_time = p->keepalive_time_ms ? p->keepalive_time_ms : COORD_GRPC_DEFAULT_KEEPALIVE_TIME_MS;
+    int ka_time =
+        p->keepalive_time_ms ? p->keepalive_time_ms : COORD_GRPC_DEFAULT_KEEPALIVE_TIME_MS;
     int ka_timeout =
         p->keepalive_timeout_ms ? p->keepalive_timeout_ms : COORD_GRPC_DEFAULT_KEEPALIVE_TIMEOUT_MS;
     int max_streams =
         p->max_concurrent_streams ? p->max_concurrent_streams : COORD_GRPC_DEFAULT_MAX_STREAMS;
-    int max_msg = p->max_message_bytes ? p->max_message_bytes : COORD_GRPC_DEFAULT_MAX_MESSAGE_BYTES;
+    int max_msg =
+        p->max_message_bytes ? p->max_message_bytes : COORD_GRPC_DEFAULT_MAX_MESSAGE_BYTES;
     g->max_pending =
         p->max_pending_tokens > 0 ? p->max_pending_tokens : COORD_GRPC_DEFAULT_MAX_PENDING_TOKENS;
     g->auth = p->auth;

@@ -21,7 +21,7 @@ struct coord_auth;
 #define COORD_GRPC_DEFAULT_MAX_PENDING_TOKENS   65536
 
 struct coord_grpc_params {
-    const char *addr;                /* listen address, "127.0.0.1:50051"; port 0 picks a free port */
+    const char *addr; /* listen address, "127.0.0.1:50051"; port 0 picks a free port */
     struct coord_router *router;     /* borrowed until coord_grpc_stop returns */
     const struct kvr_tokenizer *tok; /* borrowed until coord_grpc_stop returns */
     int seq_len;                     /* model context (tokens) */
@@ -54,8 +54,8 @@ struct coord_grpc_stream_stats {
 struct coord_grpc;
 
 /* Starts listening and the completion-queue thread. Errors: KVR_EINVAL (bad params),
- * KVR_EGRPC (cannot bind addr, or bad TLS material; logged), KVR_ENOMEM. Calls grpc_init (balanced by stop).
- * Returns owned *out, stop and free with coord_grpc_stop. */
+ * KVR_EGRPC (cannot bind addr, or bad TLS material; logged), KVR_ENOMEM. Calls grpc_init (balanced
+ * by stop). Returns owned *out, stop and free with coord_grpc_stop. */
 int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out);
 
 /* The bound TCP port (useful with port 0). */

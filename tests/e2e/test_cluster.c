@@ -549,10 +549,12 @@ static int slow_read(void *ud, const struct kvr_gen_msg *m) {
 }
 
 static void scenario_secure(void) {
-    if (sh_quiet("openssl version >/dev/null 2>&1") != 0 || sh_quiet("/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null") != 0 ||
+    if (sh_quiet("openssl version >/dev/null 2>&1") != 0 ||
+        sh_quiet("/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null") != 0 ||
         sh_quiet("protoc --version >/dev/null 2>&1") != 0) {
-        fprintf(stderr, "SKIP secure: needs openssl, protoc and Debian's python3-grpcio + python3-protobuf "
-                        "(scripts/install-deps.sh installs them)\n");
+        fprintf(stderr,
+                "SKIP secure: needs openssl, protoc and Debian's python3-grpcio + python3-protobuf "
+                "(scripts/install-deps.sh installs them)\n");
         CHECK(0 && "secure scenario could not run");
         return;
     }
@@ -564,23 +566,37 @@ static void scenario_secure(void) {
     snprintf(tokf, sizeof tokf, "%s/token", dir);
     snprintf(cmd, sizeof cmd,
              "cd %s && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=kvrelay.test "
-             "-addext subjectAltName=DNS:kvrelay.test,IP:127.0.0.1 -keyout srv.key -out srv.pem >/dev/null 2>&1 && "
+             "-addext subjectAltName=DNS:kvrelay.test,IP:127.0.0.1 -keyout srv.key -out srv.pem "
+             ">/dev/null 2>&1 && "
              "echo e2e-token-0123456789abcdef > token && echo wrong-token-0123456789ab > wrong",
              dir);
     REQUIRE(sh_quiet(cmd) == 0);
     /* Self-signed: kvrelay up's health probe trusts the certificate itself. */
-    const char *args[] = {"--prefill", "1", "--decode", "1", "--tls-cert", cert, "--tls-key", key,
-                          "--auth-token-file", tokf, "--coordinator-args", "--max-pending-tokens 128", NULL};
+    const char *args[] = {"--prefill",
+                          "1",
+                          "--decode",
+                          "1",
+                          "--tls-cert",
+                          cert,
+                          "--tls-key",
+                          key,
+                          "--auth-token-file",
+                          tokf,
+                          "--coordinator-args",
+                          "--max-pending-tokens 128",
+                          NULL};
     REQUIRE(cluster_start(&cl, 120, args) == 0);
 
     /* Python's grpcio over TLS with the token: the golden text. */
     char py[1024];
-    snprintf(py, sizeof py, "/usr/bin/python3 %s/tests/e2e/py_client.py --proto-dir %s/proto --out-dir %s --addr %s --ca %s",
+    snprintf(py, sizeof py,
+             "/usr/bin/python3 %s/tests/e2e/py_client.py --proto-dir %s/proto --out-dir %s --addr "
+             "%s --ca %s",
              KVR_SOURCE_DIR, KVR_SOURCE_DIR, dir, cl.addr, cert);
     struct kvr_gen_params gp = golden_params(1);
     char *argv_gen[] = {"/bin/sh", "-c", cmd, NULL};
-    snprintf(cmd, sizeof cmd, "%s --token-file %s --text-out %s/text generate '%s' %d", py, tokf, dir, gp.prompt,
-             gp.max_tokens);
+    snprintf(cmd, sizeof cmd, "%s --token-file %s --text-out %s/text generate '%s' %d", py, tokf,
+             dir, gp.prompt, gp.max_tokens);
     struct cmd_result r;
     REQUIRE(run_cmd(argv_gen, 120, &r) == 0);
     fprintf(stderr, "secure: python generate -> %.300s\n%s", r.out, r.err);
@@ -612,20 +628,26 @@ static void scenario_secure(void) {
     cmd_result_free(&r);
 
     /* kvrelay submit: with CA and token the golden text; a wrong token exits 3; no CA, 4. */
-    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls-ca %s --auth-token-file %s --prompt '%s' --max-tokens %d --temperature 0",
+    snprintf(cmd, sizeof cmd,
+             "%s submit --addr %s --tls-ca %s --auth-token-file %s --prompt '%s' --max-tokens %d "
+             "--temperature 0",
              bin_path("kvrelay"), cl.addr, cert, tokf, gp.prompt, gp.max_tokens);
     REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
     CHECK_EQ(r.exit_code, 0);
     CHECK(strncmp(r.out, golden[1].text, strlen(golden[1].text)) == 0);
     cmd_result_free(&r);
-    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls-ca %s --auth-token-file %s/wrong --prompt hi --max-tokens 3",
-             bin_path("kvrelay"), cl.addr, cert, dir);
+    snprintf(
+        cmd, sizeof cmd,
+        "%s submit --addr %s --tls-ca %s --auth-token-file %s/wrong --prompt hi --max-tokens 3",
+        bin_path("kvrelay"), cl.addr, cert, dir);
     REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
     CHECK_EQ(r.exit_code, 3);
     CHECK(strstr(r.err, "UNAUTHENTICATED") != NULL);
     cmd_result_free(&r);
-    snprintf(cmd, sizeof cmd, "%s submit --addr %s --tls --auth-token-file %s --prompt hi --max-tokens 3 --timeout 20",
-             bin_path("kvrelay"), cl.addr, tokf);
+    snprintf(
+        cmd, sizeof cmd,
+        "%s submit --addr %s --tls --auth-token-file %s --prompt hi --max-tokens 3 --timeout 20",
+        bin_path("kvrelay"), cl.addr, tokf);
     REQUIRE(run_cmd(argv_gen, 60, &r) == 0);
     CHECK_EQ(r.exit_code, 4);
     cmd_result_free(&r);
@@ -646,14 +668,20 @@ static void scenario_secure(void) {
     struct kvr_client_opts o = {.tls_ca_file = cert, .token = tok_text, .recv_window_bytes = 4096};
     struct kvr_client *c = NULL;
     REQUIRE(kvr_client_create_opts(cl.addr, &o, &c, NULL, 0) == 0);
-    struct kvr_gen_params sp = {.prompt = "Once upon a time", .max_tokens = 2000, .ignore_eos = 1,
-                                .kv_policy = KVR_KV_SINK, .kv_window = 64, .kv_sinks = 4, .timeout_s = 120};
+    struct kvr_gen_params sp = {.prompt = "Once upon a time",
+                                .max_tokens = 2000,
+                                .ignore_eos = 1,
+                                .kv_policy = KVR_KV_SINK,
+                                .kv_window = 64,
+                                .kv_sinks = 4,
+                                .timeout_s = 120};
     struct slow_reader sr = {0};
     struct kvr_rpc_status st;
     int code = kvr_client_generate(c, &sp, slow_read, &sr, NULL, &st);
     kvr_client_free(c);
     long hwm1 = vm_hwm_kib(coord[0]);
-    fprintf(stderr, "secure: slow reader -> %s (%s) after %d tokens; coordinator VmHWM %ld -> %ld KiB\n",
+    fprintf(stderr,
+            "secure: slow reader -> %s (%s) after %d tokens; coordinator VmHWM %ld -> %ld KiB\n",
             kvr_grpc_code_name(code), st.message, sr.n, hwm0, hwm1);
     CHECK_EQ(code, GRPC_RESOURCE_EXHAUSTED);
     CHECK(strstr(st.message, "reads too slowly") != NULL);
@@ -702,7 +730,8 @@ static void listeners(int port, int *n, int *n_loopback) {
         char line[512], local[64];
         unsigned lport, st;
         while (fgets(line, sizeof line, fp)) {
-            if (sscanf(line, " %*d: %63[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", local, &lport, &st) != 3)
+            if (sscanf(line, " %*d: %63[0-9A-Fa-f]:%x %*[0-9A-Fa-f]:%*x %x", local, &lport, &st) !=
+                3)
                 continue;
             if ((int)lport != port || st != 0x0A) /* 0A: LISTEN */
                 continue;
@@ -711,7 +740,8 @@ static void listeners(int port, int *n, int *n_loopback) {
             /* The address as the kernel prints it: 4-byte words in host order (x86: little
              * endian), so 127.x.y.z ends in "7F" of its word. */
             if ((len == 8 && !strncasecmp(local + 6, "7F", 2)) ||
-                (len == 32 && !strncasecmp(local, "0000000000000000FFFF0000", 24) && !strncasecmp(local + 30, "7F", 2)) ||
+                (len == 32 && !strncasecmp(local, "0000000000000000FFFF0000", 24) &&
+                 !strncasecmp(local + 30, "7F", 2)) ||
                 (len == 32 && !strcasecmp(local, "00000000000000000000000001000000")))
                 (*n_loopback)++;
         }

@@ -697,8 +697,10 @@ static const struct {
     const char *file;
     struct kvr_wire_opts opts;
 } golden_files[] = {
-    {"kv_block_v2_f32_shuffle_zstd.bin", {.dtype = KVR_WIRE_F32, .transform = KVR_WIRE_TF_SHUFFLE, .level = 1}},
-    {"kv_block_v2_f16_none_zstd3.bin", {.dtype = KVR_WIRE_F16, .transform = KVR_WIRE_TF_NONE, .level = 3}},
+    {"kv_block_v2_f32_shuffle_zstd.bin",
+     {.dtype = KVR_WIRE_F32, .transform = KVR_WIRE_TF_SHUFFLE, .level = 1}},
+    {"kv_block_v2_f16_none_zstd3.bin",
+     {.dtype = KVR_WIRE_F16, .transform = KVR_WIRE_TF_NONE, .level = 3}},
 };
 
 static void write_golden(const struct kvr_wire_block *b, const float *k, const float *v) {
@@ -926,8 +928,8 @@ static void test_checksum_vectors(void) {
     for (size_t i = 0; i < sizeof kat / sizeof kat[0]; i++) {
         uint64_t got = kvr_wire_hash(buf, kat[i].n, kat[i].seed);
         if (got != kat[i].want) {
-            fprintf(stderr, "checksum of %zu bytes, seed %016llx: %016llx, want %016llx\n", kat[i].n,
-                    (unsigned long long)kat[i].seed, (unsigned long long)got,
+            fprintf(stderr, "checksum of %zu bytes, seed %016llx: %016llx, want %016llx\n",
+                    kat[i].n, (unsigned long long)kat[i].seed, (unsigned long long)got,
                     (unsigned long long)kat[i].want);
             bad++;
         }
@@ -982,7 +984,8 @@ static void test_golden_block(void) {
         CHECK(b.compressed);
         uint64_t d = fnv1a(outk[i], n * 4) ^ (fnv1a(outv[i], n * 4) * 3);
         if (d != want_digest[i])
-            fprintf(stderr, "golden %s: decoded digest %016llx\n", golden_files[i].file, (unsigned long long)d);
+            fprintf(stderr, "golden %s: decoded digest %016llx\n", golden_files[i].file,
+                    (unsigned long long)d);
         CHECK_EQ(d, want_digest[i]);
         free(m);
     }
