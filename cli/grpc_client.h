@@ -28,10 +28,10 @@ struct kvr_client_opts {
                                   * host part of addr); for tests and IP addresses */
     const char *tls_cert_file;   /* client certificate (mTLS), with tls_key_file; optional */
     const char *tls_key_file;
-    const char *token;     /* sent as "authorization: Bearer <token>" on every call */
-    int recv_window_bytes; /* bytes a call reads ahead of its caller; 0 = gRPC's default
-                            * (64 KiB, grown by BDP probing). A small value makes a slow
-                            * reader slow on the wire too (tests of slow clients). */
+    const char *token;           /* sent as "authorization: Bearer <token>" on every call */
+    int recv_window_bytes;       /* bytes a call reads ahead of its caller; 0 = gRPC's
+                                  * default (64 KiB, grown by BDP probing); a small value
+                                  * makes a slow reader slow on the wire too (tests) */
 };
 
 /* kvr_client_create with options (o may be NULL). Files are read here: a missing or

@@ -21,7 +21,7 @@ struct coord_auth;
 #define COORD_GRPC_DEFAULT_MAX_PENDING_TOKENS   65536
 
 struct coord_grpc_params {
-    const char *addr; /* listen address, "127.0.0.1:50051"; port 0 picks a free port */
+    const char *addr;                /* listen "127.0.0.1:50051"; port 0 picks a free one */
     struct coord_router *router;     /* borrowed until coord_grpc_stop returns */
     const struct kvr_tokenizer *tok; /* borrowed until coord_grpc_stop returns */
     int seq_len;                     /* model context (tokens) */
