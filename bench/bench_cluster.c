@@ -434,6 +434,7 @@ static void *monitor_thread(void *arg) {
             if (used > L->peak_kv_used)
                 L->peak_kv_used = used;
         }
+        coord_cluster_status_deinit(s);
         sleep_until(t + MONITOR_PERIOD_S);
     }
     free(s);
@@ -462,6 +463,7 @@ static int cluster_shape(struct load *L, struct kvr_rpc_status *st) {
         L->seq_len = s->seq_len;
         L->vocab = s->vocab_size;
     }
+    coord_cluster_status_deinit(s);
     free(s);
     return code;
 }
@@ -484,6 +486,7 @@ static void leftovers(struct load *L, uint64_t *kv_used, int *running, int *wait
         *running = s->running_requests;
         *waiting = s->waiting_requests;
     }
+    coord_cluster_status_deinit(s);
     free(s);
 }
 

@@ -77,17 +77,19 @@ int kvr_cmd_status(int argc, char **argv) {
     int cex = kvr_cli_connect("status", cfg.addr, &cfg.conn, &client);
     if (cex != KVR_EXIT_OK)
         return cex;
-    static struct coord_cluster_status s; /* large; one per process */
+    struct coord_cluster_status s;
     struct kvr_rpc_status st;
     kvr_client_cluster_status(client, cfg.timeout, &s, &st);
     kvr_client_free(client);
     if (st.code != 0) {
         fprintf(stderr, "kvrelay status: %s: %s\n", kvr_grpc_code_name(st.code), st.message);
+        coord_cluster_status_deinit(&s);
         return st.reached ? KVR_EXIT_REJECTED : KVR_EXIT_UNREACHABLE;
     }
     if (cfg.json)
         print_json(&s);
     else
         print_table(&s);
+    coord_cluster_status_deinit(&s);
     return KVR_EXIT_OK;
 }

@@ -531,7 +531,12 @@ int kvr_client_cluster_status(struct kvr_client *c, double timeout_s,
         set_status(st, GRPC_STATUS_INTERNAL, 1, "client: cannot parse ClusterStatusResponse");
         return st->code;
     }
-    out->n_nodes = r->n_nodes > COORD_MAX_NODES ? COORD_MAX_NODES : (int)r->n_nodes;
+    if (r->n_nodes > 0 && !(out->nodes = calloc(r->n_nodes, sizeof *out->nodes))) {
+        kvrelay__v1__cluster_status_response__free_unpacked(r, NULL);
+        set_status(st, GRPC_STATUS_RESOURCE_EXHAUSTED, 1, "client: out of memory");
+        return st->code;
+    }
+    out->n_nodes = (int)r->n_nodes;
     for (int i = 0; i < out->n_nodes; i++) {
         const Kvrelay__V1__NodeStatus *p = r->nodes[i];
         struct coord_node_status *ns = &out->nodes[i];

@@ -103,7 +103,8 @@ typedef int (*kvr_gen_fn)(void *ud, const struct kvr_gen_msg *m);
 int kvr_client_generate(struct kvr_client *c, const struct kvr_gen_params *p, kvr_gen_fn fn,
                         void *ud, struct kvr_gen_usage *usage, struct kvr_rpc_status *st);
 
-/* ClusterStatus into *out (nodes beyond COORD_MAX_NODES are dropped). Returns st->code. */
+/* ClusterStatus into *out (every node; out->nodes is owned by the caller on return, also
+ * on failure (then NULL): free with coord_cluster_status_deinit). Returns st->code. */
 int kvr_client_cluster_status(struct kvr_client *c, double timeout_s,
                               struct coord_cluster_status *out, struct kvr_rpc_status *st);
 

@@ -9,7 +9,7 @@
 #include <string.h>
 
 struct kvr_wbuf {
-    unsigned char *p; /* caller-owned storage */
+    unsigned char *p; /* caller-owned storage; NULL: only count bytes into len */
     size_t cap;
     size_t len;
     int err;          /* 1 once a write did not fit */
@@ -23,6 +23,10 @@ struct kvr_rbuf {
 };
 
 static inline void kvr_w_bytes(struct kvr_wbuf *w, const void *src, size_t n) {
+    if (!w->p) { /* measuring: count only */
+        w->len += n;
+        return;
+    }
     if (w->err || n > w->cap - w->len) {
         w->err = 1;
         return;

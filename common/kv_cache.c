@@ -139,32 +139,37 @@ void kvr_kv_pool_stats(const struct kvr_kv_pool *pool, struct kvr_kv_pool_stats 
     st->bytes_used = st->bytes_total - st->bytes_free;
 }
 
-static int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static int ceil_div(int a, int b) { return (int)(((int64_t)a + b - 1) / b); }
+
+static int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* Most blocks that n consecutive tokens can touch, whatever their alignment. */
-static int span_blocks(int n, int bt) { return n <= 0 ? 0 : (n + bt - 2) / bt + 1; }
+static int64_t span_blocks(int64_t n, int64_t bt) { return n <= 0 ? 0 : (n + bt - 2) / bt + 1; }
 
 int kvr_kv_blocks_needed(const struct kvr_kv_policy_params *p, int bt, int n_total, int chunk_max) {
-    if (n_total <= 0)
+    /* 64-bit throughout: window, sinks, n_total and chunk_max come from requests and may
+     * be anything up to INT_MAX; the answer never exceeds ceil(n_total / bt). */
+    if (n_total <= 0 || bt <= 0)
         return 0;
     if (chunk_max < 1)
         chunk_max = 1;
-    int all = ceil_div(n_total, bt);
-    int need = all;
+    int64_t all = ceil_div64(n_total, bt);
+    int64_t need = all;
+    int64_t L = p->window > 0 ? p->window : 1, S = p->sinks > 0 ? p->sinks : 0;
     switch (p->policy) {
     case KVR_KV_DENSE:
         break;
     case KVR_KV_RECOMPUTE:
-        need = ceil_div(p->window < n_total ? p->window : n_total, bt);
+        need = ceil_div64(L < n_total ? L : n_total, bt);
         break;
     case KVR_KV_WINDOW:
-        need = span_blocks(p->window + chunk_max - 1, bt);
+        need = span_blocks(L + chunk_max - 1, bt);
         break;
     case KVR_KV_SINK:
-        need = ceil_div(p->sinks, bt) + span_blocks(p->window - p->sinks - 1 + chunk_max, bt);
+        need = ceil_div64(S, bt) + span_blocks(L - S - 1 + chunk_max, bt);
         break;
     }
-    return need < all ? need : all;
+    return (int)(need < all ? need : all);
 }
 
 int kvr_kv_seq_create(struct kvr_kv_pool *pool, const struct kvr_kv_seq_params *p,

@@ -198,7 +198,9 @@ int kvr_opts_parse(const struct kvr_opt *table, int n_opts, void *cfg, int argc,
     for (int i = first; i < argc; i++)
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h"))
             return 1;
-    /* Defaults first, then the environment, then argv. */
+    /* Defaults first, then argv. Options are never read from the environment: a variable
+     * meant for one program (or a launcher script) must not change another's behaviour.
+     * The only variable kvrelay reads is KVR_LOG_LEVEL (log.h). */
     for (int i = 0; i < n_opts; i++) {
         const struct kvr_opt *o = &table[i];
         if (o->def) {
@@ -206,21 +208,6 @@ int kvr_opts_parse(const struct kvr_opt *table, int n_opts, void *cfg, int argc,
                 return KVR_EINVAL;
         } else if (o->type == KVR_OPT_STRING) {
             *(const char **)((char *)cfg + o->offset) = NULL;
-        }
-        char env[96] = "KVR_";
-        size_t k = 4;
-        for (const char *p = o->name; *p && k + 1 < sizeof env; p++)
-            env[k++] = *p == '-' ? '_' : (char)toupper((unsigned char)*p);
-        env[k] = '\0';
-        const char *ev = getenv(env);
-        if (ev) {
-            if (set_value(o, cfg, ev, err, err_len) != KVR_OK) {
-                size_t l = strlen(err);
-                if (l + 24 < err_len)
-                    snprintf(err + l, err_len - l, " (from %s)", env);
-                return KVR_EINVAL;
-            }
-            seen[i] = 1;
         }
     }
     for (int i = first; i < argc; i++) {
@@ -296,7 +283,7 @@ void kvr_opts_usage(FILE *f, const char *prog, const char *summary, const struct
         fprintf(f, "\n");
     }
     fprintf(f, "  %-34s %s\n", "--help", "print this help and exit");
-    fprintf(f, "Every option can also be set in the environment as KVR_<NAME> (e.g. KVR_KV_WINDOW).\n");
+    fprintf(f, "Environment: only KVR_LOG_LEVEL (error|warn|info|debug) is read.\n");
 }
 
 void kvr_opts_log(const char *prog, const struct kvr_opt *table, int n_opts, const void *cfg) {

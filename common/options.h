@@ -1,6 +1,6 @@
-/* options.h - one table per command drives argv/environment parsing, validation,
- * --help text and the startup log of the effective configuration.
- * Precedence: table default < environment (KVR_<NAME>, dashes as underscores) < argv. */
+/* options.h - one table per command drives argv parsing, validation, --help text and the
+ * startup log of the effective configuration. Precedence: table default < argv. Options
+ * are never read from the environment (docs/API.md, "Environment"). */
 #ifndef KVR_OPTIONS_H
 #define KVR_OPTIONS_H
 

@@ -103,38 +103,6 @@ int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *
     return rc;
 }
 
-void kvr_role_hello(struct kvr_hello *h, enum kvr_role role, int colocated, struct kvr_model *model,
-                    const struct kvr_kv_pool *pool, int n_threads) {
-    memset(h, 0, sizeof *h);
-    h->role = role;
-    h->colocated = colocated;
-    gethostname(h->host, sizeof h->host - 1);
-    if (!model || !pool)
-        return; /* n_blocks_total 0: "this node cannot serve" */
-    const struct kvr_model_config *c = kvr_model_config(model);
-    struct kvr_kv_pool_stats st;
-    kvr_kv_pool_stats(pool, &st);
-    h->n_layers = c->n_layers;
-    h->kv_dim = c->kv_dim;
-    h->block_tokens = st.block_tokens;
-    h->seq_len = c->seq_len;
-    h->vocab_size = c->vocab_size;
-    h->fingerprint = kvr_model_fingerprint(model);
-    h->kv_bytes_total = st.bytes_total;
-    h->n_blocks_total = st.n_blocks;
-    h->n_threads = n_threads;
-}
-
-void kvr_role_report_pool(struct kvr_node_report *r, const struct kvr_kv_pool *pool) {
-    struct kvr_kv_pool_stats st;
-    kvr_kv_pool_stats(pool, &st);
-    r->kv_bytes_total = st.bytes_total;
-    r->kv_bytes_used = st.bytes_used;
-    r->kv_bytes_free = st.bytes_free;
-    r->n_blocks_total = st.n_blocks;
-    r->n_blocks_free = st.n_blocks_free;
-}
-
 void kvr_idle_turn(struct kvr_idle *idle, int busy) {
     if (busy || idle->ns <= 0) {
         idle->ns = 20000;

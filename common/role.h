@@ -51,14 +51,6 @@ int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int
 int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,
                         struct kvr_model **out);
 
-/* The HELLO of a node: shape of model, its pool (NULL: setup failed, which the
- * coordinator reads as "cannot serve"), block size and threads. */
-void kvr_role_hello(struct kvr_hello *h, enum kvr_role role, int colocated, struct kvr_model *model,
-                    const struct kvr_kv_pool *pool, int n_threads);
-
-/* The pool fields of a STATUS report (the caller adds its queues). */
-void kvr_role_report_pool(struct kvr_node_report *r, const struct kvr_kv_pool *pool);
-
 /* Idle back-off of a polling loop: after a turn that did nothing, sleep (20 us, doubling
  * up to 1 ms); after a busy turn, start over. */
 struct kvr_idle {

@@ -33,7 +33,9 @@
     X(ENOTSUP, -23, "not supported")                                             \
     X(ESHAPE, -24, "shape does not match the model")                             \
     X(EFULL, -25, "queue full")                                                  \
-    X(EINTERNAL, -26, "internal error")
+    X(EINTERNAL, -26, "internal error")                                          \
+    X(EDEADLINE, -27, "deadline exceeded")                                       \
+    X(EABORTED, -28, "aborted")
 
 enum kvr_status {
 #define KVR_STATUS_ENUM(name, value, msg) KVR_##name = (value),

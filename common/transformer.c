@@ -711,6 +711,40 @@ static int item_ctx_need(const struct kvr_forward_item *it) {
     return per_query > gathered ? per_query : gathered;
 }
 
+int kvr_engine_check_item(const struct kvr_engine *e, const struct kvr_forward_item *it) {
+    const struct kvr_model_config *c = e->c;
+    if (!it->seq || !it->tokens || it->n_tokens < 1) {
+        KVR_LOG_ERROR("an item is empty");
+        return KVR_EINVAL;
+    }
+    if (it->seq->pool->n_layers != c->n_layers || it->seq->pool->kv_dim != c->kv_dim) {
+        KVR_LOG_ERROR("item cache shape (layers %d, kv_dim %d) is not the model's", it->seq->pool->n_layers,
+                      it->seq->pool->kv_dim);
+        return KVR_EINVAL;
+    }
+    if (it->n_tokens > e->p.n_batch_tokens_max) {
+        KVR_LOG_ERROR("an item of %d tokens, engine takes %d per call", it->n_tokens, e->p.n_batch_tokens_max);
+        return KVR_EINVAL;
+    }
+    for (int t = 0; t < it->n_tokens; t++) {
+        if (it->tokens[t] < 0 || it->tokens[t] >= c->vocab_size) {
+            KVR_LOG_ERROR("token id %d outside the vocabulary [0, %d)", it->tokens[t], c->vocab_size);
+            return KVR_EINVAL;
+        }
+    }
+    const struct kvr_kv_seq *s = it->seq;
+    if (s->policy.policy == KVR_KV_DENSE && (int64_t)s->n_past + it->n_tokens > s->n_tokens_max) {
+        KVR_LOG_ERROR("a dense sequence would pass its %d tokens", s->n_tokens_max);
+        return KVR_ECONTEXT;
+    }
+    int need = item_ctx_need(it);
+    if (need > e->p.n_ctx_max) {
+        KVR_LOG_ERROR("an item would attend %d keys, engine takes %d", need, e->p.n_ctx_max);
+        return KVR_ECONTEXT;
+    }
+    return KVR_OK;
+}
+
 int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int n_items) {
     const struct kvr_model_config *c = e->c;
     const struct kvr_model_weights *w = e->w;
@@ -721,31 +755,13 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
     }
     int T = 0;
     for (int i = 0; i < n_items; i++) {
-        const struct kvr_forward_item *it = &items[i];
-        if (!it->seq || !it->tokens || it->n_tokens < 1) {
-            KVR_LOG_ERROR("item %d is empty", i);
-            return KVR_EINVAL;
-        }
-        if (it->seq->pool->n_layers != c->n_layers || it->seq->pool->kv_dim != kvd) {
-            KVR_LOG_ERROR("item %d: cache shape (layers %d, kv_dim %d) is not the model's", i,
-                          it->seq->pool->n_layers, it->seq->pool->kv_dim);
-            return KVR_EINVAL;
-        }
-        for (int t = 0; t < it->n_tokens; t++) {
-            if (it->tokens[t] < 0 || it->tokens[t] >= V) {
-                KVR_LOG_ERROR("item %d: token id %d outside the vocabulary [0, %d)", i, it->tokens[t], V);
-                return KVR_EINVAL;
-            }
-        }
-        T += it->n_tokens;
+        int rc = kvr_engine_check_item(e, &items[i]);
+        if (rc != KVR_OK)
+            return rc;
+        T += items[i].n_tokens;
         if (T > e->p.n_batch_tokens_max) {
             KVR_LOG_ERROR("%d+ tokens in one call, engine takes %d", T, e->p.n_batch_tokens_max);
             return KVR_EINVAL;
-        }
-        int need = item_ctx_need(it);
-        if (need > e->p.n_ctx_max) {
-            KVR_LOG_ERROR("item %d would attend %d keys, engine takes %d", i, need, e->p.n_ctx_max);
-            return KVR_ECONTEXT;
         }
     }
     for (int i = 0; i < n_items; i++) {

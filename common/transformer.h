@@ -50,6 +50,13 @@ void kvr_engine_set_layer_hook(struct kvr_engine *e,
                                           int n_items, int layer),
                                void *ud);
 
+/* Checks one item as kvr_engine_forward will, without the batch totals: KVR_OK, KVR_EINVAL
+ * (empty, a token id outside the vocabulary, a cache of another shape, more tokens than
+ * one call takes) or KVR_ECONTEXT (a query would attend more than n_ctx_max keys, or a
+ * dense sequence would pass its n_tokens_max). A caller batching independent sequences
+ * checks each one first, so one bad sequence fails alone instead of the whole call. */
+int kvr_engine_check_item(const struct kvr_engine *e, const struct kvr_forward_item *it);
+
 /* Runs items through the model: reserves cache slots (kvr_kv_seq_reserve), writes K/V of
  * every new token, writes the requested logits, then advances each sequence (eviction
  * by its policy). Checks everything before computing: KVR_EINVAL (a token id outside the

@@ -4,6 +4,8 @@
 #include "xfer.h"
 
 #include <mpi.h>
+#include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -40,48 +42,6 @@ static int mpi_fail(int rc, const char *what) {
     MPI_Error_string(rc, msg, &len);
     KVR_LOG_ERROR("%s failed: %.*s", what, len, msg);
     return KVR_EMPI;
-}
-
-const char *kvr_role_name(int role) {
-    switch (role) {
-    case KVR_ROLE_COORD:
-        return "coordinator";
-    case KVR_ROLE_PREFILL:
-        return "prefill";
-    case KVR_ROLE_DECODE:
-        return "decode";
-    }
-    return "?";
-}
-
-const char *kvr_msg_kind_name(int kind) {
-    switch (kind) {
-    case KVR_MSG_HELLO:
-        return "HELLO";
-    case KVR_MSG_STATUS:
-        return "STATUS";
-    case KVR_MSG_TOKENS:
-        return "TOKENS";
-    case KVR_MSG_PREFILL_DONE:
-        return "PREFILL_DONE";
-    case KVR_MSG_PREFILL_REQ:
-        return "PREFILL_REQ";
-    case KVR_MSG_CANCEL:
-        return "CANCEL";
-    case KVR_MSG_SHUTDOWN:
-        return "SHUTDOWN";
-    case KVR_MSG_PING:
-        return "PING";
-    case KVR_MSG_SEQ_BEGIN:
-        return "SEQ_BEGIN";
-    case KVR_MSG_KV:
-        return "KV";
-    case KVR_MSG_SEQ_READY:
-        return "SEQ_READY";
-    case KVR_MSG_SEQ_ABORT:
-        return "SEQ_ABORT";
-    }
-    return NULL;
 }
 
 /* ---- setup ---------------------------------------------------------------------- */
@@ -158,7 +118,33 @@ fail:
     return rc;
 }
 
-void kvr_xfer_finalize(struct kvr_xfer *x, double flush_s) {
+/* Frees everything of x that MPI no longer uses (sends still in flight keep their buffers:
+ * MPI may read them until process exit). */
+static void xfer_free(struct kvr_xfer *x) {
+    for (int i = 0; i < x->n_slots; i++) {
+        if (x->slots[i].busy)
+            continue;
+        free(x->slots[i].buf);
+    }
+    free(x->slots);
+    free(x->rbuf);
+    free(x->roles);
+    free(x->hosts);
+    free(x->dead);
+}
+
+static volatile sig_atomic_t finalize_exit_code;
+
+/* MPI_Finalize did not return in time: leave without it (async-signal-safe only). */
+static void on_finalize_alarm(int sig) {
+    (void)sig;
+    static const char msg[] = "kvrelay: MPI_Finalize did not return (a peer is gone); exiting without it\n";
+    ssize_t k = write(2, msg, sizeof msg - 1);
+    (void)k;
+    _exit(finalize_exit_code);
+}
+
+void kvr_xfer_finalize(struct kvr_xfer *x, double flush_s, int exit_code) {
     if (!x)
         return;
     double t_end = kvr_clock_now() + flush_s;
@@ -169,19 +155,34 @@ void kvr_xfer_finalize(struct kvr_xfer *x, double flush_s) {
     int stuck = kvr_xfer_progress(x);
     if (stuck > 0)
         KVR_LOG_WARN("%d sends still in flight at exit (a peer is gone?)", stuck);
-    for (int i = 0; i < x->n_slots; i++) {
-        if (x->slots[i].busy)
-            continue; /* MPI may still own it: leave it to process exit */
-        free(x->slots[i].buf);
-    }
-    free(x->slots);
-    free(x->rbuf);
-    free(x->roles);
-    free(x->hosts);
-    free(x->dead);
+    xfer_free(x);
     MPI_Comm_free(&x->comm);
     free(x);
+    /* Open MPI's MPI_Finalize waits for every peer; one that died (or a coordinator that
+     * is gone) would keep this process for minutes. Bound it. */
+    fflush(stdout);
+    fflush(stderr);
+    finalize_exit_code = exit_code;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_finalize_alarm;
+    sigaction(SIGALRM, &sa, NULL);
+    alarm(KVR_XFER_FINALIZE_GRACE_S);
     MPI_Finalize();
+    alarm(0);
+}
+
+_Noreturn void kvr_xfer_leave(struct kvr_xfer *x, int exit_code) {
+    if (x) {
+        kvr_xfer_progress(x);
+        xfer_free(x);
+        free(x);
+    }
+    KVR_LOG_WARN("leaving without MPI_Finalize (exit code %d)", exit_code);
+    fflush(stdout);
+    fflush(stderr);
+    /* _exit: no atexit handlers, no LeakSanitizer pass over MPI's never-finalized state. */
+    _exit(exit_code);
 }
 
 _Noreturn void kvr_xfer_abort(struct kvr_xfer *x, int code) {
@@ -199,6 +200,11 @@ int kvr_xfer_role_of(const struct kvr_xfer *x, int rank) {
 
 const char *kvr_xfer_host_of(const struct kvr_xfer *x, int rank) {
     return rank >= 0 && rank < x->size ? x->hosts[rank] : "?";
+}
+
+void kvr_xfer_mark_alive(struct kvr_xfer *x, int rank) {
+    if (rank >= 0 && rank < x->size)
+        x->dead[rank] = 0;
 }
 
 void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank) {
@@ -279,11 +285,9 @@ static struct send_slot *get_slot(struct kvr_xfer *x, size_t len) {
     return best;
 }
 
-/* Starts a message: a slot with room for the header and body_len body bytes, header
- * written. The caller writes the body into w and calls post(). */
-static struct send_slot *begin(struct kvr_xfer *x, int dst, int kind, uint64_t req_id,
-                               size_t body_len, struct kvr_wbuf *w, int *rc) {
-    if (dst < 0 || dst >= x->size) {
+/* A free slot of len bytes for a message to dst. */
+static struct send_slot *begin(struct kvr_xfer *x, int dst, size_t len, int *rc) {
+    if (dst < 0 || dst >= x->size || dst == x->rank) {
         *rc = KVR_EINVAL;
         return NULL;
     }
@@ -291,28 +295,22 @@ static struct send_slot *begin(struct kvr_xfer *x, int dst, int kind, uint64_t r
         *rc = KVR_EUNAVAIL;
         return NULL;
     }
-    if (body_len > (size_t)INT32_MAX - KVR_MSG_HDR_NBYTES) {
+    if (len < KVR_MSG_HDR_NBYTES || len > (size_t)INT32_MAX) {
         *rc = KVR_ERANGE;
         return NULL;
     }
     kvr_xfer_progress(x);
-    struct send_slot *s = get_slot(x, KVR_MSG_HDR_NBYTES + body_len);
+    struct send_slot *s = get_slot(x, len);
     if (!s) {
         *rc = KVR_ENOMEM;
         return NULL;
     }
-    *w = (struct kvr_wbuf){.p = s->buf, .cap = KVR_MSG_HDR_NBYTES + body_len};
-    kvr_w_u32(w, KVR_MSG_MAGIC);
-    kvr_w_u16(w, KVR_MSG_VERSION);
-    kvr_w_u16(w, (uint16_t)kind);
-    kvr_w_u64(w, req_id);
     *rc = KVR_OK;
     return s;
 }
 
-static int post(struct kvr_xfer *x, struct send_slot *s, struct kvr_wbuf *w, int dst, int tag) {
-    KVR_ASSERT(!w->err && w->len == w->cap);
-    int rc = MPI_Isend(s->buf, (int)w->len, MPI_BYTE, dst, tag, x->comm, &s->req);
+static int post(struct kvr_xfer *x, struct send_slot *s, size_t len, int dst, int tag) {
+    int rc = MPI_Isend(s->buf, (int)len, MPI_BYTE, dst, tag, x->comm, &s->req);
     if (rc != MPI_SUCCESS)
         return mpi_fail(rc, "MPI_Isend");
     s->busy = 1;
@@ -320,187 +318,169 @@ static int post(struct kvr_xfer *x, struct send_slot *s, struct kvr_wbuf *w, int
     return KVR_OK;
 }
 
-#define REQ_FIXED_NBYTES (8 + 4 * 4 + 8 + 4 * 4 + 4 * 2 + 8)
+typedef void (*writer_fn)(struct kvr_wbuf *w, const void *arg);
 
-static void write_req(struct kvr_wbuf *w, const struct kvr_req_params *p, const int *prompt) {
-    kvr_w_u64(w, p->req_id);
-    kvr_w_i32(w, p->n_prompt);
-    kvr_w_i32(w, p->max_tokens);
-    kvr_w_f32(w, p->temperature);
-    kvr_w_f32(w, p->top_p);
-    kvr_w_u64(w, p->seed);
-    kvr_w_i32(w, p->stop_at_eos);
-    kvr_w_i32(w, (int32_t)p->policy.policy);
-    kvr_w_i32(w, p->policy.window);
-    kvr_w_i32(w, p->policy.sinks);
-    kvr_w_i32(w, p->prefill_rank);
-    kvr_w_i32(w, p->decode_rank);
-    kvr_w_f64(w, p->t_coord_ms);
-    for (int i = 0; i < p->n_prompt; i++)
-        kvr_w_i32(w, prompt[i]);
-}
-
-static int send_req(struct kvr_xfer *x, int dst, int tag, int kind, const struct kvr_req_params *p,
-                    const int *prompt) {
+/* Measures the message fn writes, takes a slot, writes it there and posts it. */
+static int send_msg(struct kvr_xfer *x, int dst, int tag, writer_fn fn, const void *arg) {
+    struct kvr_wbuf m = {0};
+    fn(&m, arg);
     int rc;
-    struct kvr_wbuf w;
-    if (p->n_prompt < 1 || p->n_prompt > (1 << 24))
-        return KVR_EINVAL;
-    struct send_slot *s =
-        begin(x, dst, kind, p->req_id, REQ_FIXED_NBYTES + 4 * (size_t)p->n_prompt, &w, &rc);
+    struct send_slot *s = begin(x, dst, m.len, &rc);
     if (!s)
         return rc;
-    write_req(&w, p, prompt);
-    return post(x, s, &w, dst, tag);
+    struct kvr_wbuf w = {.p = s->buf, .cap = m.len};
+    fn(&w, arg);
+    KVR_ASSERT(!w.err && w.len == m.len);
+    return post(x, s, w.len, dst, tag);
 }
 
-int kvr_xfer_send_prefill_req(struct kvr_xfer *x, int dst, const struct kvr_req_params *p,
-                              const int *prompt) {
-    return send_req(x, dst, KVR_TAG_CTRL, KVR_MSG_PREFILL_REQ, p, prompt);
+int kvr_xfer_send_bytes(struct kvr_xfer *x, int dst, int tag, const void *bytes, size_t len) {
+    int rc;
+    struct send_slot *s = begin(x, dst, len, &rc);
+    if (!s)
+        return rc;
+    memcpy(s->buf, bytes, len);
+    return post(x, s, len, dst, tag);
 }
 
-int kvr_xfer_send_seq_begin(struct kvr_xfer *x, int dst, const struct kvr_req_params *p,
-                            const int *prompt) {
-    return send_req(x, dst, KVR_TAG_SEQ, KVR_MSG_SEQ_BEGIN, p, prompt);
-}
-
-#define HELLO_NBYTES (4 * 2 + 64 + 4 * 5 + 8 + 8 + 4 * 2)
+static void w_hello(struct kvr_wbuf *w, const void *a) { kvr_msg_write_hello(w, a); }
+static void w_status(struct kvr_wbuf *w, const void *a) { kvr_msg_write_status(w, a); }
 
 int kvr_xfer_send_hello(struct kvr_xfer *x, int dst, const struct kvr_hello *h) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_HELLO, 0, HELLO_NBYTES, &w, &rc);
-    if (!s)
-        return rc;
-    char host[64] = {0};
-    memcpy(host, h->host, strnlen(h->host, 63));
-    kvr_w_i32(&w, h->role);
-    kvr_w_i32(&w, h->colocated);
-    kvr_w_bytes(&w, host, 64);
-    kvr_w_i32(&w, h->n_layers);
-    kvr_w_i32(&w, h->kv_dim);
-    kvr_w_i32(&w, h->block_tokens);
-    kvr_w_i32(&w, h->seq_len);
-    kvr_w_i32(&w, h->vocab_size);
-    kvr_w_u64(&w, h->fingerprint);
-    kvr_w_u64(&w, h->kv_bytes_total);
-    kvr_w_i32(&w, h->n_blocks_total);
-    kvr_w_i32(&w, h->n_threads);
-    return post(x, s, &w, dst, KVR_TAG_REPORT);
+    return send_msg(x, dst, KVR_TAG_REPORT, w_hello, h);
 }
-
-#define STATUS_NBYTES (8 * 3 + 4 * 4 + 8 * 3)
 
 int kvr_xfer_send_status(struct kvr_xfer *x, int dst, const struct kvr_node_report *r) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_STATUS, 0, STATUS_NBYTES, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_u64(&w, r->kv_bytes_total);
-    kvr_w_u64(&w, r->kv_bytes_used);
-    kvr_w_u64(&w, r->kv_bytes_free);
-    kvr_w_i32(&w, r->n_blocks_total);
-    kvr_w_i32(&w, r->n_blocks_free);
-    kvr_w_i32(&w, r->running);
-    kvr_w_i32(&w, r->queued);
-    kvr_w_u64(&w, r->queued_prompt_tokens);
-    kvr_w_u64(&w, r->steps);
-    kvr_w_u64(&w, r->tokens_out);
-    return post(x, s, &w, dst, KVR_TAG_REPORT);
+    return send_msg(x, dst, KVR_TAG_REPORT, w_status, r);
 }
 
-#define TOK_EVENT_NBYTES (8 + 4 * 4)
+struct tokens_arg {
+    const struct kvr_tok_event *ev;
+    int n;
+};
+static void w_tokens(struct kvr_wbuf *w, const void *a) {
+    const struct tokens_arg *t = a;
+    kvr_msg_write_tokens(w, t->ev, t->n);
+}
 
-int kvr_xfer_send_tokens(struct kvr_xfer *x, int dst, const struct kvr_tok_event *ev, int n) {
-    int rc;
-    struct kvr_wbuf w;
-    if (n < 1)
-        return KVR_EINVAL;
-    for (; n > KVR_TOKENS_MAX_EVENTS; ev += KVR_TOKENS_MAX_EVENTS, n -= KVR_TOKENS_MAX_EVENTS)
-        if ((rc = kvr_xfer_send_tokens(x, dst, ev, KVR_TOKENS_MAX_EVENTS)) != KVR_OK)
-            return rc;
-    struct send_slot *s = begin(x, dst, KVR_MSG_TOKENS, 0, 4 + (size_t)n * TOK_EVENT_NBYTES, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_i32(&w, n);
-    for (int i = 0; i < n; i++) {
-        kvr_w_u64(&w, ev[i].req_id);
-        kvr_w_i32(&w, ev[i].token);
-        kvr_w_i32(&w, ev[i].finish);
-        kvr_w_i32(&w, ev[i].status);
-        kvr_w_i32(&w, ev[i].n_generated);
+int kvr_xfer_send_tokens(struct kvr_xfer *x, int dst, const struct kvr_tok_event *ev, int n, int *n_sent) {
+    int done = 0, rc = n >= 1 ? KVR_OK : KVR_EINVAL;
+    while (rc == KVR_OK && done < n) {
+        struct tokens_arg t = {.ev = ev + done, .n = n - done < KVR_TOKENS_MAX_EVENTS ? n - done
+                                                                                   : KVR_TOKENS_MAX_EVENTS};
+        rc = send_msg(x, dst, KVR_TAG_REPORT, w_tokens, &t);
+        if (rc == KVR_OK)
+            done += t.n;
     }
-    return post(x, s, &w, dst, KVR_TAG_REPORT);
+    if (n_sent)
+        *n_sent = done;
+    return rc;
 }
 
-int kvr_xfer_send_prefill_done(struct kvr_xfer *x, int dst, uint64_t req_id,
-                               const struct kvr_prefill_done *d) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_PREFILL_DONE, req_id, 4 * 2 + 8 * 2, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_i32(&w, d->status);
-    kvr_w_i32(&w, d->n_prompt);
-    kvr_w_f64(&w, d->queue_ms);
-    kvr_w_f64(&w, d->prefill_ms);
-    return post(x, s, &w, dst, KVR_TAG_REPORT);
+struct done_arg {
+    uint64_t req_id;
+    const struct kvr_prefill_done *d;
+};
+static void w_done(struct kvr_wbuf *w, const void *a) {
+    const struct done_arg *d = a;
+    kvr_msg_write_prefill_done(w, d->req_id, d->d);
+}
+
+int kvr_xfer_send_prefill_done(struct kvr_xfer *x, int dst, uint64_t req_id, const struct kvr_prefill_done *d) {
+    struct done_arg a = {.req_id = req_id, .d = d};
+    return send_msg(x, dst, KVR_TAG_REPORT, w_done, &a);
+}
+
+struct req_arg {
+    int kind;
+    const struct kvr_req_params *p;
+    const int *prompt;
+};
+static void w_req(struct kvr_wbuf *w, const void *a) {
+    const struct req_arg *r = a;
+    kvr_msg_write_req(w, r->kind, r->p, r->prompt);
+}
+
+int kvr_xfer_send_req(struct kvr_xfer *x, int dst, int kind, const struct kvr_req_params *p, const int *prompt) {
+    if ((kind != KVR_MSG_PREFILL_REQ && kind != KVR_MSG_SEQ_BEGIN) || p->n_prompt < 1 ||
+        p->n_prompt > KVR_MSG_MAX_PROMPT)
+        return KVR_EINVAL;
+    struct req_arg a = {.kind = kind, .p = p, .prompt = prompt};
+    return send_msg(x, dst, KVR_TAG_CTRL, w_req, &a);
+}
+
+struct empty_arg {
+    int kind;
+    uint64_t req_id;
+};
+static void w_empty(struct kvr_wbuf *w, const void *a) {
+    const struct empty_arg *e = a;
+    kvr_msg_write_empty(w, e->kind, e->req_id);
 }
 
 int kvr_xfer_send_cancel(struct kvr_xfer *x, int dst, uint64_t req_id) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_CANCEL, req_id, 0, &w, &rc);
-    return s ? post(x, s, &w, dst, KVR_TAG_CTRL) : rc;
+    struct empty_arg a = {KVR_MSG_CANCEL, req_id};
+    return send_msg(x, dst, KVR_TAG_CTRL, w_empty, &a);
 }
 
 int kvr_xfer_send_shutdown(struct kvr_xfer *x, int dst) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_SHUTDOWN, 0, 0, &w, &rc);
-    return s ? post(x, s, &w, dst, KVR_TAG_CTRL) : rc;
+    struct empty_arg a = {KVR_MSG_SHUTDOWN, 0};
+    return send_msg(x, dst, KVR_TAG_CTRL, w_empty, &a);
 }
 
 int kvr_xfer_send_ping(struct kvr_xfer *x, int dst) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_PING, 0, 0, &w, &rc);
-    return s ? post(x, s, &w, dst, KVR_TAG_CTRL) : rc;
+    struct empty_arg a = {KVR_MSG_PING, 0};
+    return send_msg(x, dst, KVR_TAG_CTRL, w_empty, &a);
 }
 
-int kvr_xfer_send_kv(struct kvr_xfer *x, int dst, uint64_t req_id, const void *wire, size_t len) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_KV, req_id, len, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_bytes(&w, wire, len);
-    return post(x, s, &w, dst, KVR_TAG_SEQ);
+static void w_reset(struct kvr_wbuf *w, const void *a) { kvr_msg_write_reset(w, *(const uint32_t *)a); }
+
+int kvr_xfer_send_reset(struct kvr_xfer *x, int dst, uint32_t epoch) {
+    return send_msg(x, dst, KVR_TAG_CTRL, w_reset, &epoch);
 }
 
-int kvr_xfer_send_seq_ready(struct kvr_xfer *x, int dst, uint64_t req_id,
-                            const struct kvr_seq_ready *r) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_SEQ_READY, req_id, 4 + 8 + 4 + 8, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_i32(&w, r->first_token);
-    kvr_w_u64(&w, r->rng);
-    kvr_w_i32(&w, r->n_kv_msgs);
-    kvr_w_f64(&w, r->prefill_ms);
-    return post(x, s, &w, dst, KVR_TAG_SEQ);
+struct kv_arg {
+    uint64_t req_id, begin_no;
+    const void *wire;
+    size_t len;
+};
+static void w_kv(struct kvr_wbuf *w, const void *a) {
+    const struct kv_arg *k = a;
+    kvr_msg_write_kv(w, k->req_id, k->begin_no, k->wire, k->len);
 }
 
-int kvr_xfer_send_seq_abort(struct kvr_xfer *x, int dst, uint64_t req_id, int status) {
-    int rc;
-    struct kvr_wbuf w;
-    struct send_slot *s = begin(x, dst, KVR_MSG_SEQ_ABORT, req_id, 4, &w, &rc);
-    if (!s)
-        return rc;
-    kvr_w_i32(&w, status);
-    return post(x, s, &w, dst, KVR_TAG_SEQ);
+int kvr_xfer_send_kv(struct kvr_xfer *x, int dst, uint64_t req_id, uint64_t begin_no, const void *wire,
+                     size_t len) {
+    struct kv_arg a = {.req_id = req_id, .begin_no = begin_no, .wire = wire, .len = len};
+    return send_msg(x, dst, KVR_TAG_SEQ, w_kv, &a);
+}
+
+struct ready_arg {
+    uint64_t req_id;
+    const struct kvr_seq_ready *r;
+};
+static void w_ready(struct kvr_wbuf *w, const void *a) {
+    const struct ready_arg *r = a;
+    kvr_msg_write_seq_ready(w, r->req_id, r->r);
+}
+
+int kvr_xfer_send_seq_ready(struct kvr_xfer *x, int dst, uint64_t req_id, const struct kvr_seq_ready *r) {
+    struct ready_arg a = {.req_id = req_id, .r = r};
+    return send_msg(x, dst, KVR_TAG_SEQ, w_ready, &a);
+}
+
+struct abort_arg {
+    uint64_t req_id;
+    const struct kvr_seq_abort *a;
+};
+static void w_abort(struct kvr_wbuf *w, const void *a) {
+    const struct abort_arg *b = a;
+    kvr_msg_write_seq_abort(w, b->req_id, b->a);
+}
+
+int kvr_xfer_send_seq_abort(struct kvr_xfer *x, int dst, uint64_t req_id, const struct kvr_seq_abort *ab) {
+    struct abort_arg a = {.req_id = req_id, .a = ab};
+    return send_msg(x, dst, KVR_TAG_SEQ, w_abort, &a);
 }
 
 /* ---- receiving ------------------------------------------------------------------ */
@@ -534,157 +514,11 @@ int kvr_xfer_poll(struct kvr_xfer *x, const int *tags, int n_tags, struct kvr_ms
         }
         if ((rc = MPI_Mrecv(x->rbuf, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE)) != MPI_SUCCESS)
             return mpi_fail(rc, "MPI_Mrecv");
-        struct kvr_rbuf r = {.p = x->rbuf, .len = (size_t)count};
-        uint32_t magic = kvr_r_u32(&r);
-        uint16_t version = kvr_r_u16(&r);
-        uint16_t kind = kvr_r_u16(&r);
-        uint64_t req_id = kvr_r_u64(&r);
-        if (r.err || magic != KVR_MSG_MAGIC || version != KVR_MSG_VERSION || !kvr_msg_kind_name(kind)) {
-            KVR_LOG_ERROR("dropped a malformed %d-byte message from rank %d tag %d (magic %08x "
-                          "version %u kind %u)", count, st.MPI_SOURCE, tags[t], magic, version, kind);
-            return KVR_EFORMAT;
-        }
         m->src = st.MPI_SOURCE;
         m->tag = tags[t];
-        m->kind = kind;
-        m->req_id = req_id;
-        m->body = x->rbuf + KVR_MSG_HDR_NBYTES;
-        m->body_len = (size_t)count - KVR_MSG_HDR_NBYTES;
+        if (kvr_msg_parse_header(x->rbuf, (size_t)count, m) != KVR_OK)
+            return KVR_EFORMAT;
         return KVR_OK;
     }
     return KVR_EAGAIN;
-}
-
-static int parse_end(const struct kvr_msg *m, struct kvr_rbuf *r) {
-    if (r->err || r->off != r->len) {
-        KVR_LOG_ERROR("%s message from rank %d has %zu body bytes, expected %zu",
-                      kvr_msg_kind_name(m->kind), m->src, m->body_len, r->off);
-        return KVR_EFORMAT;
-    }
-    return KVR_OK;
-}
-
-int kvr_msg_parse_req(const struct kvr_msg *m, struct kvr_req_params *p, int *prompt,
-                      int max_prompt, int vocab) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    p->req_id = kvr_r_u64(&r);
-    p->n_prompt = kvr_r_i32(&r);
-    p->max_tokens = kvr_r_i32(&r);
-    p->temperature = kvr_r_f32(&r);
-    p->top_p = kvr_r_f32(&r);
-    p->seed = kvr_r_u64(&r);
-    p->stop_at_eos = kvr_r_i32(&r);
-    int32_t pol = kvr_r_i32(&r);
-    p->policy.window = kvr_r_i32(&r);
-    p->policy.sinks = kvr_r_i32(&r);
-    p->prefill_rank = kvr_r_i32(&r);
-    p->decode_rank = kvr_r_i32(&r);
-    p->t_coord_ms = kvr_r_f64(&r);
-    if (r.err || p->req_id != m->req_id || p->n_prompt < 1 || p->max_tokens < 0 ||
-        pol < KVR_KV_DENSE || pol > KVR_KV_SINK || !(p->temperature >= 0.0f) ||
-        !(p->top_p >= 0.0f && p->top_p <= 1.0f)) {
-        KVR_LOG_ERROR("bad %s from rank %d", kvr_msg_kind_name(m->kind), m->src);
-        return KVR_EFORMAT;
-    }
-    p->policy.policy = (enum kvr_kv_policy)pol;
-    if (p->n_prompt > max_prompt) {
-        KVR_LOG_ERROR("req=%llu prompt of %d tokens exceeds %d", (unsigned long long)p->req_id,
-                      p->n_prompt, max_prompt);
-        return KVR_ERANGE;
-    }
-    for (int i = 0; i < p->n_prompt; i++) {
-        prompt[i] = kvr_r_i32(&r);
-        if (!r.err && (prompt[i] < 0 || prompt[i] >= vocab)) {
-            /* Refused here, for this request only: in a batch it would fail the whole
-             * forward pass, and with it every other sequence of the step. */
-            KVR_LOG_ERROR("req=%llu prompt token %d at %d is outside the vocabulary of %d",
-                          (unsigned long long)p->req_id, prompt[i], i, vocab);
-            return KVR_ERANGE;
-        }
-    }
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_hello(const struct kvr_msg *m, struct kvr_hello *h) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    h->role = kvr_r_i32(&r);
-    h->colocated = kvr_r_i32(&r);
-    const unsigned char *host = kvr_r_take(&r, 64);
-    if (host) {
-        memcpy(h->host, host, 64);
-        h->host[63] = '\0';
-    }
-    h->n_layers = kvr_r_i32(&r);
-    h->kv_dim = kvr_r_i32(&r);
-    h->block_tokens = kvr_r_i32(&r);
-    h->seq_len = kvr_r_i32(&r);
-    h->vocab_size = kvr_r_i32(&r);
-    h->fingerprint = kvr_r_u64(&r);
-    h->kv_bytes_total = kvr_r_u64(&r);
-    h->n_blocks_total = kvr_r_i32(&r);
-    h->n_threads = kvr_r_i32(&r);
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_status(const struct kvr_msg *m, struct kvr_node_report *s) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    s->kv_bytes_total = kvr_r_u64(&r);
-    s->kv_bytes_used = kvr_r_u64(&r);
-    s->kv_bytes_free = kvr_r_u64(&r);
-    s->n_blocks_total = kvr_r_i32(&r);
-    s->n_blocks_free = kvr_r_i32(&r);
-    s->running = kvr_r_i32(&r);
-    s->queued = kvr_r_i32(&r);
-    s->queued_prompt_tokens = kvr_r_u64(&r);
-    s->steps = kvr_r_u64(&r);
-    s->tokens_out = kvr_r_u64(&r);
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_tokens(const struct kvr_msg *m, struct kvr_tok_event *ev, int max_ev, int *n) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    int32_t cnt = kvr_r_i32(&r);
-    *n = 0;
-    if (r.err || cnt < 1 || cnt > max_ev ||
-        (size_t)cnt * TOK_EVENT_NBYTES != m->body_len - 4) {
-        KVR_LOG_ERROR("bad TOKENS message from rank %d (%d events, %zu bytes)", m->src, cnt, m->body_len);
-        return KVR_EFORMAT;
-    }
-    for (int i = 0; i < cnt; i++) {
-        ev[i].req_id = kvr_r_u64(&r);
-        ev[i].token = kvr_r_i32(&r);
-        ev[i].finish = kvr_r_i32(&r);
-        ev[i].status = kvr_r_i32(&r);
-        ev[i].n_generated = kvr_r_i32(&r);
-        if (ev[i].finish < KVR_FINISH_NONE || ev[i].finish > KVR_FINISH_ERROR) {
-            KVR_LOG_ERROR("bad finish reason %d from rank %d", ev[i].finish, m->src);
-            return KVR_EFORMAT;
-        }
-    }
-    *n = cnt;
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_prefill_done(const struct kvr_msg *m, struct kvr_prefill_done *d) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    d->status = kvr_r_i32(&r);
-    d->n_prompt = kvr_r_i32(&r);
-    d->queue_ms = kvr_r_f64(&r);
-    d->prefill_ms = kvr_r_f64(&r);
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_seq_ready(const struct kvr_msg *m, struct kvr_seq_ready *s) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    s->first_token = kvr_r_i32(&r);
-    s->rng = kvr_r_u64(&r);
-    s->n_kv_msgs = kvr_r_i32(&r);
-    s->prefill_ms = kvr_r_f64(&r);
-    return parse_end(m, &r);
-}
-
-int kvr_msg_parse_seq_abort(const struct kvr_msg *m, int *status) {
-    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
-    *status = kvr_r_i32(&r);
-    return parse_end(m, &r);
 }

@@ -9,6 +9,7 @@
 #define KVR_COORD_H
 
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "kv_cache.h"
 
@@ -41,10 +42,14 @@ struct coord_stream_ops {
     /* ids: n new token ids in order; borrowed for the call. */
     void (*tokens)(struct coord_stream *s, const int *ids, int n);
     /* status: KVR_OK for a normal end (reason LENGTH, STOP, CONTEXT, CANCELLED), else the
-     * failure (KVR_ETIMEDOUT: no decode node had room before the deadline; KVR_ENOSPC: the
-     * request can never fit; KVR_EUNAVAIL: a node died or the cluster is stopping;
-     * KVR_ECHECKSUM & co: a corrupt KV transfer; KVR_EINVAL). msg is one line without a
-     * newline, borrowed for the call. u is never NULL. */
+     * failure (KVR_ETIMEDOUT: no decode node had room before the queue deadline;
+     * KVR_ENOSPC: the request can never fit; KVR_EUNAVAIL: a node died or the cluster is
+     * stopping; KVR_EDEADLINE: the request's deadline or the server's maximum request age
+     * passed; KVR_EABORTED: a node ran out of room or a message was lost; KVR_EINTERNAL: a
+     * node refused what the edge admitted; KVR_ECHECKSUM & co: a corrupt KV transfer).
+     * Node-side failures never come as the client's KVR_EINVAL. msg is one line without a
+     * newline (a node's reason when it failed there), borrowed for the call. u is never
+     * NULL. */
     void (*finish)(struct coord_stream *s, int status, enum coord_finish reason,
                    const struct coord_usage *u, const char *msg);
 };
@@ -59,10 +64,37 @@ struct coord_request {
     int stop_at_eos;      /* 1: BOS or EOS ends the generation; 0: neither (fixed length) */
     struct kvr_kv_policy_params policy;
     double t_arrival;     /* kvr_clock_now() when the call arrived */
+    double t_deadline;    /* kvr_clock_now() time by which it must end (the client's
+                           * deadline); 0 = none (the server's maximum age still applies) */
     struct coord_stream *stream; /* receives the events */
 };
 
-#define COORD_MAX_NODES 64
+/* What one live node can hold, as it advertised in its HELLO. */
+struct coord_node_limits {
+    int rank;
+    int role;             /* enum kvr_role */
+    int colocated;
+    int block_tokens;     /* >= 1 */
+    int n_blocks;         /* KV blocks in its pool, >= 1 */
+    int max_batch_tokens; /* tokens per forward call */
+    int n_ctx_max;        /* keys one query may attend */
+};
+
+/* What the cluster can hold now: the edge checks every request against it (docs/API.md,
+ * "Limits"). */
+struct coord_limits {
+    int seq_len;          /* model context; 0 until the nodes are up */
+    int vocab_size;
+    int max_tokens;       /* most tokens one request may generate */
+    int n_nodes;
+    struct coord_node_limits *nodes; /* (n_nodes) live nodes that set up, owned */
+};
+
+static inline void coord_limits_deinit(struct coord_limits *l) {
+    free(l->nodes);
+    l->nodes = NULL;
+    l->n_nodes = 0;
+}
 
 struct coord_node_status {
     int rank;
@@ -81,7 +113,7 @@ struct coord_node_status {
 
 struct coord_cluster_status {
     int n_nodes;
-    struct coord_node_status nodes[COORD_MAX_NODES];
+    struct coord_node_status *nodes; /* (n_nodes) owned: free with coord_cluster_status_deinit */
     int waiting_requests;     /* admitted, waiting for decode memory */
     int running_requests;
     uint64_t finished_requests;
@@ -102,7 +134,18 @@ int coord_router_submit(struct coord_router *r, struct coord_request *req, uint6
  * (CANCELLED), unless it already finished. Unknown ids are ignored. */
 void coord_router_cancel(struct coord_router *r, uint64_t id);
 
-/* Thread-safe snapshot of the cluster. */
-void coord_router_status(struct coord_router *r, struct coord_cluster_status *out);
+static inline void coord_cluster_status_deinit(struct coord_cluster_status *s) {
+    free(s->nodes);
+    s->nodes = NULL;
+    s->n_nodes = 0;
+}
+
+/* Thread-safe snapshot of the cluster, every node it knows (no fixed maximum). KVR_OK or
+ * KVR_ENOMEM; *out is owned by the caller (coord_cluster_status_deinit). */
+int coord_router_status(struct coord_router *r, struct coord_cluster_status *out);
+
+/* Thread-safe copy of what the cluster can hold now. KVR_OK or KVR_ENOMEM; *out owned by
+ * the caller (coord_limits_deinit). */
+int coord_router_limits(struct coord_router *r, struct coord_limits *out);
 
 #endif /* KVR_COORD_H */

@@ -28,6 +28,7 @@
 #include "grpc_codes.h"
 #include "kvrelay.pb-c.h"
 #include "log.h"
+#include "request.h"
 #include "status.h"
 
 /* The proto enums mirror C enums; peers rely on equal values. */
@@ -46,10 +47,7 @@ _Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_CANCELLED == (int)COORD
 _Static_assert(KVRELAY__V1__FINISH_REASON__FINISH_REASON_ERROR == (int)COORD_FINISH_ERROR,
                "FinishReason");
 
-#define KVR_GRPC_DEFAULT_WINDOW 256       /* kv_window when absent (clamped to the context) */
-#define KVR_GRPC_DEFAULT_SINKS  4         /* kv_sinks when absent (clamped below the window) */
-#define KVR_GRPC_MAX_TOKENS     (1 << 24) /* explicit max_tokens limit under windowed policies */
-#define KVR_GRPC_MSG_LEN        256       /* status messages: one line, at most this many bytes */
+#define KVR_GRPC_MSG_LEN 256 /* status messages: one line, at most this many bytes */
 
 /* ---------------------------------------------------------------------------------------
  * Status mapping: the one table (docs/API.md repeats it; change both together).
@@ -85,7 +83,9 @@ static const struct {
     {KVR_ENOENT, GRPC_STATUS_INTERNAL},
     {KVR_EGRPC, GRPC_STATUS_INTERNAL},
     {KVR_EAGAIN, GRPC_STATUS_INTERNAL},
-    {KVR_EINTERNAL, GRPC_STATUS_INTERNAL},
+    {KVR_EINTERNAL, GRPC_STATUS_INTERNAL},       /* a node refused what the edge admitted */
+    {KVR_EDEADLINE, GRPC_STATUS_DEADLINE_EXCEEDED}, /* the deadline or the maximum age passed */
+    {KVR_EABORTED, GRPC_STATUS_ABORTED},         /* a node ran out of room; a message was lost */
 };
 
 int coord_grpc_code_from_status(int status) {
@@ -147,6 +147,7 @@ struct rpc_call {
     struct tag t_recv, t_send, t_close;
     struct coord_stream stream;
     double t_arrival; /* kvr_clock_now() at accept */
+    double t_deadline; /* the client's deadline on the same clock; 0 = none */
 
     pthread_mutex_t mu;        /* guards all below; held around every start_batch of the call */
     grpc_call *call;           /* NULL once released */
@@ -184,7 +185,7 @@ struct coord_grpc {
     struct coord_router *router;
     const struct kvr_tokenizer *tok;
     int seq_len, vocab_size;
-    int max_piece_len; /* longest vocabulary string: bounds bytes per prompt token */
+    struct coord_req_ctx req_ctx; /* the request module's view of the tokenizer */
     int port;
     int grace_ms;
     const struct coord_auth *auth; /* NULL: no token needed */
@@ -365,149 +366,84 @@ static void call_finish_reply(struct rpc_call *c, grpc_byte_buffer *bb) {
  * Generate: validation at the edge
  * ------------------------------------------------------------------------------------- */
 
-/* Checks req and fills out (tokens owned by the caller on success). Returns KVR_OK, or
- * KVR_EINVAL with a one-line reason in err, or KVR_ENOMEM. */
-static int generate_validate(const struct coord_grpc *g, const Kvrelay__V1__GenerateRequest *req,
-                             struct coord_request *out, char *err, size_t err_len) {
-    int *tokens = NULL;
-    int n = 0, rc = KVR_EINVAL;
-    size_t plen = req->prompt ? strlen(req->prompt) : 0;
-    memset(out, 0, sizeof *out);
+/* Reads a protobuf varint at *p (< end). Returns 0 when it runs past end or is too long. */
+static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+    *v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+        if (*p >= end)
+            return 0;
+        uint8_t b = *(*p)++;
+        *v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80))
+            return 1;
+    }
+    return 0;
+}
 
-    if (plen && req->n_prompt_tokens) {
-        snprintf(err, err_len, "give prompt or prompt_tokens, not both");
-        goto out;
-    }
-    if (!plen && !req->n_prompt_tokens) {
-        snprintf(err, err_len, "empty prompt: give prompt (text) or prompt_tokens");
-        goto out;
-    }
-    int pol = (int)req->kv_policy;
-    if (pol < (int)KVR_KV_DENSE || pol > (int)KVR_KV_SINK) {
-        snprintf(err, err_len, "unknown kv_policy %d", pol);
-        goto out;
-    }
-    float temp = req->temperature;
-    if (!isfinite(temp) || temp < 0.0f) {
-        snprintf(err, err_len, "temperature must be a finite number >= 0 (got %g)", (double)temp);
-        goto out;
-    }
-    float top_p = req->top_p;
-    if (!(top_p >= 0.0f && top_p <= 1.0f)) {
-        snprintf(err, err_len, "top_p must be in [0, 1] (got %g)", (double)top_p);
-        goto out;
-    }
-    if (req->max_tokens < 0) {
-        snprintf(err, err_len, "max_tokens must be >= 0 (got %d)", (int)req->max_tokens);
-        goto out;
-    }
-
-    /* Policy parameters: absent fields take defaults that always pass the check. */
-    struct kvr_kv_policy_params pp = {.policy = (enum kvr_kv_policy)pol};
-    int has_window =
-        req->kv_window_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_WINDOW_OPT_KV_WINDOW;
-    int has_sinks = req->kv_sinks_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_SINKS_OPT_KV_SINKS;
-    pp.window = has_window
-                    ? (int)req->kv_window
-                    : (g->seq_len < KVR_GRPC_DEFAULT_WINDOW ? g->seq_len : KVR_GRPC_DEFAULT_WINDOW);
-    if (has_sinks)
-        pp.sinks = (int)req->kv_sinks;
-    else
-        pp.sinks = pp.window - 1 < KVR_GRPC_DEFAULT_SINKS ? (pp.window > 1 ? pp.window - 1 : 0)
-                                                          : KVR_GRPC_DEFAULT_SINKS;
-    if (pp.policy != KVR_KV_SINK)
-        pp.sinks = 0;
-    if (pp.policy == KVR_KV_DENSE)
-        pp.window = 0;
-    char perr[160];
-    if (kvr_kv_policy_check(&pp, g->seq_len, perr, (int)sizeof perr) != KVR_OK) {
-        snprintf(err, err_len, "%s", perr);
-        goto out;
-    }
-
-    /* The prompt's tokens, BOS first. Every policy needs the prompt to fit in the context:
-     * the prefill pass runs it whole at positions 0..n-1. */
-    if (req->n_prompt_tokens) {
-        if (req->n_prompt_tokens > (size_t)g->seq_len) {
-            snprintf(err, err_len, "prompt_tokens has %zu ids, over the model context of %d",
-                     req->n_prompt_tokens, g->seq_len);
-            goto out;
-        }
-        int bos = req->prompt_tokens[0] != KVR_TOKEN_BOS;
-        rc = KVR_ENOMEM;
-        if (!(tokens = malloc((req->n_prompt_tokens + (size_t)bos) * sizeof *tokens)))
-            goto out;
-        rc = KVR_EINVAL;
-        if (bos)
-            tokens[n++] = KVR_TOKEN_BOS;
-        for (size_t i = 0; i < req->n_prompt_tokens; i++) {
-            int32_t id = req->prompt_tokens[i];
-            if (id < 0 || id >= g->vocab_size) {
-                snprintf(err, err_len, "prompt_tokens[%zu] = %d is outside the vocabulary [0, %d)",
-                         i, (int)id, g->vocab_size);
-                goto out;
+/* The bytes of the last occurrence of length-delimited field `field` in a message that
+ * protobuf-c already parsed: protobuf-c hands strings over NUL-terminated, which hides a
+ * NUL byte inside them, so the prompt's true length is read from the wire. */
+static void pb_last_bytes(const uint8_t *data, size_t len, uint32_t field, const uint8_t **val, size_t *vlen) {
+    const uint8_t *p = data, *end = data + len;
+    *val = NULL;
+    *vlen = 0;
+    while (p < end) {
+        uint64_t key, n;
+        if (!pb_varint(&p, end, &key))
+            return;
+        switch (key & 7) {
+        case 0:
+            if (!pb_varint(&p, end, &n))
+                return;
+            break;
+        case 1:
+            if ((size_t)(end - p) < 8)
+                return;
+            p += 8;
+            break;
+        case 2:
+            if (!pb_varint(&p, end, &n) || n > (uint64_t)(end - p))
+                return;
+            if ((key >> 3) == field) {
+                *val = p;
+                *vlen = (size_t)n;
             }
-            tokens[n++] = (int)id;
+            p += n;
+            break;
+        case 5:
+            if ((size_t)(end - p) < 4)
+                return;
+            p += 4;
+            break;
+        default:
+            return;
         }
-    } else {
-        /* A token covers at most max_piece_len bytes of text (plus the dummy-prefix space),
-         * so a longer text is over the context without encoding it (BPE is quadratic). */
-        if (plen + 1 > (size_t)g->seq_len * (size_t)g->max_piece_len) {
-            snprintf(err, err_len, "prompt of %zu bytes is over the model context of %d tokens",
-                     plen, g->seq_len);
-            goto out;
-        }
-        rc = KVR_ENOMEM;
-        if (!(tokens = malloc((plen + 3) * sizeof *tokens)))
-            goto out;
-        int erc = kvr_tokenizer_encode(g->tok, req->prompt, 1, 0, tokens, (int)plen + 3, &n);
-        if (erc != KVR_OK) {
-            rc = erc == KVR_ENOMEM ? KVR_ENOMEM : KVR_EINVAL;
-            snprintf(err, err_len, "cannot tokenize the prompt: %s", kvr_status_str(erc));
-            goto out;
-        }
-        rc = KVR_EINVAL;
     }
-    if (n > g->seq_len) {
-        snprintf(err, err_len, "prompt is %d tokens, over the model context of %d", n, g->seq_len);
-        goto out;
-    }
+}
 
-    int max_tokens = (int)req->max_tokens;
-    if (max_tokens == 0) {
-        max_tokens = g->seq_len - n;
-        if (max_tokens < 1) {
-            snprintf(err, err_len,
-                     "prompt of %d tokens fills the model context of %d: nothing left "
-                     "to generate with max_tokens 0",
-                     n, g->seq_len);
-            goto out;
-        }
-    } else if (pp.policy == KVR_KV_DENSE && (int64_t)n + max_tokens > g->seq_len) {
-        snprintf(err, err_len,
-                 "prompt (%d tokens) + max_tokens (%d) exceed the model context of %d "
-                 "under kv_policy dense",
-                 n, max_tokens, g->seq_len);
-        goto out;
-    } else if (max_tokens > KVR_GRPC_MAX_TOKENS) {
-        snprintf(err, err_len, "max_tokens %d is over the limit of %d", max_tokens,
-                 KVR_GRPC_MAX_TOKENS);
-        goto out;
-    }
-
-    out->tokens = tokens;
-    out->n_tokens = n;
-    out->max_tokens = max_tokens;
-    out->temperature = temp;
-    out->top_p = (top_p == 0.0f) ? 1.0f : top_p;
-    out->seed = req->seed;
-    out->stop_at_eos = !req->ignore_eos;
-    out->policy = pp;
-    tokens = NULL;
-    rc = KVR_OK;
-out:
-    free(tokens);
-    return rc;
+/* The request as the request module's input: proto3 scalars are always present (their
+ * zero means what docs/API.md says: max_tokens 0 = to the context, temperature 0 = greedy,
+ * top_p 0 = off, seed 0 = the server picks); kv_window and kv_sinks have presence. */
+static void generate_input(const Kvrelay__V1__GenerateRequest *req, const uint8_t *data, size_t len,
+                           struct coord_gen_input *in) {
+    memset(in, 0, sizeof *in);
+    const uint8_t *prompt;
+    pb_last_bytes(data, len, 1, &prompt, &in->prompt_len);
+    in->prompt = (const char *)prompt;
+    in->prompt_tokens32 = req->prompt_tokens;
+    in->n_prompt_tokens = req->n_prompt_tokens;
+    in->max_tokens = (struct coord_opt_i64){1, req->max_tokens};
+    in->temperature = (struct coord_opt_f64){1, req->temperature};
+    in->top_p = (struct coord_opt_f64){1, req->top_p};
+    in->has_seed = 1;
+    in->seed = req->seed;
+    in->has_ignore_eos = 1;
+    in->ignore_eos = req->ignore_eos;
+    in->kv_policy = (struct coord_opt_i64){1, (int64_t)req->kv_policy};
+    in->kv_window = (struct coord_opt_i64){
+        req->kv_window_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_WINDOW_OPT_KV_WINDOW, req->kv_window};
+    in->kv_sinks = (struct coord_opt_i64){
+        req->kv_sinks_opt_case == KVRELAY__V1__GENERATE_REQUEST__KV_SINKS_OPT_KV_SINKS, req->kv_sinks};
 }
 
 /* The prompt as llama2.c's run prints it: each token's piece after its predecessor. */
@@ -727,7 +663,7 @@ const struct coord_stream_ops coord_grpc_stream_ops = {
  * RECV_CLOSE_ON_SERVER is outstanding and only this thread completes it). */
 static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) {
     struct coord_grpc *g = c->g;
-    char err[KVR_GRPC_MSG_LEN];
+    char err[KVR_GRPC_MSG_LEN] = "";
     struct coord_request req;
     Kvrelay__V1__GenerateRequest *pb = kvrelay__v1__generate_request__unpack(NULL, len, data);
     if (!pb) {
@@ -737,19 +673,26 @@ static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) 
         pthread_mutex_unlock(&c->mu);
         return;
     }
-    int rc = generate_validate(g, pb, &req, err, sizeof err);
-    uint64_t seed_in = pb->seed;
+    struct coord_gen_input in;
+    struct coord_limits lim;
+    generate_input(pb, data, len, &in);
+    int rc = coord_router_limits(g->router, &lim);
+    if (rc == KVR_OK)
+        rc = coord_request_build(&g->req_ctx, &in, &lim, &req, err, sizeof err);
+    coord_limits_deinit(&lim);
     kvrelay__v1__generate_request__free_unpacked(pb, NULL);
     if (rc != KVR_OK) {
         pthread_mutex_lock(&c->mu);
         call_finish(c, NULL, (grpc_status_code)coord_grpc_code_from_status(rc),
-                    rc == KVR_EINVAL ? err : kvr_status_str(rc));
+                    err[0] ? err : kvr_status_str(rc));
         pthread_mutex_unlock(&c->mu);
         return;
     }
+    uint64_t seed_in = req.seed;
     c->seed = seed_in ? seed_in : pick_seed(c->serial);
     req.seed = c->seed;
     req.t_arrival = c->t_arrival;
+    req.t_deadline = c->t_deadline;
     req.stream = &c->stream;
     c->prev_token = req.tokens[req.n_tokens - 1];
     c->prompt_text = render_prompt(g->tok, req.tokens, req.n_tokens);
@@ -789,17 +732,18 @@ static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) 
 }
 
 static void cluster_status_reply(struct rpc_call *c) {
-    struct coord_cluster_status *st = calloc(1, sizeof *st);
-    Kvrelay__V1__NodeStatus *nodes = calloc(COORD_MAX_NODES, sizeof *nodes);
-    Kvrelay__V1__NodeStatus **ptrs = calloc(COORD_MAX_NODES, sizeof *ptrs);
+    struct coord_cluster_status st;
+    Kvrelay__V1__NodeStatus *nodes = NULL;
+    Kvrelay__V1__NodeStatus **ptrs = NULL;
     grpc_byte_buffer *bb = NULL;
-    if (st && nodes && ptrs) {
-        coord_router_status(c->g->router, st);
+    if (coord_router_status(c->g->router, &st) == KVR_OK &&
+        (st.n_nodes == 0 || ((nodes = calloc((size_t)st.n_nodes, sizeof *nodes)) &&
+                             (ptrs = calloc((size_t)st.n_nodes, sizeof *ptrs))))) {
         Kvrelay__V1__ClusterStatusResponse r;
         kvrelay__v1__cluster_status_response__init(&r);
-        int n = st->n_nodes < 0 ? 0 : st->n_nodes > COORD_MAX_NODES ? COORD_MAX_NODES : st->n_nodes;
+        int n = st.n_nodes < 0 ? 0 : st.n_nodes;
         for (int i = 0; i < n; i++) {
-            struct coord_node_status *ns = &st->nodes[i];
+            struct coord_node_status *ns = &st.nodes[i];
             /* role and host are char arrays the router filled: make sure they end. */
             ns->role[sizeof ns->role - 1] = '\0';
             ns->host[sizeof ns->host - 1] = '\0';
@@ -821,17 +765,17 @@ static void cluster_status_reply(struct rpc_call *c) {
         }
         r.n_nodes = (size_t)n;
         r.nodes = ptrs;
-        r.waiting_requests = st->waiting_requests;
-        r.running_requests = st->running_requests;
-        r.finished_requests = st->finished_requests;
-        r.seq_len = st->seq_len;
-        r.vocab_size = st->vocab_size;
+        r.waiting_requests = st.waiting_requests;
+        r.running_requests = st.running_requests;
+        r.finished_requests = st.finished_requests;
+        r.seq_len = st.seq_len;
+        r.vocab_size = st.vocab_size;
         bb = pack_message(&r.base);
     }
     pthread_mutex_lock(&c->mu);
     call_finish_reply(c, bb);
     pthread_mutex_unlock(&c->mu);
-    free(st);
+    coord_cluster_status_deinit(&st);
     free(nodes);
     free(ptrs);
 }
@@ -840,14 +784,12 @@ static void cluster_status_reply(struct rpc_call *c) {
  * live node can prefill and one can decode (a role other than "prefill"/"decode", such as
  * a colocated node, counts as both). */
 static void health_reply(struct rpc_call *c) {
-    struct coord_cluster_status *st = calloc(1, sizeof *st);
+    struct coord_cluster_status st;
     grpc_byte_buffer *bb = NULL;
-    if (st) {
-        coord_router_status(c->g->router, st);
+    if (coord_router_status(c->g->router, &st) == KVR_OK) {
         int n_pre = 0, n_dec = 0, n_dead = 0;
-        int n = st->n_nodes < 0 ? 0 : st->n_nodes > COORD_MAX_NODES ? COORD_MAX_NODES : st->n_nodes;
-        for (int i = 0; i < n; i++) {
-            const struct coord_node_status *ns = &st->nodes[i];
+        for (int i = 0; i < st.n_nodes; i++) {
+            const struct coord_node_status *ns = &st.nodes[i];
             if (!ns->alive) {
                 n_dead++;
                 continue;
@@ -862,8 +804,8 @@ static void health_reply(struct rpc_call *c) {
         snprintf(detail, sizeof detail,
                  "%s%d prefill and %d decode nodes alive, %d down; %d waiting, "
                  "%d running requests",
-                 stopping ? "stopping; " : "", n_pre, n_dec, n_dead, st->waiting_requests,
-                 st->running_requests);
+                 stopping ? "stopping; " : "", n_pre, n_dec, n_dead, st.waiting_requests,
+                 st.running_requests);
         Kvrelay__V1__HealthResponse r;
         kvrelay__v1__health_response__init(&r);
         r.serving = !stopping && n_pre > 0 && n_dec > 0;
@@ -873,7 +815,7 @@ static void health_reply(struct rpc_call *c) {
     pthread_mutex_lock(&c->mu);
     call_finish_reply(c, bb);
     pthread_mutex_unlock(&c->mu);
-    free(st);
+    coord_cluster_status_deinit(&st);
 }
 
 static void on_recv(struct rpc_call *c, int success) {
@@ -1060,6 +1002,13 @@ static void on_new_call(struct coord_grpc *g, int success) {
     c->method = method;
     c->serial = ++g->n_accepted;
     c->t_arrival = kvr_clock_now();
+    /* The client's deadline, honoured by the router too (it ends the request by then
+     * whatever message is lost), on our clock. */
+    gpr_timespec dl = gpr_convert_clock_type(g->nc_details.deadline, GPR_CLOCK_MONOTONIC);
+    if (gpr_time_cmp(dl, gpr_inf_future(GPR_CLOCK_MONOTONIC)) != 0) {
+        double left = (double)gpr_timespec_to_micros(gpr_time_sub(dl, gpr_now(GPR_CLOCK_MONOTONIC))) * 1e-6;
+        c->t_deadline = c->t_arrival + (left > 0 ? left : 0) + 1e-9;
+    }
     c->t_recv = (struct tag){TAG_RECV, c};
     c->t_send = (struct tag){TAG_SEND, c};
     c->t_close = (struct tag){TAG_CLOSE, c};
@@ -1193,13 +1142,7 @@ int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out)
     g->grace_ms = p->shutdown_grace_ms;
     g->tag_new = (struct tag){TAG_NEW_CALL, NULL};
     g->tag_shutdown = (struct tag){TAG_SHUTDOWN, NULL};
-    g->max_piece_len = 1;
-    for (int i = 0; i < p->vocab_size; i++) {
-        const char *v = kvr_tokenizer_vocab(p->tok, i);
-        int len = v ? (int)strlen(v) : 0;
-        if (len > g->max_piece_len)
-            g->max_piece_len = len;
-    }
+    coord_req_ctx_init(&g->req_ctx, p->tok, p->vocab_size);
     g->md[0].key = grpc_slice_from_static_string("kvr-server");
     g->md[0].value = grpc_slice_from_static_string("kvrelay");
     grpc_call_details_init(&g->nc_details);

@@ -17,6 +17,8 @@
 #include "router.h"
 #include "status.h"
 #include "tokenizer.h"
+#include "transport.h"
+#include "xfer.h"
 
 struct coord_cfg {
     const char *model;
@@ -36,6 +38,7 @@ struct coord_cfg {
     int max_streams;
     uint64_t max_message;
     int max_pending_tokens;
+    float max_request_age;
 };
 
 static const struct kvr_opt opts[] = {
@@ -56,6 +59,7 @@ static const struct kvr_opt opts[] = {
     {"max-concurrent-streams", KVR_OPT_INT, offsetof(struct coord_cfg, max_streams), "256", 1, 1 << 20, NULL, 0, "calls at once on one client connection"},
     {"max-message-bytes", KVR_OPT_SIZE, offsetof(struct coord_cfg, max_message), "4MiB", 1024, 1 << 30, NULL, 0, "largest gRPC message received or sent"},
     {"max-pending-tokens", KVR_OPT_INT, offsetof(struct coord_cfg, max_pending_tokens), "65536", 1, 1 << 24, NULL, 0, "generated tokens held for a client that reads slowly; past it the call ends with RESOURCE_EXHAUSTED"},
+    {"max-request-age", KVR_OPT_FLOAT, offsetof(struct coord_cfg, max_request_age), "3600", 0.1, 31536000, NULL, 0, "seconds after which any request is ended (DEADLINE_EXCEEDED) whatever happened to it"},
 };
 
 /* The whole of a small PEM file, NUL-terminated (owned), or NULL with the reason printed. */
@@ -136,9 +140,10 @@ int main(int argc, char **argv) {
     if (!loopback(cfg.listen) && !auth && !client_ca)
         KVR_LOG_WARN("listening on %s without --auth-token-file or --tls-client-ca: anyone who can "
                      "reach it may use the cluster", cfg.listen);
-    struct coord_router_params rtp = {.xfer = x, .ops = &coord_grpc_stream_ops, .queue_max = cfg.queue_max,
+    struct coord_router_params rtp = {.tp = coord_transport_mpi(x), .ops = &coord_grpc_stream_ops,
+                                     .expected_nodes = kvr_xfer_size(x) - 1, .queue_max = cfg.queue_max,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
-                                     .max_retries = cfg.max_retries};
+                                     .max_retries = cfg.max_retries, .max_request_age_s = cfg.max_request_age};
     if ((rc = coord_router_create(&rtp, &router)) != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: %s\n", kvr_status_str(rc));
         kvr_role_exit(x, KVR_EIO);
@@ -180,6 +185,6 @@ int main(int argc, char **argv) {
     coord_auth_free(auth);
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
-    kvr_xfer_finalize(x, 2.0);
+    kvr_xfer_finalize(x, 2.0, 0);
     return 0;
 }

@@ -1,20 +1,30 @@
 /* router.c - admission, placement, routing, deadlines, liveness (see router.h).
- * Owns every admitted request from coord_router_submit until its finish call. The gRPC
- * thread only touches the inbox, the cancel list and the status snapshot, all under mu;
- * everything else runs on the MPI thread. */
+ * Owns every admitted request from coord_router_submit until its one finish call, and
+ * the node table. The front ends' threads only touch the inbox, the cancel list and the
+ * snapshots (status, limits), all under mu; everything else runs on the router's thread.
+ *
+ * Invariants:
+ *  - every admitted request gets exactly one ops->finish call, at the latest when its
+ *    hard deadline passes (min of the client's deadline and arrival + max age);
+ *  - a decode node's reservation for a request is released only once the node was told
+ *    to drop it (CANCEL sent, on the same ordered channel as every later SEQ_BEGIN) or
+ *    it ended there (its finish event), or the node is dead: so placement never promises
+ *    blocks a node still holds. */
 #include "router.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "clock.h"
+#include "idmap.h"
 #include "kv_cache.h"
 #include "log.h"
+#include "msg.h"
+#include "request.h"
 #include "status.h"
-#include "xfer.h"
 
 _Static_assert((int)COORD_FINISH_LENGTH == KVR_FINISH_LENGTH && (int)COORD_FINISH_STOP == KVR_FINISH_STOP &&
                    (int)COORD_FINISH_CONTEXT == KVR_FINISH_CONTEXT &&
@@ -22,100 +32,131 @@ _Static_assert((int)COORD_FINISH_LENGTH == KVR_FINISH_LENGTH && (int)COORD_FINIS
                    (int)COORD_FINISH_ERROR == KVR_FINISH_ERROR,
                "coord_finish mirrors kvr_finish");
 
-#define ATTEMPT_BITS 4 /* wire id = id << ATTEMPT_BITS | attempt: a re-run is a new sequence */
+#define ATTEMPT_BITS 4 /* wire id = id << ATTEMPT_BITS | try: every placement is a new sequence, so
+                        * late messages of an abandoned one never match the next */
+#define MAX_DRAIN_PER_TURN 100000   /* messages read before the rest of a turn runs */
+#define STALL_S 1.0                 /* a turn this late means the router itself stalled */
+#define REAP_EVERY_S 0.01
+#define MSG_LEN 256
 
 enum creq_state { CR_WAITING, CR_PREFILL, CR_DECODE };
 
 struct creq {
     uint64_t id;
     uint64_t wire_id;
-    int attempt;
+    int attempt;             /* re-runs after a node died (bounded by max_retries) */
+    unsigned wire_seq;       /* wire ids used so far: each placement try gets a new one */
     struct coord_request r;  /* r.tokens owned */
     enum creq_state state;
     int prefill_rank, decode_rank;
-    int reserved_blocks;     /* on decode_rank */
+    int64_t reserved_blocks; /* on decode_rank */
     int n_sent;              /* tokens delivered to the stream (all attempts) */
     int n_skip;              /* tokens of this attempt already delivered by an earlier one */
     int n_seen;              /* tokens of this attempt seen */
-    int cancelled;           /* the client asked; the decode node was told */
     int prefill_open;        /* its prompt tokens count in its prefill node's inflight_tokens */
+    int slot;                /* index in waiting or active */
+    int end_by_age;          /* t_end is the server's maximum age, not the client's deadline */
+    double t_queued;         /* when it (re-)entered the queue: the queue deadline counts from here */
+    double t_end;            /* it ends by then, whatever happens */
+    double t_prefill_done;   /* this attempt's PREFILL_DONE (0: not yet) */
     double t_dispatch, t_first, t_last;
     struct creq *next;       /* inbox link */
 };
 
+enum node_state { NODE_UP, NODE_DEAD };
+
 struct cnode {
     int rank;
     int role;
-    int hello;
-    int alive;
+    enum node_state state;
+    int bad_hello;            /* its HELLO did not parse: never used */
     struct kvr_hello h;
     struct kvr_node_report rep;
     double last_seen;
-    int reserved_blocks;     /* decode: blocks promised to placed requests */
+    int64_t reserved_blocks;  /* decode: blocks promised to placed requests */
     uint64_t inflight_tokens; /* prefill: prompt tokens sent and not yet done */
+    uint64_t begin_no;        /* decode: SEQ_BEGINs sent to it */
+    uint32_t epoch;           /* of the last RESET sent */
+    int reset_pending;        /* a RESET went out; its HELLO has not come back */
+    double t_reset;
+};
+
+/* A CANCEL that could not be sent yet; it holds the blocks it will release. */
+struct pending_cancel {
+    struct pending_cancel *next;
+    int rank;
+    uint64_t wire_id;
+    int64_t blocks;
 };
 
 struct coord_router {
     struct coord_router_params p;
-    struct kvr_xfer *x;
-    const struct coord_stream_ops *ops;
-    struct cnode *nodes;     /* every rank but the coordinator's */
-    int n_nodes;
-    int seq_len;
+    double (*now)(void);
+    struct cnode **nodes;     /* (n_nodes) every node ever heard of, in order of arrival */
+    int n_nodes, cap_nodes;
+    struct kvr_idmap by_rank; /* rank + 1 -> struct cnode */
+    int seq_len, vocab;
+    uint64_t fingerprint;
+    int ready;                /* wait_nodes succeeded */
+    unsigned char *sbuf;      /* scratch for messages being sent */
+    size_t scap;
 
-    pthread_mutex_t mu;      /* guards the fields down to `snap` */
+    pthread_mutex_t mu;       /* guards the fields down to `limits` */
     struct creq *inbox, *inbox_tail;
     uint64_t *cancels;
     int n_cancels, cap_cancels;
-    int n_admitted;          /* inbox + waiting: what queue_max bounds */
+    int n_admitted;           /* inbox + waiting: what queue_max bounds */
     uint64_t next_id;
     int stopping;
-    int serving;             /* nodes are up */
+    int serving;              /* nodes are up */
     struct coord_cluster_status snap;
+    struct coord_limits limits;
 
-    struct creq **waiting;   /* FIFO, MPI thread */
+    struct creq **waiting;    /* FIFO, router thread */
     int n_waiting, cap_waiting;
-    struct creq **active;    /* at a prefill or decode node */
+    struct creq **active;     /* at a prefill or decode node, any order */
     int n_active, cap_active;
-    uint64_t n_finished;
-    double last_snap;
-    double last_ping;
+    struct kvr_idmap by_wire; /* wire id -> active request */
+    struct kvr_idmap by_id;   /* id -> waiting or active request */
+    struct pending_cancel *pcancel;
+    double last_snap, last_ping, last_turn, last_reap;
     struct kvr_tok_event *events; /* (KVR_TOKENS_MAX_EVENTS) parse target */
+    struct coord_router_counters cnt;
 };
 
-static struct cnode *node_of(struct coord_router *r, int rank) {
-    for (int i = 0; i < r->n_nodes; i++)
-        if (r->nodes[i].rank == rank)
-            return &r->nodes[i];
-    return NULL;
+static double now(const struct coord_router *r) { return r->now(); }
+
+static struct cnode *node_of(const struct coord_router *r, int rank) {
+    return rank < 0 ? NULL : kvr_idmap_get(&r->by_rank, (uint64_t)rank + 1);
+}
+
+static int node_usable(const struct cnode *n) {
+    return n && n->state == NODE_UP && !n->bad_hello && n->h.setup_status == KVR_OK;
+}
+
+static struct coord_node_limits limits_of(const struct cnode *n) {
+    return (struct coord_node_limits){.rank = n->rank, .role = n->h.role, .colocated = n->h.colocated,
+                                      .block_tokens = n->h.block_tokens, .n_blocks = n->h.n_blocks_total,
+                                      .max_batch_tokens = n->h.max_batch_tokens, .n_ctx_max = n->h.n_ctx_max};
 }
 
 /* ---- lifetime -------------------------------------------------------------------- */
 
 int coord_router_create(const struct coord_router_params *p, struct coord_router **out) {
     *out = NULL;
+    if (!p->ops || !p->tp.poll || !p->tp.send || !p->tp.mark_dead || !p->tp.mark_alive || p->queue_max < 1 ||
+        !(p->node_timeout_s > 0) || !(p->queue_timeout_s > 0) || !(p->max_request_age_s > 0) ||
+        p->max_retries < 0 || p->max_retries >= (1 << ATTEMPT_BITS))
+        return KVR_EINVAL;
     struct coord_router *r = calloc(1, sizeof *r);
     if (!r)
         return KVR_ENOMEM;
     r->p = *p;
-    r->x = p->xfer;
-    r->ops = p->ops;
-    int size = kvr_xfer_size(r->x), coord = kvr_xfer_coord_rank(r->x);
-    r->nodes = calloc((size_t)size, sizeof *r->nodes);
+    r->now = p->now ? p->now : kvr_clock_now;
     r->events = malloc(KVR_TOKENS_MAX_EVENTS * sizeof *r->events);
-    if (!r->nodes || !r->events) {
-        free(r->nodes);
-        free(r->events);
+    if (!r->events) {
         free(r);
         return KVR_ENOMEM;
-    }
-    for (int rank = 0; rank < size; rank++) {
-        if (rank == coord)
-            continue;
-        struct cnode *n = &r->nodes[r->n_nodes++];
-        n->rank = rank;
-        n->role = kvr_xfer_role_of(r->x, rank);
-        snprintf(n->h.host, sizeof n->h.host, "%s", kvr_xfer_host_of(r->x, rank));
     }
     pthread_mutex_init(&r->mu, NULL);
     *out = r;
@@ -141,16 +182,36 @@ void coord_router_free(struct coord_router *r) {
         creq_free(r->waiting[i]);
     for (int i = 0; i < r->n_active; i++)
         creq_free(r->active[i]);
+    while (r->pcancel) {
+        struct pending_cancel *c = r->pcancel;
+        r->pcancel = c->next;
+        free(c);
+    }
+    for (int i = 0; i < r->n_nodes; i++)
+        free(r->nodes[i]);
+    free(r->nodes);
+    kvr_idmap_deinit(&r->by_rank);
+    kvr_idmap_deinit(&r->by_wire);
+    kvr_idmap_deinit(&r->by_id);
     free(r->waiting);
     free(r->active);
     free(r->cancels);
-    free(r->nodes);
     free(r->events);
+    free(r->sbuf);
+    coord_cluster_status_deinit(&r->snap);
+    coord_limits_deinit(&r->limits);
     pthread_mutex_destroy(&r->mu);
     free(r);
 }
 
-/* ---- the gRPC thread's side -------------------------------------------------------- */
+void coord_router_counters(const struct coord_router *r, struct coord_router_counters *out) {
+    *out = r->cnt;
+    out->cancels_pending = 0;
+    for (const struct pending_cancel *c = r->pcancel; c; c = c->next)
+        out->cancels_pending++;
+}
+
+/* ---- the front ends' side ----------------------------------------------------------- */
 
 int coord_router_submit(struct coord_router *r, struct coord_request *req, uint64_t *id) {
     struct creq *q = calloc(1, sizeof *q);
@@ -197,41 +258,95 @@ void coord_router_cancel(struct coord_router *r, uint64_t id) {
     }
     if (r->n_cancels < r->cap_cancels)
         r->cancels[r->n_cancels++] = id;
-    else
+    else /* the request still ends by its deadline or the maximum age */
         KVR_LOG_ERROR("req=%llu cancel dropped: out of memory", (unsigned long long)id);
     pthread_mutex_unlock(&r->mu);
 }
 
-void coord_router_status(struct coord_router *r, struct coord_cluster_status *out) {
+int coord_router_status(struct coord_router *r, struct coord_cluster_status *out) {
+    int rc = KVR_OK;
     pthread_mutex_lock(&r->mu);
     *out = r->snap;
+    out->nodes = NULL;
+    if (r->snap.n_nodes > 0) {
+        out->nodes = malloc((size_t)r->snap.n_nodes * sizeof *out->nodes);
+        if (out->nodes)
+            memcpy(out->nodes, r->snap.nodes, (size_t)r->snap.n_nodes * sizeof *out->nodes);
+        else
+            rc = KVR_ENOMEM;
+    }
+    if (rc != KVR_OK)
+        out->n_nodes = 0;
     pthread_mutex_unlock(&r->mu);
+    return rc;
 }
 
-/* ---- finishing -------------------------------------------------------------------- */
-
-static int push(struct creq ***arr, int *n, int *cap, struct creq *q, int front) {
-    if (*n == *cap) {
-        int c = *cap ? 2 * *cap : 64;
-        struct creq **a = realloc(*arr, (size_t)c * sizeof *a);
-        if (!a)
-            return KVR_ENOMEM;
-        *arr = a;
-        *cap = c;
+int coord_router_limits(struct coord_router *r, struct coord_limits *out) {
+    int rc = KVR_OK;
+    pthread_mutex_lock(&r->mu);
+    *out = r->limits;
+    out->nodes = NULL;
+    if (r->limits.n_nodes > 0) {
+        out->nodes = malloc((size_t)r->limits.n_nodes * sizeof *out->nodes);
+        if (out->nodes)
+            memcpy(out->nodes, r->limits.nodes, (size_t)r->limits.n_nodes * sizeof *out->nodes);
+        else
+            rc = KVR_ENOMEM;
     }
-    if (front) {
-        memmove(*arr + 1, *arr, (size_t)*n * sizeof **arr);
-        (*arr)[0] = q;
-    } else {
-        (*arr)[*n] = q;
-    }
-    (*n)++;
-    return KVR_OK;
+    if (rc != KVR_OK)
+        out->n_nodes = 0;
+    pthread_mutex_unlock(&r->mu);
+    return rc;
 }
 
-static void remove_at(struct creq **arr, int *n, int i) {
-    memmove(arr + i, arr + i + 1, (size_t)(*n - i - 1) * sizeof *arr);
-    (*n)--;
+/* ---- sending ------------------------------------------------------------------------- */
+
+static unsigned char *scratch(struct coord_router *r, size_t len) {
+    if (len > r->scap) {
+        unsigned char *b = realloc(r->sbuf, len);
+        if (!b)
+            return NULL;
+        r->sbuf = b;
+        r->scap = len;
+    }
+    return r->sbuf;
+}
+
+static int tx(struct coord_router *r, int dst, const unsigned char *b, size_t len) {
+    return r->p.tp.send(r->p.tp.ctx, dst, KVR_TAG_CTRL, b, len);
+}
+
+static int tx_req(struct coord_router *r, int dst, int kind, const struct kvr_req_params *p, const int *prompt) {
+    struct kvr_wbuf m = {0};
+    kvr_msg_write_req(&m, kind, p, prompt);
+    unsigned char *b = scratch(r, m.len);
+    if (!b)
+        return KVR_ENOMEM;
+    struct kvr_wbuf w = {.p = b, .cap = m.len};
+    kvr_msg_write_req(&w, kind, p, prompt);
+    return tx(r, dst, b, w.len);
+}
+
+static int tx_empty(struct coord_router *r, int dst, int kind, uint64_t req_id) {
+    unsigned char b[KVR_MSG_HDR_NBYTES];
+    struct kvr_wbuf w = {.p = b, .cap = sizeof b};
+    kvr_msg_write_empty(&w, kind, req_id);
+    return tx(r, dst, b, w.len);
+}
+
+static int tx_reset(struct coord_router *r, int dst, uint32_t epoch) {
+    unsigned char b[KVR_MSG_HDR_NBYTES + 4];
+    struct kvr_wbuf w = {.p = b, .cap = sizeof b};
+    kvr_msg_write_reset(&w, epoch);
+    return tx(r, dst, b, w.len);
+}
+
+/* ---- reservations and cancels -------------------------------------------------------- */
+
+static void release_blocks(struct coord_router *r, int rank, int64_t blocks) {
+    struct cnode *n = node_of(r, rank);
+    if (n && blocks > 0)
+        n->reserved_blocks -= blocks < n->reserved_blocks ? blocks : n->reserved_blocks;
 }
 
 /* The prompt left its prefill node (done, failed or abandoned): stop counting it there. */
@@ -243,100 +358,242 @@ static void close_prefill(struct coord_router *r, struct creq *q) {
     q->prefill_open = 0;
 }
 
-static void release(struct coord_router *r, struct creq *q) {
-    struct cnode *d = node_of(r, q->decode_rank);
-    if (d) {
-        d->reserved_blocks -= q->reserved_blocks;
-        if (d->reserved_blocks < 0)
-            d->reserved_blocks = 0;
+/* Tells rank to drop wire_id; the blocks it holds for it are released once that is sent
+ * (at once when it was, later by the retry, or when the node is declared dead). */
+static void cancel_at(struct coord_router *r, int rank, uint64_t wire_id, int64_t blocks) {
+    struct cnode *n = node_of(r, rank);
+    int rc = n && n->state == NODE_UP ? tx_empty(r, rank, KVR_MSG_CANCEL, wire_id) : KVR_EUNAVAIL;
+    if (rc == KVR_OK || rc == KVR_EUNAVAIL || rc == KVR_EINVAL) {
+        release_blocks(r, rank, blocks);
+        return;
     }
-    q->reserved_blocks = 0;
-    close_prefill(r, q);
+    struct pending_cancel *c = calloc(1, sizeof *c);
+    if (!c) {
+        /* Keep the blocks reserved: better an idle block than a promise the node breaks. */
+        KVR_LOG_ERROR("req wire=%llu: cannot send or queue a CANCEL to rank %d", (unsigned long long)wire_id, rank);
+        return;
+    }
+    KVR_LOG_WARN("req wire=%llu: CANCEL to rank %d failed (%s); retrying", (unsigned long long)wire_id, rank,
+                 kvr_status_str(rc));
+    *c = (struct pending_cancel){.next = r->pcancel, .rank = rank, .wire_id = wire_id, .blocks = blocks};
+    r->pcancel = c;
 }
 
-/* Ends q (already removed from its list): one finish call, then q is gone. */
-static void finish(struct coord_router *r, struct creq *q, int status, enum coord_finish reason,
-                   const char *msg) {
-    double t = kvr_clock_now();
-    release(r, q);
+static int retry_cancels(struct coord_router *r) {
+    int did = 0;
+    struct pending_cancel **pp = &r->pcancel;
+    while (*pp) {
+        struct pending_cancel *c = *pp;
+        struct cnode *n = node_of(r, c->rank);
+        int rc = n && n->state == NODE_UP ? tx_empty(r, c->rank, KVR_MSG_CANCEL, c->wire_id) : KVR_EUNAVAIL;
+        if (rc == KVR_OK || rc == KVR_EUNAVAIL || rc == KVR_EINVAL) {
+            release_blocks(r, c->rank, c->blocks);
+            *pp = c->next;
+            free(c);
+            did = 1;
+        } else {
+            pp = &c->next;
+        }
+    }
+    return did;
+}
+
+/* Drops q at its nodes (the decode node frees its blocks, the prefill node its queued
+ * prompt) and releases what it holds. */
+static void abandon(struct coord_router *r, struct creq *q) {
+    if (q->state == CR_WAITING)
+        return;
+    if (q->state == CR_PREFILL && q->prefill_rank != q->decode_rank)
+        cancel_at(r, q->prefill_rank, q->wire_id, 0);
+    close_prefill(r, q);
+    cancel_at(r, q->decode_rank, q->wire_id, q->reserved_blocks);
+    q->reserved_blocks = 0;
+}
+
+/* ---- queues ---------------------------------------------------------------------------- */
+
+static int grow(struct creq ***arr, int *cap, int n) {
+    if (n < *cap)
+        return KVR_OK;
+    int c = *cap ? 2 * *cap : 64;
+    struct creq **a = realloc(*arr, (size_t)c * sizeof *a);
+    if (!a)
+        return KVR_ENOMEM;
+    *arr = a;
+    *cap = c;
+    return KVR_OK;
+}
+
+static int waiting_push(struct coord_router *r, struct creq *q, int front) {
+    if (grow(&r->waiting, &r->cap_waiting, r->n_waiting) != KVR_OK)
+        return KVR_ENOMEM;
+    if (front) {
+        memmove(r->waiting + 1, r->waiting, (size_t)r->n_waiting * sizeof *r->waiting);
+        r->waiting[0] = q;
+    } else {
+        r->waiting[r->n_waiting] = q;
+    }
+    r->n_waiting++;
+    q->state = CR_WAITING;
+    pthread_mutex_lock(&r->mu);
+    r->n_admitted++;
+    pthread_mutex_unlock(&r->mu);
+    return KVR_OK;
+}
+
+static void waiting_remove(struct coord_router *r, int i) {
+    memmove(r->waiting + i, r->waiting + i + 1, (size_t)(r->n_waiting - i - 1) * sizeof *r->waiting);
+    r->n_waiting--;
+    pthread_mutex_lock(&r->mu);
+    r->n_admitted--;
+    pthread_mutex_unlock(&r->mu);
+}
+
+static int active_add(struct coord_router *r, struct creq *q) {
+    if (grow(&r->active, &r->cap_active, r->n_active) != KVR_OK ||
+        kvr_idmap_put(&r->by_wire, q->wire_id, q) != KVR_OK)
+        return KVR_ENOMEM;
+    q->slot = r->n_active;
+    r->active[r->n_active++] = q;
+    return KVR_OK;
+}
+
+static void active_remove(struct coord_router *r, struct creq *q) {
+    kvr_idmap_del(&r->by_wire, q->wire_id);
+    struct creq *last = r->active[--r->n_active];
+    r->active[q->slot] = last;
+    last->slot = q->slot;
+}
+
+/* ---- finishing -------------------------------------------------------------------------- */
+
+/* The one finish call of q, which must be in no queue any more. */
+static void finish(struct coord_router *r, struct creq *q, int status, enum coord_finish reason, const char *msg) {
+    double t = now(r);
+    kvr_idmap_del(&r->by_id, q->id);
+    release_blocks(r, q->decode_rank, q->reserved_blocks);
+    q->reserved_blocks = 0;
+    close_prefill(r, q);
+    double tpot = q->n_sent > 1 ? (q->t_last - q->t_first) * 1000.0 / (q->n_sent - 1) : 0.0;
     struct coord_usage u = {
-        .prompt_tokens = q->r.n_tokens, .generated_tokens = q->n_sent,
+        .prompt_tokens = q->r.n_tokens,
+        .generated_tokens = q->n_sent,
         .queue_ms = q->t_dispatch > 0 ? (q->t_dispatch - q->r.t_arrival) * 1000.0 : (t - q->r.t_arrival) * 1000.0,
         .ttft_ms = q->t_first > 0 ? (q->t_first - q->r.t_arrival) * 1000.0 : 0.0,
-        .tpot_ms = q->n_sent > 1 ? (q->t_last - q->t_first) * 1000.0 / (q->n_sent - 1) : 0.0,
-        .total_ms = (t - q->r.t_arrival) * 1000.0, .prefill_rank = q->prefill_rank,
+        .tpot_ms = tpot,
+        .total_ms = (t - q->r.t_arrival) * 1000.0,
+        .prefill_rank = q->prefill_rank,
         .decode_rank = q->decode_rank};
     if (status != KVR_OK)
         KVR_LOG_WARN("req=%llu ends with %s: %s", (unsigned long long)q->id, kvr_status_name(status), msg);
     else
         KVR_LOG_DEBUG("req=%llu done: %d tokens, reason %d", (unsigned long long)q->id, q->n_sent, reason);
-    r->ops->finish(q->r.stream, status, reason, &u, msg);
-    r->n_finished++;
+    r->p.ops->finish(q->r.stream, status, reason, &u, msg);
+    r->cnt.finished++;
     creq_free(q);
 }
 
-static void finish_waiting(struct coord_router *r, int i, int status, enum coord_finish reason,
-                           const char *msg) {
+static void finish_waiting(struct coord_router *r, int i, int status, enum coord_finish reason, const char *msg) {
     struct creq *q = r->waiting[i];
-    remove_at(r->waiting, &r->n_waiting, i);
-    pthread_mutex_lock(&r->mu);
-    r->n_admitted--;
-    pthread_mutex_unlock(&r->mu);
+    waiting_remove(r, i);
     finish(r, q, status, reason, msg);
 }
 
-static void finish_active(struct coord_router *r, int i, int status, enum coord_finish reason,
+/* Ends an active request: its nodes are told to drop it, then the stream hears. */
+static void finish_active(struct coord_router *r, struct creq *q, int status, enum coord_finish reason,
                           const char *msg) {
-    struct creq *q = r->active[i];
-    remove_at(r->active, &r->n_active, i);
+    active_remove(r, q);
+    abandon(r, q);
     finish(r, q, status, reason, msg);
 }
 
-/* ---- placement ---------------------------------------------------------------------- */
+/* What a node's failure becomes at the edge: never the client's INVALID_ARGUMENT (the edge
+ * admitted the request, so a node refusing it is the cluster's fault). */
+static int node_failure_status(int status) {
+    switch (status) {
+    case KVR_EUNAVAIL:
+    case KVR_EMPI:
+        return KVR_EUNAVAIL;
+    case KVR_ENOSPC:
+    case KVR_ENOMEM:
+    case KVR_EFULL:
+    case KVR_EABORTED:
+        return KVR_EABORTED;
+    case KVR_ECHECKSUM:
+    case KVR_EFORMAT:
+    case KVR_ETRUNC:
+    case KVR_EMAGIC:
+    case KVR_EVERSION:
+    case KVR_ELENGTH:
+    case KVR_EOVERFLOW:
+    case KVR_ECOMPRESS:
+        return status; /* DATA_LOSS: a KV transfer arrived corrupt */
+    case KVR_EDEADLINE:
+        return KVR_EDEADLINE;
+    default:
+        return KVR_EINTERNAL;
+    }
+}
 
-static int decode_capable(const struct cnode *n) {
-    return n->role == KVR_ROLE_DECODE && n->hello && n->alive && n->h.n_blocks_total > 0;
+/* "decode node rank 3: <its reason>" as one line. */
+static void node_reason(char *out, size_t len, const char *role, int rank, int status, const char *reason,
+                        int reason_len) {
+    char line[KVR_REASON_MAX + 1];
+    kvr_reason_line(line, sizeof line, reason, reason ? (size_t)reason_len : 0);
+    snprintf(out, len, "%s node rank %d: %s", role, rank, line[0] ? line : kvr_status_str(status));
+}
+
+/* ---- placement ---------------------------------------------------------------------------- */
+
+static void new_wire_id(struct creq *q) {
+    q->wire_seq++;
+    q->wire_id = (q->id << ATTEMPT_BITS) | (uint64_t)(q->wire_seq & ((1u << ATTEMPT_BITS) - 1));
 }
 
 static int colocated_mode(const struct coord_router *r) {
     for (int i = 0; i < r->n_nodes; i++)
-        if (r->nodes[i].role == KVR_ROLE_PREFILL && r->nodes[i].alive)
+        if (r->nodes[i]->h.role == KVR_ROLE_PREFILL && node_usable(r->nodes[i]))
             return 0;
     return 1;
-}
-
-static int blocks_for(const struct creq *q, const struct cnode *d) {
-    int chunk = d->h.colocated ? q->r.n_tokens : 1;
-    return kvr_kv_blocks_needed(&q->r.policy, d->h.block_tokens, q->r.n_tokens + q->r.max_tokens, chunk);
 }
 
 /* Places the head of the queue if it fits. Returns 1 placed, 0 must wait, -1 finished it. */
 static int place_head(struct coord_router *r) {
     struct creq *q = r->waiting[0];
     struct cnode *best = NULL;
-    int best_avail = -1, best_need = 0, fits_somewhere = 0, any_decode = 0;
+    int64_t best_avail = -1, best_need = 0, need_min = -1, biggest = 0;
+    int fits_somewhere = 0, any_decode = 0;
     for (int i = 0; i < r->n_nodes; i++) {
-        struct cnode *d = &r->nodes[i];
-        if (!decode_capable(d))
+        struct cnode *d = r->nodes[i];
+        if (!node_usable(d) || d->h.role != KVR_ROLE_DECODE)
             continue;
         any_decode = 1;
-        int need = blocks_for(q, d);
-        if (need <= d->h.n_blocks_total)
-            fits_somewhere = 1;
-        int avail = d->h.n_blocks_total - d->reserved_blocks;
+        struct coord_node_limits lim = limits_of(d);
+        int64_t need = coord_request_blocks(&q->r, &lim);
+        if (need_min < 0 || need < need_min)
+            need_min = need;
+        if (d->h.n_blocks_total > biggest)
+            biggest = d->h.n_blocks_total;
+        if (!coord_request_fits_decode(&q->r, &lim))
+            continue;
+        fits_somewhere = 1;
+        int64_t avail = (int64_t)d->h.n_blocks_total - d->reserved_blocks;
         if (need <= avail && avail > best_avail) {
             best = d;
             best_avail = avail;
             best_need = need;
         }
     }
+    char msg[MSG_LEN];
     if (!any_decode) {
         finish_waiting(r, 0, KVR_EUNAVAIL, COORD_FINISH_ERROR, "no decode node is alive");
         return -1;
     }
     if (!fits_somewhere) {
-        finish_waiting(r, 0, KVR_ENOSPC, COORD_FINISH_ERROR,
-                       "the request needs more KV memory than any decode node has");
+        /* The node that could hold it died since it was admitted. */
+        snprintf(msg, sizeof msg, "the request needs %lld KV blocks; the largest live decode node holds %lld",
+                 (long long)need_min, (long long)biggest);
+        finish_waiting(r, 0, KVR_ENOSPC, COORD_FINISH_ERROR, msg);
         return -1;
     }
     if (!best)
@@ -350,45 +607,58 @@ static int place_head(struct coord_router *r) {
         pf = best;
     } else {
         for (int i = 0; i < r->n_nodes; i++) {
-            struct cnode *n = &r->nodes[i];
-            if (n->role == KVR_ROLE_PREFILL && n->alive && n->hello && n->h.n_blocks_total > 0 &&
-                (!pf || n->inflight_tokens < pf->inflight_tokens))
+            struct cnode *n = r->nodes[i];
+            if (!node_usable(n) || n->h.role != KVR_ROLE_PREFILL)
+                continue;
+            struct coord_node_limits lim = limits_of(n);
+            if (coord_request_fits_prefill(&q->r, &lim) && (!pf || n->inflight_tokens < pf->inflight_tokens))
                 pf = n;
         }
         if (!pf)
             return 0;
     }
-    struct kvr_req_params p = {.req_id = q->wire_id, .n_prompt = q->r.n_tokens, .max_tokens = q->r.max_tokens,
-                               .temperature = q->r.temperature, .top_p = q->r.top_p, .seed = q->r.seed,
-                               .stop_at_eos = q->r.stop_at_eos, .policy = q->r.policy,
-                               .prefill_rank = pf->rank, .decode_rank = best->rank,
-                               .t_coord_ms = kvr_clock_now() * 1000.0};
-    int rc = kvr_xfer_send_prefill_req(r->x, pf->rank, &p, q->r.tokens);
+    double t = now(r);
+    struct kvr_req_params p = {.req_id = q->wire_id, .begin_no = best->begin_no + 1, .n_prompt = q->r.n_tokens,
+                               .max_tokens = q->r.max_tokens, .temperature = q->r.temperature,
+                               .top_p = q->r.top_p, .seed = q->r.seed, .stop_at_eos = q->r.stop_at_eos,
+                               .policy = q->r.policy, .prefill_rank = pf->rank, .decode_rank = best->rank,
+                               .t_coord_ms = t * 1000.0};
+    /* The decode node hears of the request first, from us, on the channel its cancel will
+     * take; then the prefill node gets the prompt. */
+    int rc = tx_req(r, best->rank, KVR_MSG_SEQ_BEGIN, &p, q->r.tokens);
     if (rc != KVR_OK) {
-        finish_waiting(r, 0, rc, COORD_FINISH_ERROR, "cannot send the prompt to a prefill node");
-        return -1;
+        KVR_LOG_WARN("req=%llu SEQ_BEGIN to rank %d failed (%s); it waits", (unsigned long long)q->id, best->rank,
+                     kvr_status_str(rc));
+        return 0;
     }
-    if (push(&r->active, &r->n_active, &r->cap_active, q, 0) != KVR_OK) {
-        /* The node will answer for a request we no longer track: tell it to drop it. */
-        kvr_xfer_send_cancel(r->x, best->rank, q->wire_id);
+    best->begin_no++;
+    if (pf != best && (rc = tx_req(r, pf->rank, KVR_MSG_PREFILL_REQ, &p, q->r.tokens)) != KVR_OK) {
+        KVR_LOG_WARN("req=%llu PREFILL_REQ to rank %d failed (%s); it waits", (unsigned long long)q->id, pf->rank,
+                     kvr_status_str(rc));
+        cancel_at(r, best->rank, q->wire_id, 0);
+        new_wire_id(q); /* the decode node may still answer for this wire id */
+        return 0;
+    }
+    if (active_add(r, q) != KVR_OK) {
+        cancel_at(r, best->rank, q->wire_id, 0);
+        if (pf != best)
+            cancel_at(r, pf->rank, q->wire_id, 0);
         finish_waiting(r, 0, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
         return -1;
     }
-    remove_at(r->waiting, &r->n_waiting, 0);
-    pthread_mutex_lock(&r->mu);
-    r->n_admitted--;
-    pthread_mutex_unlock(&r->mu);
+    waiting_remove(r, 0);
     q->state = CR_PREFILL;
     q->prefill_rank = pf->rank;
     q->decode_rank = best->rank;
     q->reserved_blocks = best_need;
+    q->t_prefill_done = 0;
     best->reserved_blocks += best_need;
     pf->inflight_tokens += (uint64_t)q->r.n_tokens;
     q->prefill_open = 1;
     if (q->t_dispatch == 0)
-        q->t_dispatch = kvr_clock_now();
-    KVR_LOG_DEBUG("req=%llu placed: prefill rank %d, decode rank %d, %d blocks", (unsigned long long)q->id,
-                  pf->rank, best->rank, best_need);
+        q->t_dispatch = t;
+    KVR_LOG_DEBUG("req=%llu placed: prefill rank %d, decode rank %d, %lld blocks", (unsigned long long)q->id,
+                  pf->rank, best->rank, (long long)best_need);
     return 1;
 }
 
@@ -400,63 +670,112 @@ static int dispatch(struct coord_router *r) {
             break;
         did = 1;
     }
-    /* Deadline: requests that waited too long for memory. */
-    double t = kvr_clock_now();
+    return did;
+}
+
+/* ---- the reaper: every deadline, enforced here ------------------------------------------- */
+
+static void deadline_msg(const struct coord_router *r, const struct creq *q, char *msg, size_t len) {
+    if (q->end_by_age)
+        snprintf(msg, len, "the request outlived the server's maximum request age of %.0f s", r->p.max_request_age_s);
+    else
+        snprintf(msg, len, "the request's deadline passed");
+}
+
+static int reap(struct coord_router *r) {
+    double t = now(r);
+    int did = 0;
+    char msg[MSG_LEN];
     for (int i = 0; i < r->n_waiting;) {
-        if (t - r->waiting[i]->r.t_arrival > r->p.queue_timeout_s) {
-            finish_waiting(r, i, KVR_ETIMEDOUT, COORD_FINISH_ERROR,
-                           "no decode node had room for the KV cache before the queue deadline");
+        struct creq *q = r->waiting[i];
+        if (t >= q->t_end) {
+            deadline_msg(r, q, msg, sizeof msg);
+            finish_waiting(r, i, KVR_EDEADLINE, COORD_FINISH_ERROR, msg);
+            r->cnt.reaped++;
+            did = 1;
+        } else if (t - q->t_queued > r->p.queue_timeout_s) {
+            snprintf(msg, sizeof msg, "no decode node had room for the KV cache within %.1f s", r->p.queue_timeout_s);
+            finish_waiting(r, i, KVR_ETIMEDOUT, COORD_FINISH_ERROR, msg);
             did = 1;
         } else {
             i++;
         }
     }
+    for (int i = 0; i < r->n_active;) {
+        struct creq *q = r->active[i];
+        if (t >= q->t_end) {
+            deadline_msg(r, q, msg, sizeof msg);
+            finish_active(r, q, KVR_EDEADLINE, COORD_FINISH_ERROR, msg);
+            r->cnt.reaped++;
+            did = 1;
+            continue; /* active[i] is another request now */
+        }
+        /* The prefill node handed the sequence over, the decode node is alive, yet no token
+         * came: a message between them was lost. Do not wait for the deadline. */
+        if (q->state == CR_DECODE && q->n_seen == 0 && q->t_prefill_done > 0 &&
+            t - q->t_prefill_done > r->p.node_timeout_s) {
+            snprintf(msg, sizeof msg, "decode node rank %d produced no token %.1f s after the prefill finished",
+                     q->decode_rank, t - q->t_prefill_done);
+            finish_active(r, q, KVR_EABORTED, COORD_FINISH_ERROR, msg);
+            r->cnt.watchdog++;
+            did = 1;
+            continue;
+        }
+        i++;
+    }
     return did;
 }
 
-/* ---- messages ---------------------------------------------------------------------- */
-
-static int find_active(struct coord_router *r, uint64_t wire_id) {
-    for (int i = 0; i < r->n_active; i++)
-        if (r->active[i]->wire_id == wire_id)
-            return i;
-    return -1;
-}
+/* ---- messages ---------------------------------------------------------------------------- */
 
 static void on_tokens(struct coord_router *r, const struct kvr_msg *m) {
     int n = 0;
     if (kvr_msg_parse_tokens(m, r->events, KVR_TOKENS_MAX_EVENTS, &n) != KVR_OK)
         return;
-    double t = kvr_clock_now();
+    double t = now(r);
     for (int e = 0; e < n; e++) {
         const struct kvr_tok_event *ev = &r->events[e];
-        int i = find_active(r, ev->req_id);
-        if (i < 0)
+        struct creq *q = kvr_idmap_get(&r->by_wire, ev->req_id);
+        if (!q || q->decode_rank != m->src)
             continue; /* an attempt we gave up on, or already finished */
-        struct creq *q = r->active[i];
-        if (q->decode_rank != m->src)
-            continue;
-        q->state = CR_DECODE;
         if (ev->token >= 0) {
+            if (q->state == CR_PREFILL) {
+                /* Its first token can overtake its PREFILL_DONE: the prompt left the
+                 * prefill node either way. */
+                close_prefill(r, q);
+                q->state = CR_DECODE;
+            }
             q->n_seen++;
             if (q->n_seen > q->n_skip) {
-                if (!q->cancelled)
-                    r->ops->tokens(q->r.stream, &ev->token, 1);
+                r->p.ops->tokens(q->r.stream, &ev->token, 1);
                 q->n_sent++;
                 if (q->t_first == 0)
                     q->t_first = t;
                 q->t_last = t;
             }
         }
-        if (ev->finish != KVR_FINISH_NONE) {
-            const char *msg = ev->status == KVR_OK ? "ok" : kvr_status_str(ev->status);
-            char buf[160];
-            if (ev->status != KVR_OK) {
-                snprintf(buf, sizeof buf, "decode node rank %d: %s", m->src, kvr_status_str(ev->status));
-                msg = buf;
-            }
-            finish_active(r, i, ev->status, (enum coord_finish)ev->finish, msg);
+        if (ev->finish == KVR_FINISH_NONE)
+            continue;
+        /* The decode node ended it: its blocks are free there already. */
+        release_blocks(r, q->decode_rank, q->reserved_blocks);
+        q->reserved_blocks = 0;
+        char msg[MSG_LEN] = "ok";
+        int status = KVR_OK;
+        enum coord_finish reason = (enum coord_finish)ev->finish;
+        if (ev->status != KVR_OK) {
+            status = node_failure_status(ev->status);
+            node_reason(msg, sizeof msg, "decode", m->src, ev->status, ev->reason, ev->reason_len);
+        } else if (ev->finish == KVR_FINISH_CANCELLED || ev->finish == KVR_FINISH_ERROR) {
+            /* A cancel we did not ask for (ours end the request here first). */
+            status = KVR_EABORTED;
+            snprintf(msg, sizeof msg, "decode node rank %d dropped the request", m->src);
         }
+        if (status != KVR_OK)
+            reason = COORD_FINISH_ERROR;
+        active_remove(r, q);
+        if (q->state == CR_PREFILL && q->prefill_rank != q->decode_rank)
+            cancel_at(r, q->prefill_rank, q->wire_id, 0); /* its prompt may still wait there */
+        finish(r, q, status, reason, msg);
     }
 }
 
@@ -464,123 +783,282 @@ static void on_prefill_done(struct coord_router *r, const struct kvr_msg *m) {
     struct kvr_prefill_done d;
     if (kvr_msg_parse_prefill_done(m, &d) != KVR_OK)
         return;
-    int i = find_active(r, m->req_id);
-    if (i < 0)
-        return; /* finished already: close_prefill ran then */
-    struct creq *q = r->active[i];
-    if (q->prefill_rank != m->src)
-        return;
+    struct creq *q = kvr_idmap_get(&r->by_wire, m->req_id);
+    if (!q || q->prefill_rank != m->src)
+        return; /* finished or re-run already */
     close_prefill(r, q);
-    if (q->state == CR_PREFILL)
-        q->state = CR_DECODE; /* the decode node owns it now (its finish event ends it) */
-    if (d.status != KVR_OK)
-        KVR_LOG_WARN("req=%llu prefill on rank %d failed: %s", (unsigned long long)q->id, m->src,
-                     kvr_status_str(d.status));
+    if (d.status == KVR_OK) {
+        if (q->state == CR_PREFILL)
+            q->state = CR_DECODE; /* the decode node owns it now (its finish event ends it) */
+        q->t_prefill_done = now(r);
+        return;
+    }
+    char msg[MSG_LEN];
+    node_reason(msg, sizeof msg, "prefill", m->src, d.status, d.reason, d.reason_len);
+    finish_active(r, q, node_failure_status(d.status), COORD_FINISH_ERROR, msg);
 }
 
-static int drain(struct coord_router *r) {
-    static const int tags[] = {KVR_TAG_REPORT};
+static void on_status(struct coord_router *r, struct cnode *n, const struct kvr_msg *m) {
+    (void)r;
+    struct kvr_node_report rep;
+    if (kvr_msg_parse_status(m, &rep) == KVR_OK)
+        n->rep = rep;
+}
+
+static void set_dirty(struct coord_router *r) { r->last_snap = -1e300; }
+
+/* A node that may serve alongside the others: same model, set up. why: one line. */
+static int node_consistent(const struct coord_router *r, const struct kvr_hello *h, char *why, size_t len) {
+    if (h->setup_status != KVR_OK) {
+        snprintf(why, len, "it failed to set up: %s", kvr_status_str(h->setup_status));
+        return 0;
+    }
+    if (r->ready && (h->fingerprint != r->fingerprint || h->seq_len != r->seq_len || h->vocab_size != r->vocab)) {
+        snprintf(why, len, "it serves another model (fingerprint %016llx, context %d, vocab %d)",
+                 (unsigned long long)h->fingerprint, h->seq_len, h->vocab_size);
+        return 0;
+    }
+    return 1;
+}
+
+static struct cnode *node_add(struct coord_router *r, int rank) {
+    struct cnode *n = calloc(1, sizeof *n);
+    if (!n)
+        return NULL;
+    if (r->n_nodes == r->cap_nodes) {
+        int cap = r->cap_nodes ? 2 * r->cap_nodes : 16;
+        struct cnode **a = realloc(r->nodes, (size_t)cap * sizeof *a);
+        if (!a) {
+            free(n);
+            return NULL;
+        }
+        r->nodes = a;
+        r->cap_nodes = cap;
+    }
+    if (kvr_idmap_put(&r->by_rank, (uint64_t)rank + 1, n) != KVR_OK) {
+        free(n);
+        return NULL;
+    }
+    n->rank = rank;
+    r->nodes[r->n_nodes++] = n;
+    return n;
+}
+
+static void tell_to_leave(struct coord_router *r, struct cnode *n, const char *why) {
+    KVR_LOG_ERROR("rank %d cannot serve in this cluster (%s): telling it to shut down", n->rank, why);
+    r->p.tp.mark_alive(r->p.tp.ctx, n->rank);
+    tx_empty(r, n->rank, KVR_MSG_SHUTDOWN, 0);
+    r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+    n->state = NODE_DEAD;
+    n->reset_pending = 0;
+}
+
+static void on_hello(struct coord_router *r, struct cnode *n, const struct kvr_msg *m) {
+    struct kvr_hello h;
+    char why[160];
+    if (kvr_msg_parse_hello(m, &h) != KVR_OK) {
+        if (!n && !(n = node_add(r, m->src)))
+            return;
+        n->bad_hello = 1;
+        n->last_seen = now(r);
+        if (r->ready)
+            tell_to_leave(r, n, "its HELLO is malformed");
+        return;
+    }
+    if (!n) {
+        /* A node we did not know: the job's start-up, or one that joins a running cluster. */
+        if (!(n = node_add(r, m->src)))
+            return;
+        n->h = h;
+        n->role = h.role;
+        n->last_seen = now(r);
+        if (r->ready && !node_consistent(r, &h, why, sizeof why)) {
+            tell_to_leave(r, n, why);
+            return;
+        }
+        n->state = NODE_UP;
+        if (r->ready)
+            KVR_LOG_WARN("rank %d (%s on %s) joined", n->rank, kvr_role_name(h.role), h.host);
+        set_dirty(r);
+        return;
+    }
+    if (n->state == NODE_DEAD) {
+        if (!n->reset_pending || h.epoch != n->epoch)
+            return; /* a HELLO from before our RESET */
+        n->reset_pending = 0;
+        if (!node_consistent(r, &h, why, sizeof why) || h.role != n->role) {
+            tell_to_leave(r, n, why);
+            return;
+        }
+        /* It dropped every request when it got the RESET (nothing of ours is on it), and the
+         * HELLO says it is the same node with an empty pool: take it back. */
+        n->h = h;
+        n->state = NODE_UP;
+        n->last_seen = now(r);
+        n->reserved_blocks = 0;
+        n->inflight_tokens = 0;
+        memset(&n->rep, 0, sizeof n->rep);
+        r->cnt.nodes_rejoined++;
+        KVR_LOG_WARN("rank %d (%s on %s) is back after RESET epoch %u", n->rank, kvr_role_name(n->role), h.host,
+                     h.epoch);
+        set_dirty(r);
+        return;
+    }
+    n->last_seen = now(r);
+    if (h.epoch == n->epoch && node_consistent(r, &h, why, sizeof why) && h.role == n->role) {
+        n->h = h; /* the same node saying the same again */
+        set_dirty(r);
+    }
+}
+
+/* A node declared dead spoke: take it back once it proves it dropped everything (RESET,
+ * then a HELLO with the RESET's epoch); until then its messages mean nothing. */
+static void spoke_again(struct coord_router *r, struct cnode *n) {
+    double t = now(r);
+    if (n->bad_hello || (n->reset_pending && t - n->t_reset < r->p.node_timeout_s))
+        return;
+    n->epoch++;
+    n->reset_pending = 1;
+    n->t_reset = t;
+    r->p.tp.mark_alive(r->p.tp.ctx, n->rank);
+    int rc = tx_reset(r, n->rank, n->epoch);
+    if (rc != KVR_OK) {
+        r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+        KVR_LOG_ERROR("rank %d spoke again after being declared dead; cannot send it RESET: %s", n->rank,
+                      kvr_status_str(rc));
+        return;
+    }
+    r->cnt.resets_sent++;
+    KVR_LOG_WARN("rank %d spoke again after being declared dead: RESET (epoch %u) to take it back", n->rank,
+                 n->epoch);
+}
+
+static void on_msg(struct coord_router *r, const struct kvr_msg *m) {
+    struct cnode *n = node_of(r, m->src);
+    if (m->kind == KVR_MSG_HELLO) {
+        on_hello(r, n, m);
+        return;
+    }
+    if (!n || n->bad_hello)
+        return; /* a peer that never said a valid HELLO */
+    if (n->state == NODE_DEAD) {
+        spoke_again(r, n);
+        return;
+    }
+    n->last_seen = now(r);
+    switch (m->kind) {
+    case KVR_MSG_STATUS:
+        on_status(r, n, m);
+        break;
+    case KVR_MSG_TOKENS:
+        on_tokens(r, m);
+        break;
+    case KVR_MSG_PREFILL_DONE:
+        on_prefill_done(r, m);
+        break;
+    default:
+        KVR_LOG_WARN("unexpected %s message from rank %d", kvr_msg_kind_name(m->kind), m->src);
+    }
+}
+
+/* Reads what waits; *empty = 1 when it read everything (so silence can be judged). */
+static int drain(struct coord_router *r, int *empty) {
     int cnt = 0;
     struct kvr_msg m;
-    while (cnt < 1024) {
-        int rc = kvr_xfer_poll(r->x, tags, 1, &m);
-        if (rc == KVR_EAGAIN)
+    *empty = 0;
+    while (cnt < MAX_DRAIN_PER_TURN) {
+        int rc = r->p.tp.poll(r->p.tp.ctx, &m);
+        if (rc == KVR_EAGAIN) {
+            *empty = 1;
             break;
+        }
         cnt++;
-        if (rc != KVR_OK)
-            continue;
-        struct cnode *n = node_of(r, m.src);
-        if (!n)
-            continue;
-        if (!n->alive && n->hello) {
-            KVR_LOG_WARN("rank %d spoke again after being declared dead; ignoring it", m.src);
-            continue;
-        }
-        n->last_seen = kvr_clock_now();
-        switch (m.kind) {
-        case KVR_MSG_HELLO:
-            if (kvr_msg_parse_hello(&m, &n->h) == KVR_OK) {
-                n->hello = 1;
-                n->alive = 1;
-            }
-            break;
-        case KVR_MSG_STATUS:
-            kvr_msg_parse_status(&m, &n->rep);
-            break;
-        case KVR_MSG_TOKENS:
-            on_tokens(r, &m);
-            break;
-        case KVR_MSG_PREFILL_DONE:
-            on_prefill_done(r, &m);
-            break;
-        default:
-            KVR_LOG_WARN("unexpected %s message from rank %d", kvr_msg_kind_name(m.kind), m.src);
-        }
+        if (rc == KVR_OK)
+            on_msg(r, &m);
     }
     return cnt;
 }
 
-/* ---- cancels, new requests, dead nodes ----------------------------------------------- */
+/* ---- new requests, cancels, dead nodes ------------------------------------------------------ */
 
 static void take_inbox(struct coord_router *r, int *did) {
     pthread_mutex_lock(&r->mu);
     struct creq *q = r->inbox;
     r->inbox = r->inbox_tail = NULL;
     int n_c = r->n_cancels;
-    uint64_t cancels[256];
-    if (n_c > 256)
-        n_c = 256;
-    if (n_c > 0) {
-        memcpy(cancels, r->cancels, (size_t)n_c * sizeof *cancels);
-        memmove(r->cancels, r->cancels + n_c, (size_t)(r->n_cancels - n_c) * sizeof *r->cancels);
-        r->n_cancels -= n_c;
-    }
+    uint64_t *cancels = r->cancels;
+    int cap_c = r->cap_cancels;
+    r->cancels = NULL;
+    r->n_cancels = r->cap_cancels = 0;
     pthread_mutex_unlock(&r->mu);
     while (q) {
         struct creq *nx = q->next;
         q->next = NULL;
         *did = 1;
-        if (push(&r->waiting, &r->n_waiting, &r->cap_waiting, q, 0) != KVR_OK) {
-            pthread_mutex_lock(&r->mu);
-            r->n_admitted--;
-            pthread_mutex_unlock(&r->mu);
+        r->cnt.admitted++;
+        q->t_queued = now(r);
+        q->t_end = q->r.t_arrival + r->p.max_request_age_s;
+        q->end_by_age = 1;
+        if (q->r.t_deadline > 0 && q->r.t_deadline < q->t_end) {
+            q->t_end = q->r.t_deadline;
+            q->end_by_age = 0;
+        }
+        /* The inbox counted it in n_admitted already; waiting_push counts again. */
+        pthread_mutex_lock(&r->mu);
+        r->n_admitted--;
+        pthread_mutex_unlock(&r->mu);
+        if (kvr_idmap_put(&r->by_id, q->id, q) != KVR_OK || waiting_push(r, q, 0) != KVR_OK) {
+            kvr_idmap_del(&r->by_id, q->id);
             finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
         }
         q = nx;
     }
     for (int c = 0; c < n_c; c++) {
         *did = 1;
-        uint64_t id = cancels[c];
-        int done = 0;
-        for (int i = 0; i < r->n_waiting && !done; i++) {
-            if (r->waiting[i]->id == id) {
-                finish_waiting(r, i, KVR_OK, COORD_FINISH_CANCELLED, "cancelled by the client");
-                done = 1;
-            }
-        }
-        for (int i = 0; i < r->n_active && !done; i++) {
-            struct creq *q2 = r->active[i];
-            if (q2->id != id)
-                continue;
-            done = 1;
-            if (q2->cancelled)
-                break;
-            q2->cancelled = 1;
-            /* The prefill node drops it if still queued (and tells the decode node); the
-             * decode node frees its blocks and answers with a CANCELLED finish. */
-            if (q2->state == CR_PREFILL && q2->prefill_rank != q2->decode_rank)
-                kvr_xfer_send_cancel(r->x, q2->prefill_rank, q2->wire_id);
-            if (kvr_xfer_send_cancel(r->x, q2->decode_rank, q2->wire_id) != KVR_OK)
-                finish_active(r, i, KVR_OK, COORD_FINISH_CANCELLED, "cancelled by the client");
+        struct creq *q2 = kvr_idmap_get(&r->by_id, cancels[c]);
+        if (!q2)
+            continue; /* finished already */
+        if (q2->state == CR_WAITING) {
+            for (int i = 0; i < r->n_waiting; i++)
+                if (r->waiting[i] == q2) {
+                    finish_waiting(r, i, KVR_OK, COORD_FINISH_CANCELLED, "cancelled by the client");
+                    break;
+                }
+        } else {
+            /* The CANCEL goes on the channel that carried its SEQ_BEGIN: the decode node
+             * frees the blocks before it sees anything we place there next. The client
+             * is gone, so the stream ends now. */
+            finish_active(r, q2, KVR_OK, COORD_FINISH_CANCELLED, "cancelled by the client");
         }
     }
+    /* Keep the larger buffer for the next turn's cancels. */
+    pthread_mutex_lock(&r->mu);
+    if (!r->cancels) {
+        r->cancels = cancels;
+        r->cap_cancels = cap_c;
+        cancels = NULL;
+    }
+    pthread_mutex_unlock(&r->mu);
+    free(cancels);
 }
 
-static void node_died(struct coord_router *r, struct cnode *n) {
-    n->alive = 0;
-    kvr_xfer_mark_dead(r->x, n->rank);
+static void node_died(struct coord_router *r, struct cnode *n, double silent) {
+    n->state = NODE_DEAD;
+    n->reset_pending = 0;
+    r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+    r->cnt.nodes_died++;
     KVR_LOG_ERROR("rank %d (%s on %s) is silent for %.1f s: declared dead", n->rank, kvr_role_name(n->role),
-                  n->h.host, kvr_clock_now() - n->last_seen);
+                  n->h.host, silent);
+    /* Cancels it would never get: their blocks are gone with it. */
+    for (struct pending_cancel **pp = &r->pcancel; *pp;) {
+        struct pending_cancel *c = *pp;
+        if (c->rank == n->rank) {
+            *pp = c->next;
+            free(c);
+        } else {
+            pp = &c->next;
+        }
+    }
     for (int i = 0; i < r->n_active;) {
         struct creq *q = r->active[i];
         int hit = q->decode_rank == n->rank || (q->state == CR_PREFILL && q->prefill_rank == n->rank);
@@ -588,105 +1066,122 @@ static void node_died(struct coord_router *r, struct cnode *n) {
             i++;
             continue;
         }
-        /* Let the survivor drop its half of this attempt. */
-        if (q->decode_rank != n->rank)
-            kvr_xfer_send_cancel(r->x, q->decode_rank, q->wire_id);
-        else if (q->state == CR_PREFILL && q->prefill_rank != n->rank)
-            kvr_xfer_send_cancel(r->x, q->prefill_rank, q->wire_id);
-        if (q->cancelled || q->attempt + 1 >= (1 << ATTEMPT_BITS) || q->attempt >= r->p.max_retries) {
-            char msg[128];
+        if (q->attempt >= r->p.max_retries) {
+            char msg[MSG_LEN];
             snprintf(msg, sizeof msg, "%s node rank %d died", kvr_role_name(n->role), n->rank);
-            finish_active(r, i, q->cancelled ? KVR_OK : KVR_EUNAVAIL,
-                          q->cancelled ? COORD_FINISH_CANCELLED : COORD_FINISH_ERROR, msg);
+            finish_active(r, q, KVR_EUNAVAIL, COORD_FINISH_ERROR, msg);
             continue;
         }
-        /* Run it again from the prompt; the tokens already streamed are skipped. */
-        release(r, q);
-        remove_at(r->active, &r->n_active, i);
+        /* Run it again from the prompt; the survivor drops its half of this attempt, the
+         * tokens already streamed are skipped. It gets a fresh queue deadline: re-runs
+         * exist for long generations, which arrived long ago. */
+        active_remove(r, q);
+        abandon(r, q);
         q->attempt++;
-        q->wire_id = (q->id << ATTEMPT_BITS) | (uint64_t)q->attempt;
+        new_wire_id(q);
         q->n_skip = q->n_sent;
         q->n_seen = 0;
-        q->state = CR_WAITING;
+        q->t_queued = now(r);
+        q->prefill_rank = q->decode_rank = -1;
+        r->cnt.reruns++;
         KVR_LOG_WARN("req=%llu re-run (attempt %d) after rank %d died; %d tokens already sent",
                      (unsigned long long)q->id, q->attempt, n->rank, q->n_sent);
-        if (push(&r->waiting, &r->n_waiting, &r->cap_waiting, q, 1) != KVR_OK) {
+        if (waiting_push(r, q, 1) != KVR_OK)
             finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
-            continue;
-        }
-        pthread_mutex_lock(&r->mu);
-        r->n_admitted++;
-        pthread_mutex_unlock(&r->mu);
     }
+    n->reserved_blocks = 0;
+    n->inflight_tokens = 0;
+    set_dirty(r);
 }
 
 static void check_liveness(struct coord_router *r) {
-    double t = kvr_clock_now();
+    double t = now(r);
     for (int i = 0; i < r->n_nodes; i++) {
-        struct cnode *n = &r->nodes[i];
-        if (n->alive && t - n->last_seen > r->p.node_timeout_s)
-            node_died(r, n);
+        struct cnode *n = r->nodes[i];
+        if (n->state == NODE_UP && !n->bad_hello && t - n->last_seen > r->p.node_timeout_s)
+            node_died(r, n, t - n->last_seen);
+        else if (n->state == NODE_DEAD && n->reset_pending && t - n->t_reset > r->p.node_timeout_s) {
+            /* No HELLO came back: stop sending to it again. */
+            n->reset_pending = 0;
+            r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+        }
     }
 }
 
+/* ---- snapshots ---------------------------------------------------------------------------- */
+
 static void update_snapshot(struct coord_router *r) {
-    struct coord_cluster_status s;
-    memset(&s, 0, sizeof s);
-    double t = kvr_clock_now();
-    for (int i = 0; i < r->n_nodes && s.n_nodes < COORD_MAX_NODES; i++) {
-        const struct cnode *n = &r->nodes[i];
-        struct coord_node_status *o = &s.nodes[s.n_nodes++];
-        uint64_t block_nbytes = n->h.n_blocks_total ? n->h.kv_bytes_total / (uint64_t)n->h.n_blocks_total : 0;
+    double t = now(r);
+    struct coord_node_status *rows = r->n_nodes ? calloc((size_t)r->n_nodes, sizeof *rows) : NULL;
+    struct coord_node_limits *lims = r->n_nodes ? calloc((size_t)r->n_nodes, sizeof *lims) : NULL;
+    if (r->n_nodes && (!rows || !lims)) {
+        free(rows);
+        free(lims);
+        return; /* keep the previous snapshot */
+    }
+    int n_rows = 0, n_lims = 0;
+    for (int i = 0; i < r->n_nodes; i++) {
+        const struct cnode *n = r->nodes[i];
+        struct coord_node_status *o = &rows[n_rows++];
+        uint64_t block_nbytes = n->h.n_blocks_total > 0 ? n->h.kv_bytes_total / (uint64_t)n->h.n_blocks_total : 0;
         o->rank = n->rank;
-        snprintf(o->role, sizeof o->role, "%s", n->role == KVR_ROLE_DECODE && n->h.colocated ? "colocated"
-                                                                                             : kvr_role_name(n->role));
+        snprintf(o->role, sizeof o->role, "%s",
+                 n->h.role == KVR_ROLE_DECODE && n->h.colocated ? "colocated" : kvr_role_name(n->h.role));
         snprintf(o->host, sizeof o->host, "%s", n->h.host);
-        o->alive = n->alive;
+        o->alive = n->state == NODE_UP && !n->bad_hello;
         o->kv_bytes_total = n->rep.kv_bytes_total ? n->rep.kv_bytes_total : n->h.kv_bytes_total;
         o->kv_bytes_used = n->rep.kv_bytes_used;
         o->kv_bytes_free = n->rep.kv_bytes_total ? n->rep.kv_bytes_free : n->h.kv_bytes_total;
-        o->kv_bytes_reserved = (uint64_t)n->reserved_blocks * block_nbytes;
+        o->kv_bytes_reserved = (uint64_t)(n->reserved_blocks > 0 ? n->reserved_blocks : 0) * block_nbytes;
         o->running = n->rep.running;
         o->queued = n->rep.queued;
-        o->queued_prompt_tokens = n->role == KVR_ROLE_PREFILL ? n->inflight_tokens : n->rep.queued_prompt_tokens;
+        o->queued_prompt_tokens =
+            n->h.role == KVR_ROLE_PREFILL ? n->inflight_tokens : n->rep.queued_prompt_tokens;
         o->report_age_ms = n->last_seen > 0 ? (t - n->last_seen) * 1000.0 : -1.0;
+        if (node_usable(n))
+            lims[n_lims++] = limits_of(n);
     }
-    s.waiting_requests = r->n_waiting;
-    s.running_requests = r->n_active;
-    s.finished_requests = r->n_finished;
-    s.seq_len = r->seq_len;
-    for (int i = 0; i < r->n_nodes; i++)
-        if (r->nodes[i].hello)
-            s.vocab_size = r->nodes[i].h.vocab_size;
     pthread_mutex_lock(&r->mu);
-    r->snap = s;
+    free(r->snap.nodes);
+    r->snap.nodes = rows;
+    r->snap.n_nodes = n_rows;
+    r->snap.waiting_requests = r->n_waiting;
+    r->snap.running_requests = r->n_active;
+    r->snap.finished_requests = r->cnt.finished;
+    r->snap.seq_len = r->seq_len;
+    r->snap.vocab_size = r->vocab;
+    free(r->limits.nodes);
+    r->limits.nodes = lims;
+    r->limits.n_nodes = n_lims;
+    r->limits.seq_len = r->ready ? r->seq_len : 0;
+    r->limits.vocab_size = r->vocab;
+    r->limits.max_tokens = COORD_REQ_MAX_TOKENS;
     pthread_mutex_unlock(&r->mu);
     r->last_snap = t;
 }
 
-/* ---- public loop ------------------------------------------------------------------- */
+/* ---- public loop ----------------------------------------------------------------------------- */
 
 int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t fingerprint, int *seq_len,
                             int *vocab) {
-    double t_end = kvr_clock_now() + timeout_s;
+    double t_end = now(r) + timeout_s;
     for (;;) {
-        drain(r);
-        int n_hello = 0;
-        for (int i = 0; i < r->n_nodes; i++)
-            n_hello += r->nodes[i].hello;
-        if (n_hello == r->n_nodes)
+        int empty;
+        drain(r, &empty);
+        if (r->n_nodes >= r->p.expected_nodes)
             break;
-        if (kvr_clock_now() > t_end) {
-            KVR_LOG_ERROR("only %d of %d nodes said hello within %.0f s", n_hello, r->n_nodes, timeout_s);
+        if (now(r) > t_end) {
+            KVR_LOG_ERROR("only %d of %d nodes said hello within %.0f s", r->n_nodes, r->p.expected_nodes,
+                          timeout_s);
             return KVR_ETIMEDOUT;
         }
         kvr_sleep_ms(1);
     }
     int n_decode = 0, n_prefill = 0, n_coloc = 0;
     for (int i = 0; i < r->n_nodes; i++) {
-        const struct cnode *n = &r->nodes[i];
-        if (n->h.n_blocks_total <= 0) {
-            KVR_LOG_ERROR("rank %d (%s) failed to set up (see its log)", n->rank, kvr_role_name(n->role));
+        const struct cnode *n = r->nodes[i];
+        if (n->bad_hello || n->h.setup_status != KVR_OK) {
+            KVR_LOG_ERROR("rank %d failed to set up or sent a bad HELLO (see its log)", n->rank);
             return KVR_EINVAL;
         }
         if (n->h.fingerprint != fingerprint) {
@@ -694,18 +1189,27 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
                           (unsigned long long)n->h.fingerprint, (unsigned long long)fingerprint);
             return KVR_EFINGERPRINT;
         }
-        n_decode += n->role == KVR_ROLE_DECODE;
-        n_coloc += n->role == KVR_ROLE_DECODE && n->h.colocated;
-        n_prefill += n->role == KVR_ROLE_PREFILL;
-        *seq_len = n->h.seq_len;
-        *vocab = n->h.vocab_size;
+        if (i > 0 && (n->h.seq_len != r->nodes[0]->h.seq_len || n->h.vocab_size != r->nodes[0]->h.vocab_size)) {
+            KVR_LOG_ERROR("rank %d disagrees about the model's context or vocabulary", n->rank);
+            return KVR_EFINGERPRINT;
+        }
+        n_decode += n->h.role == KVR_ROLE_DECODE;
+        n_coloc += n->h.role == KVR_ROLE_DECODE && n->h.colocated;
+        n_prefill += n->h.role == KVR_ROLE_PREFILL;
     }
     if (n_decode == 0 || (n_prefill == 0 && n_coloc == 0)) {
         KVR_LOG_ERROR("the cluster has %d decode nodes (%d colocated) and %d prefill nodes: it needs a decode "
                       "node and a way to prefill", n_decode, n_coloc, n_prefill);
         return KVR_EINVAL;
     }
-    r->seq_len = *seq_len;
+    r->seq_len = *seq_len = r->nodes[0]->h.seq_len;
+    r->vocab = *vocab = r->nodes[0]->h.vocab_size;
+    r->fingerprint = fingerprint;
+    r->ready = 1;
+    double t = now(r);
+    for (int i = 0; i < r->n_nodes; i++)
+        r->nodes[i]->last_seen = t;
+    r->last_turn = t;
     update_snapshot(r);
     pthread_mutex_lock(&r->mu);
     r->serving = 1;
@@ -716,21 +1220,44 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
 
 int coord_router_poll(struct coord_router *r) {
     int did = 0;
+    double t = now(r);
+    if (r->last_turn > 0 && t - r->last_turn > STALL_S) {
+        /* This loop did not run for a while (the process was stopped, swapped out, or
+         * starved): nodes' silence during that time says nothing about them. Judge them
+         * by what they sent, which the drain below reads in full first. */
+        KVR_LOG_WARN("the router did not run for %.1f s: reading what queued up before judging liveness",
+                     t - r->last_turn);
+        r->cnt.stalls++;
+        for (int i = 0; i < r->n_nodes; i++)
+            if (r->nodes[i]->state == NODE_UP && r->nodes[i]->last_seen < t)
+                r->nodes[i]->last_seen = t;
+    }
+    r->last_turn = t;
     take_inbox(r, &did);
-    if (drain(r))
+    int empty = 0;
+    if (drain(r, &empty))
         did = 1;
-    check_liveness(r);
+    if (empty)
+        check_liveness(r);
+    if (r->pcancel && retry_cancels(r))
+        did = 1;
+    if (now(r) - r->last_reap >= REAP_EVERY_S) {
+        if (reap(r))
+            did = 1;
+        r->last_reap = now(r);
+    }
     if (dispatch(r))
         did = 1;
     /* Nodes leave on their own if the coordinator goes silent (it crashed). */
-    if (kvr_clock_now() - r->last_ping >= 1.0) {
+    if (now(r) - r->last_ping >= 1.0) {
         for (int i = 0; i < r->n_nodes; i++)
-            if (r->nodes[i].alive)
-                kvr_xfer_send_ping(r->x, r->nodes[i].rank);
-        r->last_ping = kvr_clock_now();
+            if (r->nodes[i]->state == NODE_UP && !r->nodes[i]->bad_hello)
+                tx_empty(r, r->nodes[i]->rank, KVR_MSG_PING, 0);
+        r->last_ping = now(r);
     }
-    kvr_xfer_progress(r->x);
-    if (did || kvr_clock_now() - r->last_snap > 0.05)
+    if (r->p.tp.progress)
+        r->p.tp.progress(r->p.tp.ctx);
+    if (did || now(r) - r->last_snap > 0.05)
         update_snapshot(r);
     return did;
 }
@@ -743,13 +1270,10 @@ void coord_router_shutdown(struct coord_router *r) {
     take_inbox(r, &did);
     while (r->n_waiting > 0)
         finish_waiting(r, 0, KVR_EUNAVAIL, COORD_FINISH_ERROR, "the cluster is shutting down");
-    while (r->n_active > 0) {
-        struct creq *q = r->active[0];
-        kvr_xfer_send_cancel(r->x, q->decode_rank, q->wire_id);
-        finish_active(r, 0, KVR_EUNAVAIL, COORD_FINISH_ERROR, "the cluster is shutting down");
-    }
+    while (r->n_active > 0)
+        finish_active(r, r->active[0], KVR_EUNAVAIL, COORD_FINISH_ERROR, "the cluster is shutting down");
     for (int i = 0; i < r->n_nodes; i++)
-        if (r->nodes[i].alive)
-            kvr_xfer_send_shutdown(r->x, r->nodes[i].rank);
+        if (r->nodes[i]->state == NODE_UP)
+            tx_empty(r, r->nodes[i]->rank, KVR_MSG_SHUTDOWN, 0);
     update_snapshot(r);
 }

@@ -1,5 +1,8 @@
-/* main.c - kvrelay-decode: one decode node of an MPI job (see decode.h). */
+/* main.c - kvrelay-decode: one decode node of an MPI job (see decode.h). Built twice from
+ * the same sources: the product (build/bin) and, with -DKVR_FAULTS, the test build
+ * (build/tests/bin) whose extra options inject faults; the product has none of them. */
 #include <stddef.h>
+#include <stdint.h>
 
 #include "decode.h"
 #include "model.h"
@@ -17,8 +20,9 @@ struct decode_cfg {
     int max_batch_tokens;
     int colocated;
     int report_ms;
-    int debug_step_delay_ms;
     float coord_timeout;
+    int fault_step_delay_ms;
+    uint64_t fault_step_fail_seed;
 };
 
 static const struct kvr_opt opts[] = {
@@ -32,7 +36,10 @@ static const struct kvr_opt opts[] = {
     {"colocated", KVR_OPT_FLAG, offsetof(struct decode_cfg, colocated), "0", 0, -1, NULL, 0, "also prefill prompts (no prefill nodes)"},
     {"report-ms", KVR_OPT_INT, offsetof(struct decode_cfg, report_ms), "50", 1, 100000, NULL, 0, "status report period"},
     {"coord-timeout", KVR_OPT_FLOAT, offsetof(struct decode_cfg, coord_timeout), "15", 1, 86400, NULL, 0, "seconds without a word from the coordinator (it pings every second) before leaving"},
-    {"debug-step-delay-ms", KVR_OPT_INT, offsetof(struct decode_cfg, debug_step_delay_ms), "0", 0, 10000, NULL, 0, "TEST ONLY: sleep after every decode step"},
+#ifdef KVR_FAULTS
+    {"fault-step-delay-ms", KVR_OPT_INT, offsetof(struct decode_cfg, fault_step_delay_ms), "0", 0, 10000, NULL, 0, "TEST BUILD: sleep after every decode step"},
+    {"fault-step-fail-seed", KVR_OPT_U64, offsetof(struct decode_cfg, fault_step_fail_seed), "0", 0, -1, NULL, 0, "TEST BUILD: a request with this seed feeds a bad token id to its 4th step (0 = off)"},
+#endif
 };
 
 int main(int argc, char **argv) {
@@ -51,10 +58,13 @@ int main(int argc, char **argv) {
                               .block_tokens = cfg.block_tokens, .n_threads = cfg.threads,
                               .max_batch = cfg.max_batch, .max_batch_tokens = cfg.max_batch_tokens,
                               .colocated = cfg.colocated, .report_ms = cfg.report_ms,
-                              .debug_step_delay_ms = cfg.debug_step_delay_ms,
-                              .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop};
+                              .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop,
+                              .faults = {.step_delay_ms = cfg.fault_step_delay_ms,
+                                         .step_fail_seed = cfg.fault_step_fail_seed}};
     rc = decode_run(&p);
     kvr_model_free(model);
-    kvr_xfer_finalize(x, 2.0);
+    if (rc == KVR_EUNAVAIL)
+        kvr_xfer_leave(x, 3); /* the coordinator is gone: MPI_Finalize would wait for it */
+    kvr_xfer_finalize(x, 2.0, rc == KVR_OK ? 0 : 1);
     return rc == KVR_OK ? 0 : 1;
 }

@@ -1,4 +1,6 @@
-/* main.c - kvrelay-prefill: one prefill node of an MPI job (see prefill.h). */
+/* main.c - kvrelay-prefill: one prefill node of an MPI job (see prefill.h). Built twice from
+ * the same sources: the product (build/bin) and, with -DKVR_FAULTS, the test build
+ * (build/tests/bin) whose extra options inject faults; the product has none of them. */
 #include <stddef.h>
 
 #include "model.h"
@@ -19,8 +21,9 @@ struct prefill_cfg {
     int kv_transform;
     int kv_level;
     int report_ms;
-    uint64_t fault_corrupt_seed;
     float coord_timeout;
+    uint64_t fault_corrupt_seed;
+    uint64_t fault_drop_ready_seed;
 };
 
 static const struct kvr_opt opts[] = {
@@ -36,7 +39,10 @@ static const struct kvr_opt opts[] = {
     {"kv-level", KVR_OPT_INT, offsetof(struct prefill_cfg, kv_level), "0", -7, 22, NULL, 0, "zstd level (0 = measured default)"},
     {"report-ms", KVR_OPT_INT, offsetof(struct prefill_cfg, report_ms), "50", 1, 100000, NULL, 0, "status report period"},
     {"coord-timeout", KVR_OPT_FLOAT, offsetof(struct prefill_cfg, coord_timeout), "15", 1, 86400, NULL, 0, "seconds without a word from the coordinator (it pings every second) before leaving"},
-    {"fault-corrupt-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_corrupt_seed), "0", 0, -1, NULL, 0, "TEST ONLY: corrupt a KV message of requests with this seed (0 = off)"},
+#ifdef KVR_FAULTS
+    {"fault-corrupt-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_corrupt_seed), "0", 0, -1, NULL, 0, "TEST BUILD: corrupt a KV message of requests with this seed (0 = off)"},
+    {"fault-drop-ready-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_drop_ready_seed), "0", 0, -1, NULL, 0, "TEST BUILD: never send the SEQ_READY of requests with this seed (0 = off)"},
+#endif
 };
 
 int main(int argc, char **argv) {
@@ -58,10 +64,12 @@ int main(int argc, char **argv) {
         .max_batch_tokens = cfg.max_batch_tokens ? cfg.max_batch_tokens : (seq_len > 1024 ? seq_len : 1024),
         .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,
                  .level = cfg.kv_level},
-        .report_ms = cfg.report_ms, .fault_corrupt = cfg.fault_corrupt_seed != 0,
-        .fault_corrupt_seed = cfg.fault_corrupt_seed, .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop};
+        .report_ms = cfg.report_ms, .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop,
+        .faults = {.corrupt_seed = cfg.fault_corrupt_seed, .drop_ready_seed = cfg.fault_drop_ready_seed}};
     rc = prefill_run(&p);
     kvr_model_free(model);
-    kvr_xfer_finalize(x, 2.0);
+    if (rc == KVR_EUNAVAIL)
+        kvr_xfer_leave(x, 3); /* the coordinator is gone: MPI_Finalize would wait for it */
+    kvr_xfer_finalize(x, 2.0, rc == KVR_OK ? 0 : 1);
     return rc == KVR_OK ? 0 : 1;
 }

@@ -1,8 +1,13 @@
-/* prefill.c - the prefill node's loop: queue prompts, run them in batches, ship KV
- * layer by layer from the engine's layer hook, hand each sequence to its decode node.
- * Owns a small pool for the prompts of the pass in flight. */
+/* prefill.c - the prefill node's role in the node lifecycle (common/node.c): queue
+ * prompts, run them in batches, ship KV layer by layer from the engine's layer hook, hand
+ * each sequence to its decode node (SEQ_READY, or SEQ_ABORT with a reason) and tell the
+ * coordinator (PREFILL_DONE). Every send's outcome is handled: what cannot go at once is
+ * queued by node.c, and a request whose hand-over failed is reported failed. Owns a small
+ * pool for the prompts of the pass in flight. */
 #include "prefill.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -10,7 +15,7 @@
 #include "kv_cache.h"
 #include "log.h"
 #include "model.h"
-#include "role.h"
+#include "node.h"
 #include "sampler.h"
 #include "status.h"
 #include "transformer.h"
@@ -28,14 +33,16 @@ struct pitem {
     int n_kv_msgs;
     int first_held, n_sinks; /* positions still held after the prompt (policy) */
     int failed;              /* a send failed: abort instead of READY */
+    int dst_rank;            /* for the reason line */
 };
 
 struct pnode {
     const struct prefill_params *p;
     struct kvr_xfer *x;
+    struct kvr_node node;
     const struct kvr_model_config *c;
     uint64_t fingerprint;
-    int coord;
+    int rank, coord;
     struct kvr_kv_pool *pool;
     struct kvr_engine *eng;
     struct kvr_wire_codec *codec;
@@ -49,10 +56,7 @@ struct pnode {
     int n_batch;
     float *logits;           /* (max_batch, vocab) */
     void *sample_scratch;
-    int shutdown;
     uint64_t passes, tokens_done;
-    double last_report;
-    double last_coord;       /* last message from the coordinator */
 };
 
 static void preq_free(struct preq *r) {
@@ -62,21 +66,48 @@ static void preq_free(struct preq *r) {
     }
 }
 
-static void report(struct pnode *n) {
-    struct kvr_node_report r = {.running = n->n_batch, .queued = n->n_queue, .steps = n->passes,
-                                .tokens_out = n->tokens_done};
-    kvr_role_report_pool(&r, n->pool);
-    for (int i = 0; i < n->n_queue; i++)
-        r.queued_prompt_tokens += (uint64_t)n->queue[i]->p.n_prompt;
-    kvr_xfer_send_status(n->x, n->coord, &r);
-    n->last_report = kvr_clock_now();
+/* ---- telling the decode node and the coordinator ------------------------------------ */
+
+static void w_abort(struct kvr_wbuf *w, const void *a) {
+    const struct kvr_req_params *p = ((const void *const *)a)[0];
+    kvr_msg_write_seq_abort(w, p->req_id, ((const void *const *)a)[1]);
+}
+static void w_ready(struct kvr_wbuf *w, const void *a) {
+    const struct kvr_req_params *p = ((const void *const *)a)[0];
+    kvr_msg_write_seq_ready(w, p->req_id, ((const void *const *)a)[1]);
+}
+static void w_done(struct kvr_wbuf *w, const void *a) {
+    kvr_msg_write_prefill_done(w, *(const uint64_t *)((const void *const *)a)[0], ((const void *const *)a)[1]);
 }
 
-/* A prompt that will not be prefilled: tell its decode node and the coordinator. */
-static void reject(struct pnode *n, const struct kvr_req_params *p, int status) {
-    kvr_xfer_send_seq_abort(n->x, p->decode_rank, p->req_id, status);
-    struct kvr_prefill_done done = {.status = status, .n_prompt = p->n_prompt};
-    kvr_xfer_send_prefill_done(n->x, n->coord, p->req_id, &done);
+static void send_done(struct pnode *n, uint64_t req_id, struct kvr_prefill_done *d) {
+    const void *args[2] = {&req_id, d};
+    int rc = kvr_node_send(&n->node, n->coord, KVR_TAG_REPORT, w_done, args);
+    if (rc != KVR_OK) /* the coordinator's reaper ends the request within its deadline */
+        KVR_LOG_ERROR("req=%llu cannot report to the coordinator: %s", (unsigned long long)req_id,
+                      kvr_status_str(rc));
+}
+
+/* A prompt that will not be prefilled (or whose KV did not all go): tell its decode node
+ * (which frees its blocks) and the coordinator (which answers the client), with why. */
+static void reject(struct pnode *n, const struct kvr_req_params *p, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void reject(struct pnode *n, const struct kvr_req_params *p, int status, const char *fmt, ...) {
+    char reason[KVR_REASON_MAX + 1];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof reason, fmt, ap);
+    va_end(ap);
+    if (status != KVR_ECANCELED)
+        KVR_LOG_WARN("req=%llu not prefilled: %s", (unsigned long long)p->req_id, reason);
+    struct kvr_seq_abort a = {.begin_no = p->begin_no, .status = status, .reason = reason,
+                              .reason_len = (int)strlen(reason)};
+    const void *args[2] = {p, &a};
+    if (kvr_xfer_role_of(n->x, p->decode_rank) == KVR_ROLE_DECODE)
+        kvr_node_send(&n->node, p->decode_rank, KVR_TAG_SEQ, w_abort, args);
+    struct kvr_prefill_done done = {.status = status, .n_prompt = p->n_prompt, .reason = reason,
+                                    .reason_len = (int)strlen(reason)};
+    send_done(n, p->req_id, &done);
 }
 
 /* ---- messages ------------------------------------------------------------------- */
@@ -85,18 +116,19 @@ static void on_prefill_req(struct pnode *n, const struct kvr_msg *m) {
     struct kvr_req_params p;
     int rc = kvr_msg_parse_req(m, &p, n->prompt_buf, n->c->seq_len, n->c->vocab_size);
     if (rc != KVR_OK) {
-        /* Unparseable: nothing to tell a decode node; the coordinator's deadline ends it. */
-        struct kvr_prefill_done done = {.status = rc};
-        kvr_xfer_send_prefill_done(n->x, n->coord, m->req_id, &done);
+        /* Unparseable: no decode node to tell; the coordinator ends it. */
+        static const char why[] = "the prefill node could not parse the request";
+        struct kvr_prefill_done done = {.status = rc, .reason = why, .reason_len = (int)sizeof why - 1};
+        send_done(n, m->req_id, &done);
         return;
     }
     char err[160];
-    if (kvr_kv_policy_check(&p.policy, n->c->seq_len, err, sizeof err) != KVR_OK ||
-        (p.policy.policy == KVR_KV_RECOMPUTE && p.policy.window > n->p->max_batch_tokens) ||
-        kvr_xfer_role_of(n->x, p.decode_rank) != KVR_ROLE_DECODE) {
-        KVR_LOG_ERROR("req=%llu rejected: policy %s window %d decode rank %d", (unsigned long long)p.req_id,
-                      kvr_kv_policy_name(p.policy.policy), p.policy.window, p.decode_rank);
-        reject(n, &p, KVR_EINVAL);
+    if (kvr_xfer_role_of(n->x, p.decode_rank) != KVR_ROLE_DECODE) {
+        reject(n, &p, KVR_EINVAL, "rank %d is not a decode node", p.decode_rank);
+        return;
+    }
+    if (kvr_kv_policy_check(&p.policy, n->c->seq_len, err, sizeof err) != KVR_OK) {
+        reject(n, &p, KVR_EINVAL, "prefill node refused the policy: %s", err);
         return;
     }
     struct preq *r = calloc(1, sizeof *r);
@@ -112,7 +144,7 @@ static void on_prefill_req(struct pnode *n, const struct kvr_msg *m) {
     }
     if (!r || !r->prompt || n->n_queue == n->cap_queue) {
         preq_free(r);
-        reject(n, &p, KVR_ENOMEM);
+        reject(n, &p, KVR_ENOMEM, "prefill node rank %d out of memory queueing the prompt", n->rank);
         return;
     }
     r->p = p;
@@ -127,43 +159,32 @@ static void on_cancel(struct pnode *n, uint64_t id) {
             struct preq *r = n->queue[i];
             memmove(n->queue + i, n->queue + i + 1, (size_t)(n->n_queue - i - 1) * sizeof *n->queue);
             n->n_queue--;
-            reject(n, &r->p, KVR_ECANCELED);
+            /* The coordinator cancelled it at its decode node too (same ordered channel as
+             * its SEQ_BEGIN there), so only the prompt's place here goes. */
             preq_free(r);
             return;
         }
     }
-    /* Not queued: already shipped (the decode node handles the cancel) or unknown. */
+    /* Not queued: already shipped (its decode node drops it) or unknown. */
 }
 
-static int drain(struct pnode *n) {
-    static const int tags[] = {KVR_TAG_CTRL};
-    int cnt = 0;
-    struct kvr_msg m;
-    while (cnt < 512) {
-        int rc = kvr_xfer_poll(n->x, tags, 1, &m);
-        if (rc == KVR_EAGAIN)
-            break;
-        cnt++;
-        if (rc != KVR_OK)
-            continue;
-        n->last_coord = kvr_clock_now();
-        switch (m.kind) {
-        case KVR_MSG_PREFILL_REQ:
-            on_prefill_req(n, &m);
-            break;
-        case KVR_MSG_CANCEL:
-            on_cancel(n, m.req_id);
-            break;
-        case KVR_MSG_SHUTDOWN:
-            n->shutdown = 1;
-            break;
-        case KVR_MSG_PING:
-            break;
-        default:
-            KVR_LOG_WARN("unexpected %s message from rank %d", kvr_msg_kind_name(m.kind), m.src);
-        }
+static void on_msg(void *ud, const struct kvr_msg *m) {
+    struct pnode *n = ud;
+    if (m->src != n->coord) {
+        KVR_LOG_WARN("%s from rank %d, which is not the coordinator: ignored", kvr_msg_kind_name(m->kind), m->src);
+        return;
     }
-    return cnt;
+    switch (m->kind) {
+    case KVR_MSG_PREFILL_REQ:
+        on_prefill_req(n, m);
+        break;
+    case KVR_MSG_CANCEL:
+        if (kvr_msg_parse_empty(m) == KVR_OK)
+            on_cancel(n, m->req_id);
+        break;
+    default:
+        KVR_LOG_WARN("unexpected %s message from rank %d", kvr_msg_kind_name(m->kind), m->src);
+    }
 }
 
 /* ---- shipping KV from the layer hook ---------------------------------------------- */
@@ -179,19 +200,20 @@ static void ship_range(struct pnode *n, struct pitem *it, int layer, int t0, int
         int rc = kvr_kv_seq_slot(it->kv, layer, b0, &k, &v);
         struct kvr_wire_block blk = {.fingerprint = n->fingerprint, .seq_id = it->r->p.req_id,
                                      .layer_begin = layer, .n_layers = 1, .token_begin = b0,
-                                     .n_tokens = b1 - b0, .n_kv_heads = c->n_kv_heads,
-                                     .head_dim = c->head_dim};
+                                     .n_tokens = b1 - b0, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim};
         size_t len = 0;
         if (rc == KVR_OK)
             rc = kvr_wire_encode(n->codec, &n->p->wire, &blk, k, v, n->wire_buf, n->wire_cap, &len);
-        if (rc == KVR_OK && n->p->fault_corrupt && it->r->p.seed == n->p->fault_corrupt_seed &&
+#ifdef KVR_FAULTS
+        if (rc == KVR_OK && n->p->faults.corrupt_seed && it->r->p.seed == n->p->faults.corrupt_seed &&
             it->n_kv_msgs == 0 && len > KVR_WIRE_HEADER_NBYTES) {
-            /* Flip bits in the middle of the payload (a test hook). */
+            /* Flip bits in the middle of the payload (checks the decode side's verification). */
             n->wire_buf[KVR_WIRE_HEADER_NBYTES + (len - KVR_WIRE_HEADER_NBYTES) / 2] ^= 0x5a;
             KVR_LOG_WARN("req=%llu fault injection: corrupted a KV message", (unsigned long long)it->r->p.req_id);
         }
+#endif
         if (rc == KVR_OK)
-            rc = kvr_xfer_send_kv(n->x, it->r->p.decode_rank, it->r->p.req_id, n->wire_buf, len);
+            rc = kvr_xfer_send_kv(n->x, it->r->p.decode_rank, it->r->p.req_id, it->r->p.begin_no, n->wire_buf, len);
         if (rc != KVR_OK) {
             KVR_LOG_ERROR("req=%llu cannot ship layer %d tokens %d-%d: %s", (unsigned long long)it->r->p.req_id,
                           layer, b0, b1, kvr_status_str(rc));
@@ -214,10 +236,8 @@ static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items
             ship_range(n, it, layer, 0, it->n_sinks);
         ship_range(n, it, layer, it->first_held, it->r->p.n_prompt);
     }
-    kvr_xfer_progress(n->x);
     /* A long pass must not look like a dead node. */
-    if ((kvr_clock_now() - n->last_report) * 1000.0 >= n->p->report_ms)
-        report(n);
+    kvr_node_tick(&n->node);
 }
 
 /* ---- one pass ------------------------------------------------------------------- */
@@ -228,7 +248,49 @@ static void queue_pop_front(struct pnode *n) {
     n->n_queue--;
 }
 
-static void run_pass(struct pnode *n) {
+/* Hands one prefilled prompt over: SEQ_READY to its decode node (or SEQ_ABORT), then
+ * PREFILL_DONE to the coordinator. */
+static void hand_over(struct pnode *n, struct pitem *it, int rc, double t0, double t1, int i) {
+    const struct kvr_model_config *c = n->c;
+    struct kvr_req_params *p = &it->r->p;
+    if (rc != KVR_OK) {
+        reject(n, p, rc, "prefill pass on rank %d failed: %s", n->rank, kvr_status_str(rc));
+        return;
+    }
+    if (it->failed) {
+        reject(n, p, KVR_EUNAVAIL, "prefill rank %d could not send the KV blocks to decode rank %d: %s", n->rank,
+               p->decode_rank, kvr_status_str(it->failed));
+        return;
+    }
+    struct kvr_sampler smp;
+    kvr_sampler_init(&smp, p->temperature, p->top_p, p->seed);
+    int first = kvr_sampler_sample(&smp, n->items[i].logits, c->vocab_size, n->sample_scratch);
+    struct kvr_seq_ready ready = {.begin_no = p->begin_no, .first_token = first, .rng = smp.rng,
+                                  .n_kv_msgs = it->n_kv_msgs, .prefill_ms = (t1 - t0) * 1000.0};
+    const void *args[2] = {p, &ready};
+    int drop = 0;
+#ifdef KVR_FAULTS
+    drop = n->p->faults.drop_ready_seed && p->seed == n->p->faults.drop_ready_seed;
+    if (drop)
+        KVR_LOG_WARN("req=%llu fault injection: SEQ_READY dropped", (unsigned long long)p->req_id);
+#endif
+    int src = drop ? KVR_OK : kvr_node_send(&n->node, p->decode_rank, KVR_TAG_SEQ, w_ready, args);
+    if (src != KVR_OK) {
+        reject(n, p, KVR_EUNAVAIL, "prefill rank %d could not hand the sequence to decode rank %d: %s", n->rank,
+               p->decode_rank, kvr_status_str(src));
+        return;
+    }
+    n->tokens_done += (uint64_t)p->n_prompt;
+    struct kvr_prefill_done done = {.status = KVR_OK, .n_prompt = p->n_prompt,
+                                    .queue_ms = (t0 - it->r->t_arrival) * 1000.0,
+                                    .prefill_ms = (t1 - t0) * 1000.0};
+    send_done(n, p->req_id, &done);
+}
+
+static int run_pass(void *ud) {
+    struct pnode *n = ud;
+    if (n->n_queue == 0)
+        return 0;
     const struct kvr_model_config *c = n->c;
     int bt = n->p->block_tokens;
     struct kvr_kv_pool_stats st;
@@ -244,10 +306,9 @@ static void run_pass(struct pnode *n) {
         if (n->n_batch > 0 && (tokens + len > n->p->max_batch_tokens || need > blocks_left))
             break;
         if (len > n->p->max_batch_tokens || need > st.n_blocks) {
-            KVR_LOG_ERROR("req=%llu prompt of %d tokens can never fit this node (%d tokens, %d blocks per pass)",
-                          (unsigned long long)r->p.req_id, r->p.n_prompt, n->p->max_batch_tokens, st.n_blocks);
             queue_pop_front(n);
-            reject(n, &r->p, KVR_ENOSPC);
+            reject(n, &r->p, KVR_ENOSPC, "prompt of %d tokens can never fit prefill rank %d (%d tokens, %d blocks "
+                   "per pass)", r->p.n_prompt, n->rank, n->p->max_batch_tokens, st.n_blocks);
             preq_free(r);
             continue;
         }
@@ -258,7 +319,7 @@ static void run_pass(struct pnode *n) {
         int rc = kvr_kv_seq_create(n->pool, &sp, &it->kv);
         queue_pop_front(n);
         if (rc != KVR_OK) {
-            reject(n, &r->p, rc);
+            reject(n, &r->p, rc, "prefill rank %d cannot create the sequence: %s", n->rank, kvr_status_str(rc));
             preq_free(r);
             continue;
         }
@@ -271,51 +332,45 @@ static void run_pass(struct pnode *n) {
         blocks_left -= need;
     }
     if (n->n_batch == 0)
-        return;
-    /* Tell every decode node what is coming before the first block. */
-    for (int i = 0; i < n->n_batch; i++) {
-        struct pitem *it = &n->batch[i];
-        int rc = kvr_xfer_send_seq_begin(n->x, it->r->p.decode_rank, &it->r->p, it->r->prompt);
-        if (rc != KVR_OK)
-            it->failed = rc;
-    }
+        return 1;
     double t0 = kvr_clock_now();
     int rc = kvr_engine_forward(n->eng, n->items, n->n_batch);
     double t1 = kvr_clock_now();
     n->passes++;
     for (int i = 0; i < n->n_batch; i++) {
         struct pitem *it = &n->batch[i];
-        struct kvr_req_params *p = &it->r->p;
-        int status = rc != KVR_OK ? rc : it->failed;
-        struct kvr_prefill_done done = {.status = status, .n_prompt = p->n_prompt,
-                                        .queue_ms = (t0 - it->r->t_arrival) * 1000.0,
-                                        .prefill_ms = (t1 - t0) * 1000.0};
-        if (status == KVR_OK) {
-            struct kvr_sampler smp;
-            kvr_sampler_init(&smp, p->temperature, p->top_p, p->seed);
-            int first = kvr_sampler_sample(&smp, n->items[i].logits, c->vocab_size, n->sample_scratch);
-            struct kvr_seq_ready ready = {.first_token = first, .rng = smp.rng,
-                                          .n_kv_msgs = it->n_kv_msgs, .prefill_ms = done.prefill_ms};
-            kvr_xfer_send_seq_ready(n->x, p->decode_rank, p->req_id, &ready);
-            n->tokens_done += (uint64_t)p->n_prompt;
-        } else {
-            KVR_LOG_ERROR("req=%llu prefill failed: %s", (unsigned long long)p->req_id, kvr_status_str(status));
-            kvr_xfer_send_seq_abort(n->x, p->decode_rank, p->req_id, status);
-        }
-        kvr_xfer_send_prefill_done(n->x, n->coord, p->req_id, &done);
+        hand_over(n, it, rc, t0, t1, i);
         kvr_kv_seq_free(it->kv);
         preq_free(it->r);
     }
     n->n_batch = 0;
+    return 1;
 }
 
-/* ---- setup and loop --------------------------------------------------------------- */
+/* ---- lifecycle callbacks ---------------------------------------------------------- */
+
+static void queues(void *ud, struct kvr_node_report *r) {
+    struct pnode *n = ud;
+    r->running = n->n_batch;
+    r->queued = n->n_queue;
+    r->steps = n->passes;
+    r->tokens_out = n->tokens_done;
+    for (int i = 0; i < n->n_queue; i++)
+        r->queued_prompt_tokens += (uint64_t)n->queue[i]->p.n_prompt;
+}
+
+static void reset(void *ud) {
+    struct pnode *n = ud;
+    while (n->n_queue > 0)
+        preq_free(n->queue[--n->n_queue]);
+}
 
 static int setup(struct pnode *n) {
     const struct prefill_params *p = n->p;
     n->c = kvr_model_config(p->model);
     n->fingerprint = kvr_model_fingerprint(p->model);
     n->coord = kvr_xfer_coord_rank(n->x);
+    n->rank = kvr_xfer_rank(n->x);
     const struct kvr_model_config *c = n->c;
     if (p->max_batch_tokens < c->seq_len) {
         KVR_LOG_ERROR("--max-batch-tokens %d is below the model context %d: long prompts could never run",
@@ -355,8 +410,7 @@ static int setup(struct pnode *n) {
 }
 
 static void teardown(struct pnode *n) {
-    for (int i = 0; i < n->n_queue; i++)
-        preq_free(n->queue[i]);
+    reset(n);
     free(n->queue);
     kvr_engine_free(n->eng);
     kvr_kv_pool_free(n->pool);
@@ -369,36 +423,39 @@ static void teardown(struct pnode *n) {
     free(n->sample_scratch);
 }
 
+static const struct kvr_node_ops prefill_ops = {
+    .on_msg = on_msg, .work = run_pass, .flush = NULL, .queues = queues, .reset = reset};
+
 int prefill_run(const struct prefill_params *p) {
+    static const int tags[] = {KVR_TAG_CTRL};
     struct pnode n = {.p = p, .x = p->xfer};
     int rc = setup(&n);
     if (rc != KVR_OK)
         KVR_LOG_ERROR("prefill node setup failed: %s", kvr_status_str(rc));
-    struct kvr_hello h;
-    kvr_role_hello(&h, KVR_ROLE_PREFILL, 0, p->model, rc == KVR_OK ? n.pool : NULL, p->n_threads);
-    kvr_xfer_send_hello(n.x, n.coord, &h);
-    struct kvr_idle idle = {0};
-    n.last_coord = kvr_clock_now();
-    while (rc == KVR_OK && !n.shutdown && !*p->stop) {
-        if (kvr_clock_now() - n.last_coord > p->coord_timeout_s) {
-            KVR_LOG_ERROR("the coordinator has been silent for %.0f s: leaving", kvr_clock_now() - n.last_coord);
-            break;
-        }
-        int busy = drain(&n) > 0;
-        if (n.n_queue > 0) {
-            run_pass(&n);
-            busy = 1;
-        }
-        if ((kvr_clock_now() - n.last_report) * 1000.0 >= p->report_ms)
-            report(&n);
-        kvr_xfer_progress(n.x);
-        kvr_idle_turn(&idle, busy);
+    struct kvr_node_params np = {.xfer = p->xfer, .tags = tags, .n_tags = 1, .report_ms = p->report_ms,
+                                 .coord_timeout_s = p->coord_timeout_s, .stop = p->stop,
+                                 .pool = rc == KVR_OK ? n.pool : NULL, .ops = &prefill_ops, .ud = &n};
+    kvr_node_hello_init(&np.hello, KVR_ROLE_PREFILL, p->model, np.pool, rc);
+    np.hello.n_threads = p->n_threads;
+    np.hello.max_batch = p->max_batch;
+    np.hello.max_batch_tokens = p->max_batch_tokens;
+    np.hello.n_ctx_max = n.c ? n.c->seq_len + p->max_batch_tokens : 0;
+    kvr_node_init(&n.node, &np);
+    if (rc != KVR_OK) {
+        kvr_xfer_send_hello(n.x, n.node.coord, &np.hello); /* "cannot serve" */
+        kvr_node_deinit(&n.node, 0);
+        teardown(&n);
+        return rc;
     }
-    while (n.n_queue > 0) {
-        struct preq *r = n.queue[--n.n_queue];
-        reject(&n, &r->p, KVR_EUNAVAIL);
-        preq_free(r);
+    rc = kvr_node_run(&n.node);
+    if (rc == KVR_OK) {
+        while (n.n_queue > 0) {
+            struct preq *r = n.queue[--n.n_queue];
+            reject(&n, &r->p, KVR_EUNAVAIL, "prefill node rank %d is stopping", n.rank);
+            preq_free(r);
+        }
     }
+    kvr_node_deinit(&n.node, rc == KVR_OK ? 1.0 : 0);
     teardown(&n);
     return rc;
 }

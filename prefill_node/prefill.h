@@ -13,6 +13,13 @@
 struct kvr_model;
 struct kvr_xfer;
 
+/* Test-only fault injection: honoured only by the test build of kvrelay-prefill
+ * (-DKVR_FAULTS, build/tests/bin); the product has no options to set these. 0 = off. */
+struct prefill_faults {
+    uint64_t corrupt_seed;    /* corrupt the first KV message of requests with this seed */
+    uint64_t drop_ready_seed; /* never send the SEQ_READY of requests with this seed */
+};
+
 struct prefill_params {
     struct kvr_model *model;       /* borrowed */
     struct kvr_xfer *xfer;         /* borrowed */
@@ -23,13 +30,14 @@ struct prefill_params {
     int max_batch_tokens;          /* prompt tokens per pass (>= the model context) */
     struct kvr_wire_opts wire;     /* value type, transform, zstd level of shipped blocks */
     int report_ms;
-    int fault_corrupt;             /* test hook: corrupt the first KV message of requests whose */
-    uint64_t fault_corrupt_seed;   /* seed equals this (checks the decode side's verification) */
     double coord_timeout_s;        /* leave when the coordinator is silent this long */
     volatile sig_atomic_t *stop;
+    struct prefill_faults faults;
 };
 
-/* Runs the node until SHUTDOWN or *stop. Returns KVR_OK or the setup error. */
+/* Runs the node until SHUTDOWN or *stop (KVR_OK), or until the coordinator went silent
+ * (KVR_EUNAVAIL: main leaves without MPI_Finalize). A setup error is returned after the
+ * HELLO that tells the coordinator this node cannot serve. */
 int prefill_run(const struct prefill_params *p);
 
 #endif /* KVR_PREFILL_H */

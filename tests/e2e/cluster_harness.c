@@ -194,7 +194,8 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
     snprintf(c->addr, sizeof c->addr, "127.0.0.1:%d", c->port);
     snprintf(c->mark, sizeof c->mark, "%d.%d", (int)getpid(), c->port);
     char bin[1024], model[1024], tok[1024], port[16];
-    snprintf(bin, sizeof bin, "%s/kvrelay", KVR_BIN_DIR);
+    /* The copy beside the test builds of the roles: it starts those (fault injection). */
+    snprintf(bin, sizeof bin, "%s/kvrelay", KVR_TEST_BIN_DIR);
     snprintf(model, sizeof model, "%s/models/stories260K.bin", KVR_SHARED_DIR);
     snprintf(tok, sizeof tok, "%s/models/tok512.bin", KVR_SHARED_DIR);
     snprintf(port, sizeof port, "%d", c->port);

@@ -211,19 +211,24 @@ static int status_tls(const char *ca, const char *token) {
     return 1;
 }
 
+/* The last snapshot: *s shares its nodes until the next call. */
+static struct coord_cluster_status last_status;
+
 static int status(struct coord_cluster_status *s) {
     struct kvr_client *c = NULL;
     REQUIRE(kvr_client_create_opts(cl.addr, &status_opts, &c, NULL, 0) == 0);
     struct kvr_rpc_status st;
-    int code = kvr_client_cluster_status(c, 5.0, s, &st);
+    coord_cluster_status_deinit(&last_status);
+    int code = kvr_client_cluster_status(c, 5.0, &last_status, &st);
     kvr_client_free(c);
+    *s = last_status;
     return code;
 }
 
 /* Waits until every decode node reports an empty pool; returns 1 if it did in time. */
 static int wait_pool_empty(double timeout_s) {
     double t_end = now_s() + timeout_s;
-    struct coord_cluster_status s;
+    struct coord_cluster_status s = {0};
     while (now_s() < t_end) {
         if (status(&s) == GRPC_OK) {
             int busy = s.running_requests + s.waiting_requests;
@@ -261,7 +266,7 @@ static void scenario_golden(void) {
     int n_procs = cluster_pids(&cl, NULL, pids, 16);
     CHECK_EQ(n_procs, 5);
 
-    struct coord_cluster_status s;
+    struct coord_cluster_status s = {0};
     CHECK_EQ(status(&s), GRPC_OK);
     CHECK_EQ(s.n_nodes, 4);
     CHECK_EQ(s.seq_len, 512);
@@ -316,7 +321,7 @@ static void scenario_memory(void) {
      * = 19 blocks: one request at a time per decode node. */
     const char *args[] = {"--prefill", "1", "--decode", "2", "--kv-memory", "400000", "--queue-timeout", "120", NULL};
     REQUIRE(cluster_start(&cl, 120, args) == 0);
-    struct coord_cluster_status s;
+    struct coord_cluster_status s = {0};
     CHECK_EQ(status(&s), GRPC_OK);
     for (int i = 0; i < s.n_nodes; i++)
         if (!strcmp(s.nodes[i].role, "decode"))
@@ -380,7 +385,7 @@ static void scenario_timeout(void) {
     /* One decode node with 26 blocks; a window request (L = 256: 17 blocks) generating
      * "forever" holds it; a second one cannot be placed and times out. */
     const char *args[] = {"--prefill", "1", "--decode", "1", "--kv-memory", "532480", "--queue-timeout", "1",
-                          "--decode-args", "--debug-step-delay-ms 2", NULL};
+                          "--decode-args", "--fault-step-delay-ms 2", NULL};
     REQUIRE(cluster_start(&cl, 120, args) == 0);
     struct hold h = {.p = golden_params(0)};
     h.p.kv_policy = KVR_KV_WINDOW;
@@ -432,7 +437,7 @@ static void kill_its_decode_node(struct gen_result *r) {
     if (r->hook_done || r->n_tokens < 40)
         return;
     r->hook_done = 1;
-    struct coord_cluster_status s;
+    struct coord_cluster_status s = {0};
     if (status(&s) != GRPC_OK)
         return;
     int victim = -1;
@@ -453,7 +458,7 @@ static void kill_its_decode_node(struct gen_result *r) {
 
 static void scenario_faults(void) {
     const char *args[] = {"--prefill", "1", "--decode", "2", "--node-timeout", "2", "--prefill-args",
-                          "--fault-corrupt-seed 4242", "--decode-args", "--debug-step-delay-ms 5", NULL};
+                          "--fault-corrupt-seed 4242", "--decode-args", "--fault-step-delay-ms 5", NULL};
     REQUIRE(cluster_start(&cl, 120, args) == 0);
 
     /* A corrupted KV block fails its request only. */
@@ -475,7 +480,7 @@ static void scenario_faults(void) {
     CHECK(killed_rank >= 0);
     check_golden(0, &k, "faults/node-death");
     free(k.text);
-    struct coord_cluster_status s;
+    struct coord_cluster_status s = {0};
     CHECK_EQ(status(&s), GRPC_OK);
     for (int i = 0; i < s.n_nodes; i++)
         if (s.nodes[i].rank == killed_rank)
@@ -826,5 +831,6 @@ int main(int argc, char **argv) {
         cluster_stop(&cl, 30);
     for (int i = 0; i < n_golden; i++)
         golden_run_free(&golden[i]);
+    coord_cluster_status_deinit(&last_status);
     CHECK_DONE();
 }

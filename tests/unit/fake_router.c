@@ -64,8 +64,45 @@ void fake_router_configure(const struct fake_router_cfg *cfg) {
 
 void fake_router_set_status(const struct coord_cluster_status *st) {
     pthread_mutex_lock(&F.mu);
+    free(F.status.nodes);
     F.status = *st;
+    F.status.nodes = NULL;
+    if (st->n_nodes > 0) {
+        F.status.nodes = malloc((size_t)st->n_nodes * sizeof *F.status.nodes);
+        if (F.status.nodes)
+            memcpy(F.status.nodes, st->nodes, (size_t)st->n_nodes * sizeof *st->nodes);
+        else
+            F.status.n_nodes = 0;
+    }
     pthread_mutex_unlock(&F.mu);
+}
+
+/* One prefill and one decode node with room for anything the bundled model's context
+ * allows, unless a test sets others. */
+static struct coord_node_limits default_nodes[2] = {
+    {.rank = 1, .role = 1 /* prefill */, .block_tokens = 16, .n_blocks = 4096, .max_batch_tokens = 1024,
+     .n_ctx_max = 1536},
+    {.rank = 2, .role = 2 /* decode */, .block_tokens = 16, .n_blocks = 4096, .max_batch_tokens = 512,
+     .n_ctx_max = 1024},
+};
+static struct coord_limits F_limits = {.seq_len = 512, .vocab_size = 512, .max_tokens = 1 << 24, .n_nodes = 2,
+                                       .nodes = default_nodes};
+
+void fake_router_set_limits(const struct coord_limits *lim) {
+    pthread_mutex_lock(&F.mu);
+    F_limits = *lim;
+    pthread_mutex_unlock(&F.mu);
+}
+
+int coord_router_limits(struct coord_router *r, struct coord_limits *out) {
+    (void)r;
+    pthread_mutex_lock(&F.mu);
+    *out = F_limits;
+    out->nodes = NULL;
+    if (F_limits.n_nodes > 0 && (out->nodes = malloc((size_t)F_limits.n_nodes * sizeof *out->nodes)))
+        memcpy(out->nodes, F_limits.nodes, (size_t)F_limits.n_nodes * sizeof *out->nodes);
+    pthread_mutex_unlock(&F.mu);
+    return F_limits.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
 }
 
 void fake_router_stats(struct fake_router_stats *out) {
@@ -212,11 +249,15 @@ void coord_router_cancel(struct coord_router *r, uint64_t id) {
     pthread_mutex_unlock(&F.mu);
 }
 
-void coord_router_status(struct coord_router *r, struct coord_cluster_status *out) {
+int coord_router_status(struct coord_router *r, struct coord_cluster_status *out) {
     (void)r;
     pthread_mutex_lock(&F.mu);
     *out = F.status;
+    out->nodes = NULL;
+    if (F.status.n_nodes > 0 && (out->nodes = malloc((size_t)F.status.n_nodes * sizeof *out->nodes)))
+        memcpy(out->nodes, F.status.nodes, (size_t)F.status.n_nodes * sizeof *out->nodes);
     pthread_mutex_unlock(&F.mu);
+    return F.status.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
 }
 
 int fake_router_wait_idle(double timeout_s) {

@@ -26,8 +26,12 @@ struct fake_router_cfg {
 /* Replaces the configuration used by later submits (copied; tokens stays borrowed). */
 void fake_router_configure(const struct fake_router_cfg *cfg);
 
-/* The snapshot coord_router_status returns (copied). */
+/* The snapshot coord_router_status returns (copied, nodes included). */
 void fake_router_set_status(const struct coord_cluster_status *st);
+
+/* The limits coord_router_limits returns (lim->nodes borrowed until the next call);
+ * default: context 512, vocab 512, one prefill and one large decode node. */
+void fake_router_set_limits(const struct coord_limits *lim);
 
 /* The router handle to give coord_grpc_start (the fake is a process-wide singleton). */
 struct coord_router *fake_router_get(void);

@@ -173,7 +173,10 @@ static void test_status_map(void) {
 
 static void set_nodes(int decode_alive) {
     static struct coord_cluster_status st;
+    static struct coord_node_status rows[3];
     memset(&st, 0, sizeof st);
+    memset(rows, 0, sizeof rows);
+    st.nodes = rows;
     st.n_nodes = 3;
     st.nodes[0] = (struct coord_node_status){.rank = 1,
                                              .role = "prefill",
@@ -244,6 +247,8 @@ static void test_health_and_status(void) {
     CHECK_EQ(got.finished_requests, 123456789012ull);
     CHECK_EQ(got.seq_len, SEQ_LEN);
     CHECK_EQ(got.vocab_size, VOCAB);
+    coord_cluster_status_deinit(&want);
+    coord_cluster_status_deinit(&got);
 }
 
 /* The fake streams the llama2.c continuation of each golden prompt: the server must

@@ -192,37 +192,26 @@ static void test_values(void) {
     CHECK(strlen(small) < sizeof small);
 }
 
-static void test_env(void) {
+/* Options are never read from the environment (issue 15): a variable named like an
+ * option, even a bad value, changes nothing, and a required option stays required. */
+static void test_env_ignored(void) {
     struct cfg c;
     setenv("KVR_TEST_WINDOW", "77", 1);
     setenv("KVR_TEST_POLICY", "recompute", 1);
     setenv("KVR_TEST_VERBOSE", "1", 1);
-    setenv("KVR_TEST_BUDGET", "64MiB", 1);
-    setenv("KVR_TEST_MUST", "from-env", 1); /* also satisfies a required option */
-    CHECK_EQ(parse(&c, ""), KVR_OK);
-    CHECK_EQ(c.window, 77);
-    CHECK_EQ(c.policy, 2);
-    CHECK_EQ(c.verbose, 1);
-    CHECK(c.budget == 64ull << 20);
-    CHECK_STREQ(c.must, "from-env");
-    /* argv beats the environment. */
-    CHECK_EQ(parse(&c, "--test-window 5 --test-policy dense --test-verbose=0 --test-must argv"),
-             KVR_OK);
-    CHECK_EQ(c.window, 5);
+    setenv("KVR_TEST_BUDGET", "not-a-size", 1);
+    setenv("KVR_TEST_MUST", "from-env", 1);
+    expect_error("", "'--test-must' is required");
+    CHECK_EQ(parse(&c, "--test-must argv"), KVR_OK);
+    CHECK_EQ(c.window, 256);
     CHECK_EQ(c.policy, 0);
     CHECK_EQ(c.verbose, 0);
     CHECK_STREQ(c.must, "argv");
-    /* A bad environment value is an error that names the variable. */
-    setenv("KVR_TEST_WINDOW", "abc", 1);
-    expect_error("", "(from KVR_TEST_WINDOW)");
-    setenv("KVR_TEST_WINDOW", "0", 1);
-    expect_error("--test-window 3", "KVR_TEST_WINDOW");
     unsetenv("KVR_TEST_WINDOW");
     unsetenv("KVR_TEST_POLICY");
     unsetenv("KVR_TEST_VERBOSE");
     unsetenv("KVR_TEST_BUDGET");
     unsetenv("KVR_TEST_MUST");
-    expect_error("", "'--test-must' is required");
 }
 
 static void test_usage(void) {
@@ -250,7 +239,7 @@ static void test_usage(void) {
 int main(void) {
     test_sizes();
     test_values();
-    test_env();
+    test_env_ignored();
     test_usage();
     CHECK_DONE();
 }
