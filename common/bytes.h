@@ -23,6 +23,8 @@ struct kvr_rbuf {
 };
 
 static inline void kvr_w_bytes(struct kvr_wbuf *w, const void *src, size_t n) {
+    if (n == 0)
+        return;
     if (!w->p) { /* measuring: count only */
         w->len += n;
         return;

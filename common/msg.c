@@ -222,12 +222,16 @@ static int bad(const struct kvr_msg *m, const char *what) {
     return KVR_EFORMAT;
 }
 
-/* Every body byte read, none missing. */
+/* Every body byte read, none missing; no request id on a kind that has none. */
 static int parse_end(const struct kvr_msg *m, struct kvr_rbuf *r) {
     if (r->err)
         return bad(m, "body too short");
     if (r->off != r->len)
         return bad(m, "extra bytes after the body");
+    int has_id = m->kind != KVR_MSG_HELLO && m->kind != KVR_MSG_STATUS && m->kind != KVR_MSG_TOKENS &&
+                 m->kind != KVR_MSG_RESET && m->kind != KVR_MSG_PING && m->kind != KVR_MSG_SHUTDOWN;
+    if (!has_id && m->req_id != 0)
+        return bad(m, "a request id on a message that has none");
     return KVR_OK;
 }
 
@@ -479,5 +483,6 @@ int kvr_msg_parse_seq_abort(const struct kvr_msg *m, struct kvr_seq_abort *a) {
 }
 
 int kvr_msg_parse_empty(const struct kvr_msg *m) {
-    return m->body_len == 0 ? KVR_OK : bad(m, "a body where none belongs");
+    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
+    return parse_end(m, &r);
 }

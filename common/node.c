@@ -219,8 +219,18 @@ int kvr_node_run(struct kvr_node *n) {
     struct kvr_idle idle = {0};
     n->last_coord = kvr_clock_now();
     send_hello(n);
+    double last_turn = kvr_clock_now();
     while (!n->shutdown && !*n->p.stop) {
-        double silent = kvr_clock_now() - n->last_coord;
+        double t = kvr_clock_now();
+        if (t - last_turn > 1.0 && n->last_coord < t) {
+            /* This process did not run for a while (stopped, swapped out, a long pass):
+             * the coordinator's silence over that time says nothing. What it sent waits
+             * in the queue; judge it from now on. */
+            KVR_LOG_WARN("this node did not run for %.1f s: judging the coordinator from now", t - last_turn);
+            n->last_coord = t;
+        }
+        last_turn = t;
+        double silent = t - n->last_coord;
         if (silent > n->p.coord_timeout_s) {
             KVR_LOG_ERROR("the coordinator has been silent for %.1f s: leaving", silent);
             return KVR_EUNAVAIL;
