@@ -198,7 +198,7 @@ int coord_request_build(const struct coord_req_ctx *cx, const struct coord_gen_i
         if (max_tokens < 1)
             FAIL(KVR_EINVAL, "prompt of %d tokens fills the model context of %d: nothing left to generate with "
                  "max_tokens 0", n, C);
-    } else if (pp.policy == KVR_KV_DENSE && n + max_tokens > C) {
+    } else if (pp.policy == KVR_KV_DENSE && max_tokens > C - n) { /* no n + max_tokens: it overflows */
         FAIL(KVR_EINVAL, "prompt (%d tokens) + max_tokens (%lld) exceed the model context of %d under kv_policy "
              "dense", n, (long long)max_tokens, C);
     } else if (max_tokens > max_cap) {

@@ -10,3 +10,10 @@ kvr_unit_test(test_grpc_server
   TIMEOUT 90 LABELS grpc)
 # It runs build/bin/kvrelay submit/status.
 add_dependencies(test_grpc_server kvrelay)
+
+# The gRPC-free request module (issue 15): a table of requests at their extremes against
+# cluster limits, and the block arithmetic placement shares.
+kvr_unit_test(test_request
+  SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_request.c
+  LIBS kvr_coord_request
+  TIMEOUT 60 LABELS unit protocol)
