@@ -17,3 +17,9 @@ kvr_unit_test(test_request
   SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_request.c
   LIBS kvr_coord_request
   TIMEOUT 60 LABELS unit protocol)
+
+# The router against a fake transport and clock (issue 15): no MPI, any number of nodes.
+kvr_unit_test(test_router
+  SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_router.c
+  LIBS kvr_coord_router
+  TIMEOUT 60 LABELS unit protocol)
