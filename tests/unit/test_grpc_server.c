@@ -4,6 +4,7 @@
  * INVALID_ARGUMENT case, status mapping, cancellation, deadlines, unknown methods,
  * Health/ClusterStatus, 16 concurrent streams, `kvrelay submit`/`status` end to end, and
  * shutdown with calls in flight. */
+#include <float.h>
 #include <math.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -156,6 +157,8 @@ static void test_status_map(void) {
     CHECK_EQ(coord_grpc_code_from_status(KVR_EUNAVAIL), C_UNAVAILABLE);
     CHECK_EQ(coord_grpc_code_from_status(KVR_ECHECKSUM), C_DATA_LOSS);
     CHECK_EQ(coord_grpc_code_from_status(KVR_EINTERNAL), C_INTERNAL);
+    CHECK_EQ(coord_grpc_code_from_status(KVR_EDEADLINE), C_DEADLINE_EXCEEDED);
+    CHECK_EQ(coord_grpc_code_from_status(KVR_EABORTED), 10 /* ABORTED */);
     CHECK_EQ(coord_grpc_code_from_status(-12345), C_INTERNAL);
     /* Every status maps to a real code, and only OK maps to OK. */
 #define X(name, value, msg)                                                                        \
@@ -533,6 +536,232 @@ static void test_invalid_arguments(void) {
     struct fake_router_stats fs;
     fake_router_stats(&fs);
     CHECK_EQ(fs.n_submits, 0);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * A raw-protobuf client: every field at its extremes, unknown fields, NUL bytes
+ * ------------------------------------------------------------------------------------- */
+
+struct pb {
+    uint8_t b[4 << 20];
+    size_t n;
+};
+
+static void pb_varint(struct pb *p, uint64_t v) {
+    do {
+        p->b[p->n++] = (uint8_t)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+        v >>= 7;
+    } while (v);
+}
+static void pb_key(struct pb *p, int field, int type) { pb_varint(p, ((uint64_t)field << 3) | (uint64_t)type); }
+static void pb_int(struct pb *p, int field, int64_t v) { /* int32/int64/enum/bool: varint, sign-extended */
+    pb_key(p, field, 0);
+    pb_varint(p, (uint64_t)v);
+}
+static void pb_bytes(struct pb *p, int field, const void *d, size_t len) {
+    pb_key(p, field, 2);
+    pb_varint(p, len);
+    memcpy(p->b + p->n, d, len);
+    p->n += len;
+}
+static void pb_float(struct pb *p, int field, float f) {
+    pb_key(p, field, 5);
+    memcpy(p->b + p->n, &f, 4);
+    p->n += 4;
+}
+
+struct raw_case {
+    const char *what;
+    int code;
+    const char *msg; /* substring of the status message (NULL for OK) */
+};
+
+/* Sends the request in p to Generate and checks the status and message. */
+static void raw_expect(const struct pb *p, const struct raw_case *c) {
+    struct kvr_rpc_status st;
+    uint8_t *resp = NULL;
+    size_t len = 0;
+    int code = kvr_client_unary(cli, "/kvrelay.v1.Inference/Generate", p->b, p->n, T_OUT, &resp, &len, &st);
+    int ok = code == c->code && st.reached && !strchr(st.message, '\n') && (!c->msg || strstr(st.message, c->msg));
+    if (!ok)
+        fprintf(stderr, "  raw \"%s\": got %s \"%s\", want %s \"%s\"\n", c->what, kvr_grpc_code_name(code),
+                st.message, kvr_grpc_code_name(c->code), c->msg ? c->msg : "");
+    CHECK(ok);
+    free(resp);
+}
+
+static void test_raw_extremes(void) {
+    fake_router_reset();
+    configure(0, KVR_OK, COORD_FINISH_LENGTH, NULL); /* only the final message: one reply */
+    static struct pb p;
+    static const int32_t i32s[] = {INT32_MAX, INT32_MIN, -1, 0};
+    /* max_tokens at its extremes, under dense and under window. */
+    for (size_t i = 0; i < 4; i++) {
+        for (int pol = 0; pol <= 1; pol++) {
+            p.n = 0;
+            pb_bytes(&p, 1, "Once upon a time", 16);
+            pb_int(&p, 3, i32s[i]);
+            pb_int(&p, 8, pol);
+            struct raw_case c = {"max_tokens", C_INVALID_ARGUMENT, NULL};
+            if (i32s[i] == 0)
+                c.code = C_OK;
+            else if (i32s[i] < 0)
+                c.msg = "max_tokens must be >= 0";
+            else
+                c.msg = pol ? "over the limit of 16777216" : "exceed the model context of 512";
+            raw_expect(&p, &c);
+        }
+    }
+    /* kv_window and kv_sinks (explicit, so present) at their extremes. */
+    for (size_t i = 0; i < 4; i++) {
+        p.n = 0;
+        pb_bytes(&p, 1, "Hi", 2);
+        pb_int(&p, 8, KVR_KV_WINDOW);
+        pb_int(&p, 9, i32s[i]);
+        struct raw_case c = {"kv_window", C_INVALID_ARGUMENT,
+                             i32s[i] > 0 ? "window 2147483647 exceeds the model context 512" : "window of at least 1"};
+        raw_expect(&p, &c);
+        p.n = 0;
+        pb_bytes(&p, 1, "Hi", 2);
+        pb_int(&p, 8, KVR_KV_SINK);
+        pb_int(&p, 9, 64);
+        pb_int(&p, 10, i32s[i]);
+        struct raw_case c2 = {"kv_sinks", i32s[i] == 0 ? C_OK : C_INVALID_ARGUMENT,
+                              i32s[i] == 0 ? NULL : "0 <= sinks < window"};
+        raw_expect(&p, &c2);
+    }
+    /* kv_policy: any int32 on the wire (proto3 enums are open). */
+    for (size_t i = 0; i < 3; i++) {
+        p.n = 0;
+        pb_bytes(&p, 1, "Hi", 2);
+        pb_int(&p, 8, i32s[i]);
+        struct raw_case c = {"kv_policy", C_INVALID_ARGUMENT, "unknown kv_policy"};
+        raw_expect(&p, &c);
+    }
+    /* Floats: NaN, infinities, the largest and the tiniest. */
+    static const float fl[] = {NAN, INFINITY, -INFINITY, FLT_MAX, -FLT_MAX, FLT_MIN, -0.0f};
+    for (size_t i = 0; i < sizeof fl / sizeof fl[0]; i++) {
+        p.n = 0;
+        pb_bytes(&p, 1, "Hi", 2);
+        pb_float(&p, 4, fl[i]);
+        int good = isfinite(fl[i]) && !(fl[i] < 0);
+        struct raw_case c = {"temperature", good ? C_OK : C_INVALID_ARGUMENT, good ? NULL : "temperature must be"};
+        raw_expect(&p, &c);
+        p.n = 0;
+        pb_bytes(&p, 1, "Hi", 2);
+        pb_float(&p, 5, fl[i]);
+        good = fl[i] >= 0.0f && fl[i] <= 1.0f;
+        struct raw_case c2 = {"top_p", good ? C_OK : C_INVALID_ARGUMENT, good ? NULL : "top_p must be in [0, 1]"};
+        raw_expect(&p, &c2);
+    }
+    /* seed UINT64_MAX and ignore_eos as a 10-byte varint. */
+    p.n = 0;
+    pb_bytes(&p, 1, "Hi", 2);
+    pb_key(&p, 6, 0);
+    pb_varint(&p, UINT64_MAX);
+    pb_int(&p, 7, -1);
+    struct raw_case ok = {"seed max", C_OK, NULL};
+    raw_expect(&p, &ok);
+    CHECK(fake_router_last()->seed == UINT64_MAX);
+    CHECK_EQ(fake_router_last()->stop_at_eos, 0);
+    /* Unknown fields of every wire type are skipped. */
+    p.n = 0;
+    pb_int(&p, 99, 12345);
+    pb_bytes(&p, 1, "Hi", 2);
+    pb_bytes(&p, 100, "\x01\x02\x03", 3);
+    pb_key(&p, 101, 1);
+    memset(p.b + p.n, 0xee, 8);
+    p.n += 8;
+    pb_key(&p, 102, 5);
+    memset(p.b + p.n, 0xdd, 4);
+    p.n += 4;
+    pb_int(&p, 536870911, 1); /* the largest field number */
+    struct raw_case unk = {"unknown fields", C_OK, NULL};
+    raw_expect(&p, &unk);
+    CHECK_EQ(fake_router_last()->n_tokens, 3);
+    /* NUL bytes: inside the prompt, alone, and "\0" together with prompt_tokens. */
+    p.n = 0;
+    pb_bytes(&p, 1, "Once\0 upon a time", 17);
+    struct raw_case nul = {"NUL inside", C_INVALID_ARGUMENT, "prompt contains a NUL byte at offset 4"};
+    raw_expect(&p, &nul);
+    p.n = 0;
+    pb_bytes(&p, 1, "\0", 1);
+    pb_bytes(&p, 2, "\x91\x03", 2); /* packed prompt_tokens: 401 */
+    struct raw_case both = {"NUL with ids", C_INVALID_ARGUMENT, "give prompt or prompt_tokens, not both"};
+    raw_expect(&p, &both);
+    p.n = 0;
+    pb_bytes(&p, 1, "\0", 1);
+    struct raw_case nul1 = {"NUL alone", C_INVALID_ARGUMENT, "NUL byte at offset 0"};
+    raw_expect(&p, &nul1);
+    /* The last prompt on the wire wins (proto3), and its NUL is seen. */
+    p.n = 0;
+    pb_bytes(&p, 1, "fine", 4);
+    pb_bytes(&p, 1, "bad\0", 4);
+    raw_expect(&p, &(struct raw_case){"last prompt wins", C_INVALID_ARGUMENT, "NUL byte at offset 3"});
+    /* Huge strings and id lists (under gRPC's 4 MiB message limit). */
+    static char big[3 << 20];
+    memset(big, 'a', sizeof big);
+    p.n = 0;
+    pb_bytes(&p, 1, big, sizeof big);
+    raw_expect(&p, &(struct raw_case){"3 MiB prompt", C_INVALID_ARGUMENT, "over the model context of 512 tokens"});
+    p.n = 0;
+    pb_key(&p, 2, 2);
+    pb_varint(&p, 200000);
+    memset(p.b + p.n, 5, 200000); /* 200000 ids of 5 */
+    p.n += 200000;
+    raw_expect(&p, &(struct raw_case){"200000 ids", C_INVALID_ARGUMENT, "prompt_tokens has 200000 ids"});
+    p.n = 0;
+    pb_key(&p, 2, 2);
+    pb_varint(&p, 10);
+    memset(p.b + p.n, 0xff, 9); /* one id of -1: a 10-byte varint */
+    p.n += 9;
+    p.b[p.n++] = 0x01;
+    raw_expect(&p, &(struct raw_case){"id -1", C_INVALID_ARGUMENT, "prompt_tokens[0] = -1 is outside"});
+    struct fake_router_stats fs;
+    fake_router_stats(&fs);
+    fprintf(stderr, "test_grpc_server: raw extremes: %d admitted\n", fs.n_admitted);
+    CHECK_EQ(fake_router_wait_idle(10), 0);
+    fake_router_reset();
+}
+
+/* The server-side deadline reaches the router; limits come from the router: a request no
+ * node can hold is RESOURCE_EXHAUSTED at the edge, none alive is UNAVAILABLE. */
+static void test_deadline_and_limits(void) {
+    fake_router_reset();
+    configure(0, KVR_OK, COORD_FINISH_LENGTH, NULL);
+    struct kvr_rpc_status st;
+    struct kvr_gen_params p = greedy("Once upon a time", 10);
+    p.timeout_s = 7.0;
+    double t0 = kvr_clock_now();
+    CHECK_EQ(kvr_client_generate(cli, &p, NULL, NULL, NULL, &st), C_OK);
+    const struct coord_request *r = fake_router_last();
+    CHECK(r->t_deadline > t0 + 6.0 && r->t_deadline < t0 + 7.5);
+    p.timeout_s = 0;
+    CHECK_EQ(kvr_client_generate(cli, &p, NULL, NULL, NULL, &st), C_OK);
+    CHECK(fake_router_last()->t_deadline == 0);
+
+    static struct coord_node_limits small[2] = {
+        {.rank = 1, .role = 1, .block_tokens = 16, .n_blocks = 100, .max_batch_tokens = 1024, .n_ctx_max = 1536},
+        {.rank = 2, .role = 2, .block_tokens = 16, .n_blocks = 5, .max_batch_tokens = 512, .n_ctx_max = 1024}};
+    struct coord_limits lim = {.seq_len = SEQ_LEN, .vocab_size = VOCAB, .max_tokens = 1 << 24, .n_nodes = 2,
+                               .nodes = small};
+    fake_router_set_limits(&lim);
+    struct fake_router_stats before, after;
+    fake_router_stats(&before);
+    p = greedy("Once upon a time", 252);
+    CHECK_EQ(kvr_client_generate(cli, &p, NULL, NULL, NULL, &st), C_RESOURCE_EXHAUSTED);
+    CHECK(strstr(st.message, "the request needs 17 KV blocks; the largest decode node holds 5") != NULL);
+    lim.n_nodes = 1; /* only the prefill node is alive */
+    fake_router_set_limits(&lim);
+    CHECK_EQ(kvr_client_generate(cli, &p, NULL, NULL, NULL, &st), C_UNAVAILABLE);
+    CHECK(strstr(st.message, "no decode node is alive") != NULL);
+    fake_router_stats(&after);
+    CHECK_EQ(after.n_submits, before.n_submits); /* refused at the edge, before the router */
+    lim.n_nodes = 2;
+    small[1].n_blocks = 4096;
+    fake_router_set_limits(&lim);
+    CHECK_EQ(fake_router_wait_idle(10), 0);
+    fake_router_reset();
 }
 
 static void test_unknown_method(void) {
@@ -941,6 +1170,8 @@ int main(void) {
     test_invalid_arguments();
     test_unknown_method();
     test_router_errors();
+    test_raw_extremes();
+    test_deadline_and_limits();
     test_cancel_and_deadline();
     test_concurrent();
     test_cli();
