@@ -524,6 +524,51 @@ static void test_shapes(void) {
     rmdir(dir);
 }
 
+/* kvr_engine_check_item agrees with kvr_engine_forward item by item, so a caller that
+ * batches independent sequences (the decode node) can leave out the one that cannot run
+ * and step the others: a bad token id, a dense sequence at its limit, a window that
+ * would attend more keys than the engine takes. The good ones then give the logits they
+ * give alone, and a refused call changed nothing (no sequence advanced). */
+static void test_check_item(struct kvr_model *m, const int *tokens) {
+    struct rig r;
+    rig_open(&r, m, 1, 64, 4, 64, 64);
+    size_t V = (size_t)r.c->vocab_size;
+    float *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+    REQUIRE(a && b);
+    struct kvr_kv_seq *good = seq_new(&r, KVR_KV_DENSE, 0, 0, 512);
+    struct kvr_kv_seq *ref = seq_new(&r, KVR_KV_DENSE, 0, 0, 512);
+    struct kvr_kv_seq *full = seq_new(&r, KVR_KV_DENSE, 0, 0, 3);
+    struct kvr_kv_seq *wide = seq_new(&r, KVR_KV_WINDOW, 200, 0, 0);
+    static const int bad_tok[1] = {-1};
+    struct kvr_forward_item items[4] = {
+        {.seq = good, .tokens = tokens, .n_tokens = 8, .logits = a},
+        {.seq = ref, .tokens = bad_tok, .n_tokens = 1, .logits = b},
+        {.seq = full, .tokens = tokens, .n_tokens = 4, .logits = b},
+        {.seq = wide, .tokens = tokens, .n_tokens = 65, .logits = b}};
+    CHECK_EQ(kvr_engine_check_item(r.e, &items[0]), KVR_OK);
+    CHECK_EQ(kvr_engine_check_item(r.e, &items[1]), KVR_EINVAL);
+    CHECK_EQ(kvr_engine_check_item(r.e, &items[2]), KVR_ECONTEXT);
+    CHECK_EQ(kvr_engine_check_item(r.e, &items[3]), KVR_EINVAL); /* 65 tokens > 64 per call */
+    items[3].n_tokens = 64; /* attends 64 keys: fits */
+    CHECK_EQ(kvr_engine_check_item(r.e, &items[3]), KVR_OK);
+    /* The whole call is refused for any bad item, and nobody advanced. */
+    CHECK_EQ(kvr_engine_forward(r.e, items, 3), KVR_EINVAL);
+    CHECK_EQ(kvr_kv_seq_n_past(good), 0);
+    CHECK_EQ(kvr_kv_seq_n_past(full), 0);
+    /* The good item alone gives what the same tokens give in another sequence. */
+    CHECK_EQ(kvr_engine_forward(r.e, &items[0], 1), KVR_OK);
+    struct kvr_forward_item again = {.seq = ref, .tokens = tokens, .n_tokens = 8, .logits = b};
+    CHECK_EQ(kvr_engine_forward(r.e, &again, 1), KVR_OK);
+    CHECK(rel_l2(a, b, (int)V) < REL_TOL);
+    kvr_kv_seq_free(good);
+    kvr_kv_seq_free(ref);
+    kvr_kv_seq_free(full);
+    kvr_kv_seq_free(wide);
+    free(a);
+    free(b);
+    rig_close(&r);
+}
+
 int main(void) {
     struct kvr_model *m = NULL;
     REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == KVR_OK);
@@ -531,6 +576,7 @@ int main(void) {
     test_prefill_equals_decode(m, tokens);
     test_batched(m, tokens);
     test_shapes();
+    test_check_item(m, tokens);
     test_cache_vs_reference(m, tokens);
     free(tokens);
     kvr_model_free(m);
