@@ -48,6 +48,7 @@ struct up_cfg {
     float node_timeout;
     float startup_timeout;
     float stop_timeout;
+    float max_request_age;
     const char *mpirun;
     const char *extra_prefill;
     const char *extra_decode;
@@ -77,6 +78,7 @@ static const struct kvr_opt up_opts[] = {
     {"node-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, node_timeout), "10", 0.2, 86400, NULL, 0, "seconds of silence after which a node is dead"},
     {"startup-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, startup_timeout), "600", 1, 86400, NULL, 0, "seconds to wait for the cluster to become healthy"},
     {"stop-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, stop_timeout), "15", 1, 86400, NULL, 0, "seconds the ranks get to stop cleanly after Ctrl-C/SIGTERM before they are killed (and up exits 1)"},
+    {"max-request-age", KVR_OPT_FLOAT, offsetof(struct up_cfg, max_request_age), "3600", 0.1, 31536000, NULL, 0, "seconds after which the coordinator ends any request (DEADLINE_EXCEEDED)"},
     {"mpirun", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun), "mpirun", 0, -1, NULL, 0, "the MPI launcher"},
     {"prefill-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_prefill), "", 0, -1, NULL, 0, "extra options for every kvrelay-prefill (space-separated)"},
     {"coordinator-args", KVR_OPT_STRING, offsetof(struct up_cfg, extra_coord), "", 0, -1, NULL, 0, "extra options for kvrelay-coordinator (space-separated)"},
@@ -381,6 +383,8 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, fmt_s(a, cfg.node_timeout));
     arg(a, "--startup-timeout");
     arg(a, fmt_s(a, cfg.startup_timeout));
+    arg(a, "--max-request-age");
+    arg(a, fmt_s(a, cfg.max_request_age));
     if (cfg.tls_cert) {
         arg(a, "--tls-cert");
         arg(a, cfg.tls_cert);

@@ -24,6 +24,7 @@ struct prefill_cfg {
     float coord_timeout;
     uint64_t fault_corrupt_seed;
     uint64_t fault_drop_ready_seed;
+    int fault_pass_delay_ms;
 };
 
 static const struct kvr_opt opts[] = {
@@ -42,6 +43,7 @@ static const struct kvr_opt opts[] = {
 #ifdef KVR_FAULTS
     {"fault-corrupt-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_corrupt_seed), "0", 0, -1, NULL, 0, "TEST BUILD: corrupt a KV message of requests with this seed (0 = off)"},
     {"fault-drop-ready-seed", KVR_OPT_U64, offsetof(struct prefill_cfg, fault_drop_ready_seed), "0", 0, -1, NULL, 0, "TEST BUILD: never send the SEQ_READY of requests with this seed (0 = off)"},
+    {"fault-pass-delay-ms", KVR_OPT_INT, offsetof(struct prefill_cfg, fault_pass_delay_ms), "0", 0, 10000, NULL, 0, "TEST BUILD: sleep after every layer of a pass"},
 #endif
 };
 
@@ -65,7 +67,8 @@ int main(int argc, char **argv) {
         .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,
                  .level = cfg.kv_level},
         .report_ms = cfg.report_ms, .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop,
-        .faults = {.corrupt_seed = cfg.fault_corrupt_seed, .drop_ready_seed = cfg.fault_drop_ready_seed}};
+        .faults = {.corrupt_seed = cfg.fault_corrupt_seed, .drop_ready_seed = cfg.fault_drop_ready_seed,
+                   .pass_delay_ms = cfg.fault_pass_delay_ms}};
     rc = prefill_run(&p);
     kvr_model_free(model);
     if (rc == KVR_EUNAVAIL)

@@ -236,6 +236,10 @@ static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items
             ship_range(n, it, layer, 0, it->n_sinks);
         ship_range(n, it, layer, it->first_held, it->r->p.n_prompt);
     }
+#ifdef KVR_FAULTS
+    if (n->p->faults.pass_delay_ms > 0)
+        kvr_sleep_ms(n->p->faults.pass_delay_ms);
+#endif
     /* A long pass must not look like a dead node. */
     kvr_node_tick(&n->node);
 }

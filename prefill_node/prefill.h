@@ -18,6 +18,7 @@ struct kvr_xfer;
 struct prefill_faults {
     uint64_t corrupt_seed;    /* corrupt the first KV message of requests with this seed */
     uint64_t drop_ready_seed; /* never send the SEQ_READY of requests with this seed */
+    int pass_delay_ms;        /* sleep this long after each layer of a pass (a slow pass) */
 };
 
 struct prefill_params {

@@ -8,8 +8,14 @@
  *              fit gets RESOURCE_EXHAUSTED at once; reservations never exceed the pool.
  *   timeout    a request waiting past --queue-timeout gets RESOURCE_EXHAUSTED.
  *   faults     a corrupted KV block fails only its request (DATA_LOSS), the node keeps
- *              serving; a decode node killed mid-stream loses nothing: its request is
- *              re-run elsewhere and the client still gets exactly the golden text.
+ *              serving; a sequence whose decode step fails (a test-build fault) ends alone
+ *              with INTERNAL and the decode node's one-line reason while a victim in the
+ *              same steps returns golden text; a window longer than the context is refused
+ *              up front (also as raw kv_window INT32_MAX); a dropped SEQ_READY ends its
+ *              request within the client's deadline (DEADLINE_EXCEEDED), or without one
+ *              after the node timeout (ABORTED), and frees its blocks; a decode node killed
+ *              mid-stream loses nothing: its request is re-run elsewhere and the client
+ *              still gets exactly the golden text.
  *   colocated  decode nodes that also prefill (no prefill nodes) return the golden text;
  *              `kvrelay bench cluster --json` against them completes every request and
  *              leaves the pool empty.
@@ -21,6 +27,21 @@
  *   launcher   `kvrelay up` SIGKILLed: every process of the cluster goes with it; mpirun
  *              SIGKILLed: its ranks go and up exits 1; a stop during start-up ends at
  *              once (exit 1); a rank that aborts makes up exit 1 at the stop.
+ *   prefill_kill  a prefill node SIGKILLed in the middle of a (slowed) pass: its requests
+ *              are re-run on the other prefill node and return golden text.
+ *   rerun      a re-run gets a fresh queue deadline: a request that streamed longer than
+ *              --queue-timeout, whose node died while the survivor was full, waits for
+ *              room and returns golden text instead of timing out at once.
+ *   coord_kill the coordinator SIGKILLed under load, N times (argv[2]): every node exits
+ *              within --coord-timeout plus a bounded grace, every client call ends, and
+ *              no process is left.
+ *   coord_stop the coordinator SIGSTOPped longer than --node-timeout, then continued: no
+ *              node is lost and the cluster serves golden text again, without a restart.
+ *   node_stop  a decode node SIGSTOPped past --node-timeout is declared dead; continued,
+ *              it is taken back (RESET, HELLO) and serves golden text alone.
+ *   cancel     100 clients cancel at random moments (after k tokens, by a deadline, or
+ *              not at all): every call ends with exactly one final status, the
+ *              coordinator finished exactly 100 requests, and the pools return to empty.
  * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
  * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
 #include <errno.h>
@@ -32,6 +53,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -40,6 +62,7 @@
 #include "golden.h"
 #include "grpc_client.h"
 #include "kv_cache.h"
+#include "kvrelay.pb-c.h"
 #include "model.h"
 #include "run_cmd.h"
 #include "tokenizer.h"
@@ -48,8 +71,11 @@
 #define GRPC_OK 0
 #define GRPC_CANCELLED 1
 #define GRPC_INVALID_ARGUMENT 3
+#define GRPC_DEADLINE_EXCEEDED 4
 #define GRPC_RESOURCE_EXHAUSTED 8
+#define GRPC_ABORTED 10
 #define GRPC_INTERNAL 13
+#define GRPC_UNAVAILABLE 14
 #define GRPC_DATA_LOSS 15
 
 static struct golden_run golden[N_GOLDEN_MAX];
@@ -97,6 +123,7 @@ struct gen_result {
     char message[256];
     struct kvr_gen_usage usage;
     int cancel_after;      /* >0: cancel once this many tokens arrived */
+    volatile int *cancel_flag; /* cancel at the next message once *cancel_flag is set */
     void (*on_token)(struct gen_result *r);
     int hook_done;
 };
@@ -122,7 +149,7 @@ static int collect(void *ud, const struct kvr_gen_msg *m) {
         if (r->on_token)
             r->on_token(r);
     }
-    return r->cancel_after > 0 && r->n_tokens >= r->cancel_after;
+    return (r->cancel_after > 0 && r->n_tokens >= r->cancel_after) || (r->cancel_flag && *r->cancel_flag);
 }
 
 static void run_generate(const char *addr, const struct kvr_gen_params *p, struct gen_result *r) {
@@ -456,9 +483,41 @@ static void kill_its_decode_node(struct gen_result *r) {
     }
 }
 
+struct hold_job {
+    struct kvr_gen_params p;
+    struct gen_result r;
+    pthread_t th;
+    double t_end;
+};
+
+static void *hold_job_main(void *arg) {
+    struct hold_job *h = arg;
+    run_generate(cl.addr, &h->p, &h->r);
+    h->t_end = now_s();
+    return NULL;
+}
+
+/* Sends raw bytes to Generate; returns the code, message in msg. */
+static int raw_generate(const void *bytes, size_t len, char *msg, size_t msg_len) {
+    struct kvr_client *c = NULL;
+    REQUIRE(kvr_client_create(cl.addr, &c) == 0);
+    struct kvr_rpc_status st;
+    uint8_t *resp = NULL;
+    size_t resp_len = 0;
+    int code = kvr_client_unary(c, "/kvrelay.v1.Inference/Generate", bytes, len, 30, &resp, &resp_len, &st);
+    snprintf(msg, msg_len, "%s", st.message);
+    free(resp);
+    kvr_client_free(c);
+    return code;
+}
+
+#define FAULT_STEP_SEED 777
+#define FAULT_READY_SEED 555
+
 static void scenario_faults(void) {
     const char *args[] = {"--prefill", "1", "--decode", "2", "--node-timeout", "2", "--prefill-args",
-                          "--fault-corrupt-seed 4242", "--decode-args", "--fault-step-delay-ms 5", NULL};
+                          "--fault-corrupt-seed 4242 --fault-drop-ready-seed 555", "--decode-args",
+                          "--fault-step-delay-ms 5 --fault-step-fail-seed 777", NULL};
     REQUIRE(cluster_start(&cl, 120, args) == 0);
 
     /* A corrupted KV block fails its request only. */
@@ -471,6 +530,100 @@ static void scenario_faults(void) {
     CHECK_EQ(r.n_tokens, 0);
     free(r.text);
     CHECK_EQ(concurrent_golden(4, "faults/after-corruption"), 4);
+
+    /* A decode step that fails for one sequence fails only that one: victims that share
+     * its decode node (two requests per node, both nodes) return golden text; it ends
+     * with INTERNAL (never INVALID_ARGUMENT) and the decode node's reason. */
+    struct hold_job victims[4], bad;
+    memset(victims, 0, sizeof victims);
+    memset(&bad, 0, sizeof bad);
+    for (int i = 0; i < 4; i++) {
+        victims[i].p = golden_params(i % n_golden);
+        REQUIRE(pthread_create(&victims[i].th, NULL, hold_job_main, &victims[i]) == 0);
+    }
+    bad.p = golden_params(2);
+    bad.p.seed = FAULT_STEP_SEED;
+    bad.p.max_tokens = 100;
+    REQUIRE(pthread_create(&bad.th, NULL, hold_job_main, &bad) == 0);
+    pthread_join(bad.th, NULL);
+    for (int i = 0; i < 4; i++) {
+        pthread_join(victims[i].th, NULL);
+        check_golden(i % n_golden, &victims[i].r, "faults/step-victim");
+        free(victims[i].r.text);
+    }
+    fprintf(stderr, "faults: failed step -> %s: %s (%d tokens before)\n", kvr_grpc_code_name(bad.r.code),
+            bad.r.message, bad.r.n_tokens);
+    CHECK_EQ(bad.r.code, GRPC_INTERNAL);
+    CHECK(strstr(bad.r.message, "decode node rank ") != NULL);
+    CHECK(strstr(bad.r.message, ": decode step failed for this sequence: invalid argument") != NULL);
+    CHECK_EQ(bad.r.n_tokens, 3);
+    free(bad.r.text);
+
+    /* A window longer than the context is refused up front while a victim streams. */
+    struct hold_job v = {.p = golden_params(0)};
+    REQUIRE(pthread_create(&v.th, NULL, hold_job_main, &v) == 0);
+    p = golden_params(1);
+    p.kv_policy = KVR_KV_WINDOW;
+    p.kv_window = 2000;
+    p.max_tokens = 1500;
+    p.ignore_eos = 1;
+    expect_code(&p, GRPC_INVALID_ARGUMENT, "window 2000 over the context");
+    Kvrelay__V1__GenerateRequest raw;
+    kvrelay__v1__generate_request__init(&raw);
+    raw.prompt = (char *)(uintptr_t) "Once upon a time";
+    raw.kv_policy = KVRELAY__V1__KV_POLICY__KV_POLICY_WINDOW;
+    raw.kv_window_opt_case = KVRELAY__V1__GENERATE_REQUEST__KV_WINDOW_OPT_KV_WINDOW;
+    raw.kv_window = INT32_MAX;
+    raw.max_tokens = INT32_MAX;
+    uint8_t buf[256];
+    char msg[256];
+    size_t len = kvrelay__v1__generate_request__pack(&raw, buf);
+    CHECK_EQ(raw_generate(buf, len, msg, sizeof msg), GRPC_INVALID_ARGUMENT);
+    CHECK(strstr(msg, "window 2147483647 exceeds the model context 512") != NULL);
+    pthread_join(v.th, NULL);
+    check_golden(0, &v.r, "faults/window-victim");
+    free(v.r.text);
+    /* A window as long as the context generates past it (700 > 512 tokens). */
+    p = golden_params(1);
+    p.kv_policy = KVR_KV_WINDOW;
+    p.kv_window = 512;
+    p.max_tokens = 700;
+    p.ignore_eos = 1;
+    r = (struct gen_result){0};
+    run_generate(cl.addr, &p, &r);
+    CHECK_EQ(r.code, GRPC_OK);
+    CHECK_EQ(r.usage.generated_tokens, 700);
+    free(r.text);
+
+    /* A lost SEQ_READY (the prefill node drops it): the request ends within the
+     * client's deadline, and its blocks come back. */
+    p = golden_params(0);
+    p.seed = FAULT_READY_SEED;
+    p.timeout_s = 1.5;
+    double t0 = now_s();
+    r = (struct gen_result){0};
+    run_generate(cl.addr, &p, &r);
+    double took = now_s() - t0;
+    fprintf(stderr, "faults: dropped SEQ_READY with a 1.5 s deadline -> %s after %.2f s\n",
+            kvr_grpc_code_name(r.code), took);
+    CHECK_EQ(r.code, GRPC_DEADLINE_EXCEEDED);
+    CHECK(took < 1.5 + 2.0);
+    free(r.text);
+    CHECK(wait_pool_empty(10.0));
+    /* Without a deadline: the coordinator notices no token came after the prefill and
+     * ends it after the node timeout (2 s), as ABORTED. */
+    p.timeout_s = 60;
+    t0 = now_s();
+    r = (struct gen_result){0};
+    run_generate(cl.addr, &p, &r);
+    took = now_s() - t0;
+    fprintf(stderr, "faults: dropped SEQ_READY, no deadline -> %s after %.2f s: %s\n", kvr_grpc_code_name(r.code),
+            took, r.message);
+    CHECK_EQ(r.code, GRPC_ABORTED);
+    CHECK(strstr(r.message, "produced no token") != NULL);
+    CHECK(took < 2.0 + 5.0);
+    free(r.text);
+    CHECK(wait_pool_empty(10.0));
 
     /* A decode node dies mid-stream: the request is re-run, nothing is lost. */
     struct gen_result k = {.on_token = kill_its_decode_node};
@@ -549,6 +702,40 @@ static int slow_read(void *ud, const struct kvr_gen_msg *m) {
     if (m->has_token) {
         s->n++;
         sleep_ms(10);
+    }
+    return 0;
+}
+
+/* ---- helpers for the scenarios below ------------------------------------------------- */
+
+/* The pid of the cluster process of rank, or -1. */
+static pid_t pid_of_rank(int rank) {
+    pid_t pids[64];
+    int n = cluster_pids(&cl, NULL, pids, 64);
+    for (int i = 0; i < n; i++)
+        if (rank_of(pids[i]) == rank)
+            return pids[i];
+    return -1;
+}
+
+/* Whether rank is alive in ClusterStatus (-1: not listed or no answer). */
+static int alive_of(int rank) {
+    struct coord_cluster_status s = {0};
+    if (status(&s) != GRPC_OK)
+        return -1;
+    for (int i = 0; i < s.n_nodes; i++)
+        if (s.nodes[i].rank == rank)
+            return s.nodes[i].alive;
+    return -1;
+}
+
+/* Waits until alive_of(rank) == want; 1 if it did within timeout_s. */
+static int wait_alive(int rank, int want, double timeout_s) {
+    double t_end = now_s() + timeout_s;
+    while (now_s() < t_end) {
+        if (alive_of(rank) == want)
+            return 1;
+        sleep_ms(50);
     }
     return 0;
 }
@@ -807,6 +994,360 @@ static void scenario_launcher(void) {
     CHECK_EQ(cluster_stop(&cl, 30), 1);
 }
 
+/* A node of role ("prefill" or "decode") that reports work (running > 0), or -1. */
+static int busy_node(const char *role) {
+    struct coord_cluster_status s = {0};
+    if (status(&s) != GRPC_OK)
+        return -1;
+    for (int i = 0; i < s.n_nodes; i++)
+        if (s.nodes[i].alive && !strcmp(s.nodes[i].role, role) && s.nodes[i].running > 0)
+            return s.nodes[i].rank;
+    return -1;
+}
+
+static int count_alive_procs(const pid_t *pids, int n) {
+    int alive = 0;
+    for (int i = 0; i < n; i++)
+        alive += kill(pids[i], 0) == 0;
+    return alive;
+}
+
+/* ---- prefill_kill ---------------------------------------------------------------------- */
+
+static void scenario_prefill_kill(void) {
+    /* Each layer of a pass sleeps 300 ms: a pass takes 1.5 s, long enough to kill a
+     * prefill node in the middle of one. */
+    const char *args[] = {"--prefill", "2", "--decode", "2", "--node-timeout", "2", "--prefill-args",
+                          "--fault-pass-delay-ms 300", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct hold_job jobs[4];
+    memset(jobs, 0, sizeof jobs);
+    for (int i = 0; i < 4; i++) {
+        jobs[i].p = golden_params(i % n_golden);
+        REQUIRE(pthread_create(&jobs[i].th, NULL, hold_job_main, &jobs[i]) == 0);
+    }
+    int victim = -1;
+    double t_end = now_s() + 20;
+    while (victim < 0 && now_s() < t_end) {
+        victim = busy_node("prefill");
+        sleep_ms(20);
+    }
+    REQUIRE(victim >= 0);
+    pid_t pid = pid_of_rank(victim);
+    REQUIRE(pid > 0);
+    fprintf(stderr, "prefill_kill: killing prefill rank %d (pid %d) mid-pass\n", victim, (int)pid);
+    kill(pid, SIGKILL);
+    int ok = 0;
+    for (int i = 0; i < 4; i++) {
+        pthread_join(jobs[i].th, NULL);
+        ok += check_golden(i % n_golden, &jobs[i].r, "prefill_kill");
+        free(jobs[i].r.text);
+    }
+    fprintf(stderr, "prefill_kill: %d/4 golden after the kill\n", ok);
+    CHECK_EQ(alive_of(victim), 0);
+    CHECK(wait_pool_empty(10.0));
+    CHECK(cluster_stop(&cl, 30) >= 0);
+}
+
+/* ---- rerun: a fresh queue deadline --------------------------------------------------------- */
+
+static void scenario_rerun(void) {
+    /* Each decode node holds one golden request (19 blocks, see scenario_memory); steps
+     * take >= 20 ms so a golden request streams for > 5 s; the queue deadline is 2 s. */
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--kv-memory", "400000", "--queue-timeout", "2",
+                          "--node-timeout", "2", "--decode-args", "--fault-step-delay-ms 20", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct hold_job a = {.p = golden_params(0)};
+    double t_a = now_s();
+    REQUIRE(pthread_create(&a.th, NULL, hold_job_main, &a) == 0);
+    int node_a = -1;
+    while (node_a < 0 && now_s() - t_a < 20) {
+        node_a = busy_node("decode");
+        sleep_ms(20);
+    }
+    REQUIRE(node_a >= 0);
+    /* B holds the other node: an endless window generation, cancelled on demand. */
+    volatile int cancel_b = 0;
+    struct hold_job b = {.p = golden_params(1)};
+    b.p.kv_policy = KVR_KV_WINDOW;
+    b.p.kv_window = 256;
+    b.p.max_tokens = 1000000;
+    b.p.ignore_eos = 1;
+    b.r.cancel_flag = &cancel_b;
+    REQUIRE(pthread_create(&b.th, NULL, hold_job_main, &b) == 0);
+    /* Let A stream for longer than the queue deadline, then kill its node. */
+    while (now_s() - t_a < 3.5)
+        sleep_ms(50);
+    pid_t pid = pid_of_rank(node_a);
+    REQUIRE(pid > 0);
+    fprintf(stderr, "rerun: killing decode rank %d after %.1f s of streaming\n", node_a, now_s() - t_a);
+    kill(pid, SIGKILL);
+    /* A is re-queued and waits (the survivor is full with B) ... */
+    int saw_waiting = 0;
+    double t_end = now_s() + 15;
+    struct coord_cluster_status s = {0};
+    while (!saw_waiting && now_s() < t_end) {
+        saw_waiting = status(&s) == GRPC_OK && s.waiting_requests == 1;
+        sleep_ms(20);
+    }
+    CHECK(saw_waiting);
+    sleep_ms(500); /* well inside its fresh 2 s deadline, far past its arrival + 2 s */
+    /* ... until B goes; then it runs on the survivor and returns exactly the golden text. */
+    cancel_b = 1;
+    pthread_join(b.th, NULL);
+    CHECK_EQ(b.r.code, GRPC_CANCELLED);
+    pthread_join(a.th, NULL);
+    check_golden(0, &a.r, "rerun");
+    free(a.r.text);
+    free(b.r.text);
+    CHECK(wait_pool_empty(10.0));
+    CHECK(cluster_stop(&cl, 30) >= 0);
+}
+
+/* ---- coord_kill ------------------------------------------------------------------------- */
+
+#define COORD_TIMEOUT_S 2.0
+#define EXIT_GRACE_S 4.0 /* past coord-timeout: a ping period (1 s) plus leaving */
+
+static void *stream_job(void *arg) {
+    struct hold_job *h = arg;
+    run_generate(cl.addr, &h->p, &h->r);
+    return NULL;
+}
+
+/* One round: start, load, SIGKILL the coordinator; returns 1 if every node left in time. */
+static int coord_kill_round(int round) {
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--prefill-args", "--coord-timeout 2",
+                          "--decode-args", "--coord-timeout 2 --fault-step-delay-ms 2", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    pid_t nodes[16];
+    int n_nodes = 0;
+    pid_t all[16];
+    int n_all = cluster_pids(&cl, NULL, all, 16);
+    pid_t coord = -1;
+    for (int i = 0; i < n_all; i++) {
+        if (rank_of(all[i]) == 0)
+            coord = all[i];
+        else
+            nodes[n_nodes++] = all[i];
+    }
+    REQUIRE(coord > 0 && n_nodes == 3);
+    struct hold_job jobs[4];
+    memset(jobs, 0, sizeof jobs);
+    for (int i = 0; i < 4; i++) {
+        jobs[i].p = golden_params(i % n_golden);
+        jobs[i].p.kv_policy = KVR_KV_WINDOW;
+        jobs[i].p.kv_window = 128;
+        jobs[i].p.max_tokens = 100000;
+        jobs[i].p.ignore_eos = 1;
+        REQUIRE(pthread_create(&jobs[i].th, NULL, stream_job, &jobs[i]) == 0);
+    }
+    /* Under load: every request streams. */
+    double t_end = now_s() + 20;
+    int streaming = 0;
+    while (streaming < 4 && now_s() < t_end) {
+        streaming = 0;
+        for (int i = 0; i < 4; i++)
+            streaming += jobs[i].r.n_tokens > 0;
+        sleep_ms(10);
+    }
+    CHECK_EQ(streaming, 4);
+    double t0 = now_s();
+    kill(coord, SIGKILL);
+    double t_gone = -1;
+    while (now_s() - t0 < 30) {
+        if (count_alive_procs(nodes, n_nodes) == 0) {
+            t_gone = now_s() - t0;
+            break;
+        }
+        sleep_ms(20);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(jobs[i].th, NULL);
+        CHECK(jobs[i].r.code != GRPC_OK); /* every call ended, with an error */
+        free(jobs[i].r.text);
+    }
+    /* `kvrelay up` ends too: its exit code is reported (its meaning is `up`'s business). */
+    int st = 0, up_exit = -1;
+    double t_up = -1;
+    while (now_s() - t0 < 30) {
+        pid_t w = waitpid(cl.pid, &st, WNOHANG);
+        if (w == cl.pid) {
+            t_up = now_s() - t0;
+            up_exit = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            cl.pid = 0;
+            if (cl.out_fd > 0)
+                close(cl.out_fd);
+            break;
+        }
+        sleep_ms(20);
+    }
+    int left = count_alive_procs(nodes, n_nodes) + (kill(coord, 0) == 0);
+    fprintf(stderr, "coord_kill round %d: nodes gone after %.2f s, kvrelay up exited %d after %.2f s, %d left\n",
+            round, t_gone, up_exit, t_up, left);
+    CHECK(t_gone >= 0 && t_gone <= COORD_TIMEOUT_S + EXIT_GRACE_S);
+    CHECK(t_up >= 0);
+    CHECK_EQ(left, 0);
+    if (cl.pid > 0)
+        cluster_stop(&cl, 10);
+    return t_gone >= 0 && t_gone <= COORD_TIMEOUT_S + EXIT_GRACE_S && left == 0;
+}
+
+static void scenario_coord_kill(int rounds) {
+    int ok = 0;
+    for (int i = 0; i < rounds; i++)
+        ok += coord_kill_round(i + 1);
+    fprintf(stderr, "coord_kill: %d/%d rounds: every node left within %.0f s\n", ok, rounds,
+            COORD_TIMEOUT_S + EXIT_GRACE_S);
+    CHECK_EQ(ok, rounds);
+}
+
+/* ---- coord_stop ------------------------------------------------------------------------- */
+
+static void scenario_coord_stop(void) {
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--node-timeout", "2", "--prefill-args",
+                          "--coord-timeout 30", "--decode-args", "--coord-timeout 30 --fault-step-delay-ms 2", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    CHECK_EQ(concurrent_golden(2, "coord_stop/before"), 2);
+    pid_t all[16], coord = -1;
+    int n_all = cluster_pids(&cl, NULL, all, 16);
+    for (int i = 0; i < n_all; i++)
+        if (rank_of(all[i]) == 0)
+            coord = all[i];
+    REQUIRE(coord > 0);
+    /* A request streams while the coordinator is stopped for 5 s (> --node-timeout 2):
+     * nodes keep reporting into its queue. */
+    struct hold_job h = {.p = golden_params(0)};
+    h.p.kv_policy = KVR_KV_WINDOW;
+    h.p.kv_window = 128;
+    h.p.max_tokens = 3000;
+    h.p.ignore_eos = 1;
+    REQUIRE(pthread_create(&h.th, NULL, stream_job, &h) == 0);
+    while (h.r.n_tokens < 5)
+        sleep_ms(10);
+    fprintf(stderr, "coord_stop: SIGSTOP the coordinator for 5 s\n");
+    kill(coord, SIGSTOP);
+    sleep_ms(5000);
+    kill(coord, SIGCONT);
+    pthread_join(h.th, NULL);
+    fprintf(stderr, "coord_stop: the streaming request -> %s after %d tokens\n", kvr_grpc_code_name(h.r.code),
+            h.r.n_tokens);
+    CHECK_EQ(h.r.code, GRPC_OK);
+    CHECK_EQ(h.r.n_tokens, 3000);
+    free(h.r.text);
+    /* Every node is still in the cluster, and it serves golden text without a restart. */
+    struct coord_cluster_status s = {0};
+    CHECK_EQ(status(&s), GRPC_OK);
+    int n_alive = 0;
+    for (int i = 0; i < s.n_nodes; i++)
+        n_alive += s.nodes[i].alive;
+    CHECK_EQ(n_alive, 3);
+    CHECK_EQ(concurrent_golden(4, "coord_stop/after"), 4);
+    CHECK(wait_pool_empty(10.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
+/* ---- node_stop: a node declared dead is taken back ------------------------------------------ */
+
+static void scenario_node_stop(void) {
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--node-timeout", "2", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct coord_cluster_status s = {0};
+    REQUIRE(status(&s) == GRPC_OK);
+    int dec[2], n_dec = 0;
+    for (int i = 0; i < s.n_nodes && n_dec < 2; i++)
+        if (!strcmp(s.nodes[i].role, "decode"))
+            dec[n_dec++] = s.nodes[i].rank;
+    REQUIRE(n_dec == 2);
+    pid_t a = pid_of_rank(dec[0]), b = pid_of_rank(dec[1]);
+    REQUIRE(a > 0 && b > 0);
+    kill(a, SIGSTOP);
+    CHECK(wait_alive(dec[0], 0, 15));
+    kill(a, SIGCONT);
+    double t0 = now_s();
+    CHECK(wait_alive(dec[0], 1, 15));
+    fprintf(stderr, "node_stop: rank %d declared dead, back %.2f s after SIGCONT\n", dec[0], now_s() - t0);
+    /* Only the node that came back decodes now. */
+    kill(b, SIGKILL);
+    CHECK(wait_alive(dec[1], 0, 15));
+    CHECK_EQ(concurrent_golden(4, "node_stop/rejoined"), 4);
+    CHECK(wait_pool_empty(10.0));
+    CHECK(cluster_stop(&cl, 30) >= 0);
+}
+
+/* ---- cancel: 100 clients cancelling at random moments ---------------------------------------- */
+
+struct cancel_job {
+    struct kvr_gen_params p;
+    struct gen_result r;
+    pthread_t th;
+    int how; /* 0: after k tokens, 1: by a deadline, 2: never */
+};
+
+static void *cancel_job_main(void *arg) {
+    struct cancel_job *j = arg;
+    run_generate(cl.addr, &j->p, &j->r);
+    return NULL;
+}
+
+static void scenario_cancel(void) {
+    const char *args[] = {"--prefill", "1", "--decode", "2", "--decode-args", "--fault-step-delay-ms 1", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct coord_cluster_status s = {0};
+    REQUIRE(status(&s) == GRPC_OK);
+    uint64_t finished_before = s.finished_requests;
+    enum { N = 100 };
+    struct cancel_job *jobs = calloc(N, sizeof *jobs);
+    REQUIRE(jobs);
+    uint64_t x = 2024;
+    for (int i = 0; i < N; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        struct cancel_job *j = &jobs[i];
+        j->p = golden_params(i % n_golden);
+        j->how = (int)((x >> 33) % 3);
+        if (j->how == 0)
+            j->r.cancel_after = 1 + (int)((x >> 40) % 60); /* 1: at the first message */
+        else if (j->how == 1)
+            j->p.timeout_s = 0.01 + (double)((x >> 44) % 400) / 1000.0;
+        REQUIRE(pthread_create(&j->th, NULL, cancel_job_main, j) == 0);
+    }
+    int n_ok = 0, n_cancel = 0, n_deadline = 0, n_bad = 0, n_reached = 0;
+    for (int i = 0; i < N; i++) {
+        struct cancel_job *j = &jobs[i];
+        pthread_join(j->th, NULL);
+        int c = j->r.code;
+        n_ok += c == GRPC_OK;
+        n_cancel += c == GRPC_CANCELLED;
+        n_deadline += c == GRPC_DEADLINE_EXCEEDED;
+        n_reached += j->r.len > 0 || c == GRPC_OK; /* got a message: the router had admitted it */
+        /* A finished call is the golden text; a cancelled one a prefix of it. */
+        int good = c == GRPC_OK ? !strcmp(j->r.text, golden[i % n_golden].text)
+                                : (c == GRPC_CANCELLED || c == GRPC_DEADLINE_EXCEEDED) &&
+                                      !strncmp(j->r.text, golden[i % n_golden].text, strlen(j->r.text));
+        if (!good) {
+            fprintf(stderr, "cancel: call %d (how %d) -> %s: %s\n", i, j->how, kvr_grpc_code_name(c), j->r.message);
+            n_bad++;
+        }
+        free(j->r.text);
+    }
+    free(jobs);
+    fprintf(stderr, "cancel: %d OK, %d CANCELLED, %d DEADLINE_EXCEEDED, %d wrong\n", n_ok, n_cancel, n_deadline,
+            n_bad);
+    CHECK_EQ(n_bad, 0);
+    CHECK(n_cancel > 0 && n_ok > 0);
+    /* Every admitted request ended in the coordinator too (none waits or runs; a call
+     * whose deadline passed before its request was read was never admitted), and
+     * nothing stays held. */
+    CHECK(wait_pool_empty(15.0));
+    CHECK_EQ(status(&s), GRPC_OK);
+    int finished = (int)(s.finished_requests - finished_before);
+    fprintf(stderr, "cancel: the coordinator finished %d requests (%d calls saw a message)\n", finished, n_reached);
+    CHECK(finished >= n_reached && finished <= N);
+    CHECK_EQ(s.running_requests, 0);
+    CHECK_EQ(s.waiting_requests, 0);
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     load_golden();
@@ -825,6 +1366,18 @@ int main(int argc, char **argv) {
         scenario_secure();
     else if (!strcmp(which, "launcher"))
         scenario_launcher();
+    else if (!strcmp(which, "prefill_kill"))
+        scenario_prefill_kill();
+    else if (!strcmp(which, "rerun"))
+        scenario_rerun();
+    else if (!strcmp(which, "coord_kill"))
+        scenario_coord_kill(argc > 2 ? atoi(argv[2]) : 10);
+    else if (!strcmp(which, "coord_stop"))
+        scenario_coord_stop();
+    else if (!strcmp(which, "node_stop"))
+        scenario_node_stop();
+    else if (!strcmp(which, "cancel"))
+        scenario_cancel();
     else
         REQUIRE(!"unknown scenario");
     if (cl.pid > 0)
