@@ -35,3 +35,14 @@ kvr_unit_test(test_role SOURCES ${KVR_CLUSTER_TEST_DIR}/unit/test_role.c LABELS 
 # The product's role executables carry no fault option; their test builds do (issue 15).
 kvr_unit_test(test_fault_builds SOURCES ${KVR_CLUSTER_TEST_DIR}/unit/test_fault_builds.c TIMEOUT 30 LABELS cluster)
 add_dependencies(test_fault_builds kvrelay kvrelay-prefill kvrelay-decode kvrelay-prefill-faults kvrelay-decode-faults)
+
+# The chaos run (scripts/chaos.sh): not a ctest test by default (10 minutes); built here so
+# that it runs against the test builds of the roles.
+add_executable(chaos ${KVR_CLUSTER_TEST_DIR}/e2e/chaos.c ${KVR_CLUSTER_TEST_DIR}/e2e/cluster_harness.c
+               ${KVR_CLUSTER_TEST_DIR}/unit/golden.c)
+set_target_properties(chaos PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${KVR_TEST_BIN_DIR})
+target_include_directories(chaos PRIVATE ${KVR_CLUSTER_TEST_DIR}/e2e ${KVR_CLUSTER_TEST_DIR}/unit)
+target_link_libraries(chaos PRIVATE kvr_client kvr_common Threads::Threads m)
+target_compile_definitions(chaos PRIVATE KVR_SHARED_DIR="${KVR_SHARED_DIR}" KVR_BIN_DIR="${CMAKE_BINARY_DIR}/bin"
+                           KVR_TEST_BIN_DIR="${KVR_TEST_BIN_DIR}")
+add_dependencies(chaos kvrelay kvrelay-coordinator-faults kvrelay-prefill-faults kvrelay-decode-faults)

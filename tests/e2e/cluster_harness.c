@@ -341,3 +341,30 @@ int cluster_pids(const struct cluster *c, const char *prog, pid_t *pids, int max
     for_each_proc(c, collect_rank, &l);
     return l.n;
 }
+
+int harness_rank_of(pid_t pid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    static char buf[1 << 17];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    for (size_t i = 0; i < n;) {
+        if (!strncmp(buf + i, "OMPI_COMM_WORLD_RANK=", 21))
+            return atoi(buf + i + 21);
+        i += strlen(buf + i) + 1;
+    }
+    return -1;
+}
+
+pid_t cluster_pid_of_rank(const struct cluster *c, int rank) {
+    pid_t pids[1024];
+    int n = cluster_pids(c, NULL, pids, 1024);
+    for (int i = 0; i < n; i++)
+        if (harness_rank_of(pids[i]) == rank)
+            return pids[i];
+    return -1;
+}

@@ -53,4 +53,10 @@ int cluster_wait_gone(const struct cluster *c, double timeout_s);
  * three); returns how many. */
 int cluster_pids(const struct cluster *c, const char *prog, pid_t *pids, int max);
 
+/* The MPI rank of a cluster process (from OMPI_COMM_WORLD_RANK in its environment), or -1. */
+int harness_rank_of(pid_t pid);
+
+/* The pid of the process of rank in cluster c, or -1. */
+pid_t cluster_pid_of_rank(const struct cluster *c, int rank);
+
 #endif /* KVR_CLUSTER_HARNESS_H */

@@ -438,24 +438,7 @@ static void scenario_timeout(void) {
     CHECK_EQ(cluster_stop(&cl, 30), 0);
 }
 
-/* The rank of a cluster process (Open MPI puts it in the environment). */
-static int rank_of(pid_t pid) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (!f)
-        return -1;
-    char buf[65536];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    for (size_t i = 0; i < n;) {
-        if (!strncmp(buf + i, "OMPI_COMM_WORLD_RANK=", 21))
-            return atoi(buf + i + 21);
-        i += strlen(buf + i) + 1;
-    }
-    return -1;
-}
+static int rank_of(pid_t pid) { return harness_rank_of(pid); }
 
 static int killed_rank = -1;
 
@@ -708,15 +691,7 @@ static int slow_read(void *ud, const struct kvr_gen_msg *m) {
 
 /* ---- helpers for the scenarios below ------------------------------------------------- */
 
-/* The pid of the cluster process of rank, or -1. */
-static pid_t pid_of_rank(int rank) {
-    pid_t pids[64];
-    int n = cluster_pids(&cl, NULL, pids, 64);
-    for (int i = 0; i < n; i++)
-        if (rank_of(pids[i]) == rank)
-            return pids[i];
-    return -1;
-}
+static pid_t pid_of_rank(int rank) { return cluster_pid_of_rank(&cl, rank); }
 
 /* Whether rank is alive in ClusterStatus (-1: not listed or no answer). */
 static int alive_of(int rank) {
