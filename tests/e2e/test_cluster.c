@@ -1195,7 +1195,7 @@ static void scenario_coord_stop(void) {
     struct hold_job h = {.p = golden_params(0)};
     h.p.kv_policy = KVR_KV_WINDOW;
     h.p.kv_window = 128;
-    h.p.max_tokens = 3000;
+    h.p.max_tokens = 1000;
     h.p.ignore_eos = 1;
     REQUIRE(pthread_create(&h.th, NULL, stream_job, &h) == 0);
     while (h.r.n_tokens < 5)
@@ -1208,7 +1208,7 @@ static void scenario_coord_stop(void) {
     fprintf(stderr, "coord_stop: the streaming request -> %s after %d tokens\n", kvr_grpc_code_name(h.r.code),
             h.r.n_tokens);
     CHECK_EQ(h.r.code, GRPC_OK);
-    CHECK_EQ(h.r.n_tokens, 3000);
+    CHECK_EQ(h.r.n_tokens, 1000);
     free(h.r.text);
     /* Every node is still in the cluster, and it serves golden text without a restart. */
     struct coord_cluster_status s = {0};
