@@ -44,7 +44,7 @@ set_target_properties(chaos PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${KVR_TEST_BIN_D
 target_include_directories(chaos PRIVATE ${KVR_CLUSTER_TEST_DIR}/e2e ${KVR_CLUSTER_TEST_DIR}/unit)
 target_link_libraries(chaos PRIVATE kvr_client kvr_common Threads::Threads m)
 target_compile_definitions(chaos PRIVATE KVR_SHARED_DIR="${KVR_SHARED_DIR}" KVR_BIN_DIR="${CMAKE_BINARY_DIR}/bin"
-                           KVR_TEST_BIN_DIR="${KVR_TEST_BIN_DIR}")
+                           KVR_TEST_BIN_DIR="${KVR_TEST_BIN_DIR}" KVR_SOURCE_DIR="${CMAKE_SOURCE_DIR}")
 add_dependencies(chaos kvrelay kvrelay-coordinator-faults kvrelay-prefill-faults kvrelay-decode-faults)
 # A short chaos run in the Release pass only (under the sanitizers the cluster's capacity
 # is a few requests per second and the run would say little for its cost): 40 s, a node

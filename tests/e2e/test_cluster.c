@@ -1021,7 +1021,7 @@ static void scenario_prefill_kill(void) {
     fprintf(stderr, "prefill_kill: %d/4 golden after the kill\n", ok);
     CHECK_EQ(alive_of(victim), 0);
     CHECK(wait_pool_empty(10.0));
-    CHECK(cluster_stop(&cl, 30) >= 0);
+    CHECK_EQ(cluster_stop(&cl, 30), 1); /* a rank was SIGKILLed: not a clean run */
 }
 
 /* ---- rerun: a fresh queue deadline --------------------------------------------------------- */
@@ -1076,7 +1076,7 @@ static void scenario_rerun(void) {
     free(a.r.text);
     free(b.r.text);
     CHECK(wait_pool_empty(10.0));
-    CHECK(cluster_stop(&cl, 30) >= 0);
+    CHECK_EQ(cluster_stop(&cl, 30), 1); /* a rank was SIGKILLed: not a clean run */
 }
 
 /* ---- coord_kill ------------------------------------------------------------------------- */
@@ -1142,30 +1142,20 @@ static int coord_kill_round(int round) {
         CHECK(jobs[i].r.code != GRPC_OK); /* every call ended, with an error */
         free(jobs[i].r.text);
     }
-    /* `kvrelay up` ends too: its exit code is reported (its meaning is `up`'s business). */
-    int st = 0, up_exit = -1;
-    double t_up = -1;
-    while (now_s() - t0 < 30) {
-        pid_t w = waitpid(cl.pid, &st, WNOHANG);
-        if (w == cl.pid) {
-            t_up = now_s() - t0;
-            up_exit = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            cl.pid = 0;
-            if (cl.out_fd > 0)
-                close(cl.out_fd);
-            break;
-        }
-        sleep_ms(20);
-    }
-    int left = count_alive_procs(nodes, n_nodes) + (kill(coord, 0) == 0);
+    /* `kvrelay up` ends too, with 1 (the coordinator died: the run was not clean), and
+     * takes every process of the job with it (mpirun and the guards included). */
+    double left_s = 30 - (now_s() - t0);
+    int up_exit = cluster_wait(&cl, left_s > 1 ? left_s : 1);
+    double t_up = up_exit >= 0 ? now_s() - t0 : -1;
+    int left = cluster_wait_gone(&cl, 10);
     fprintf(stderr, "coord_kill round %d: nodes gone after %.2f s, kvrelay up exited %d after %.2f s, %d left\n",
             round, t_gone, up_exit, t_up, left);
     CHECK(t_gone >= 0 && t_gone <= COORD_TIMEOUT_S + EXIT_GRACE_S);
     CHECK(t_up >= 0);
+    CHECK_EQ(up_exit, 1);
     CHECK_EQ(left, 0);
-    if (cl.pid > 0)
-        cluster_stop(&cl, 10);
-    return t_gone >= 0 && t_gone <= COORD_TIMEOUT_S + EXIT_GRACE_S && left == 0;
+    cluster_stop(&cl, 10); /* kills what is left, if anything, and forgets the cluster */
+    return t_gone >= 0 && t_gone <= COORD_TIMEOUT_S + EXIT_GRACE_S && left == 0 && up_exit == 1;
 }
 
 static void scenario_coord_kill(int rounds) {
@@ -1247,7 +1237,7 @@ static void scenario_node_stop(void) {
     CHECK(wait_alive(dec[1], 0, 15));
     CHECK_EQ(concurrent_golden(4, "node_stop/rejoined"), 4);
     CHECK(wait_pool_empty(10.0));
-    CHECK(cluster_stop(&cl, 30) >= 0);
+    CHECK_EQ(cluster_stop(&cl, 30), 1); /* a rank was SIGKILLed: not a clean run */
 }
 
 /* ---- cancel: 100 clients cancelling at random moments ---------------------------------------- */

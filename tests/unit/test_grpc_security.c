@@ -198,21 +198,19 @@ static int cluster_status(const char *addr, const struct kvr_client_opts *o, cha
                           size_t host_len, struct kvr_rpc_status *st) {
     struct kvr_client *c = NULL;
     REQUIRE(kvr_client_create_opts(addr, o, &c, NULL, 0) == KVR_OK);
-    static struct coord_cluster_status cs;
+    struct coord_cluster_status cs = {0};
     int code = kvr_client_cluster_status(c, 10, &cs, st);
     snprintf(host, host_len, "%s", cs.n_nodes > 0 ? cs.nodes[0].host : "");
+    coord_cluster_status_deinit(&cs);
     kvr_client_free(c);
     return code;
 }
 
 static void set_status(void) {
-    static struct coord_cluster_status st;
-    memset(&st, 0, sizeof st);
-    st.n_nodes = 2;
-    st.nodes[0] = (struct coord_node_status){
-        .rank = 1, .role = "prefill", .host = "secret-host-a", .alive = 1};
-    st.nodes[1] = (struct coord_node_status){
-        .rank = 2, .role = "decode", .host = "secret-host-b", .alive = 1};
+    static struct coord_node_status nodes[2] = {
+        {.rank = 1, .role = "prefill", .host = "secret-host-a", .alive = 1},
+        {.rank = 2, .role = "decode", .host = "secret-host-b", .alive = 1}};
+    struct coord_cluster_status st = {.n_nodes = 2, .nodes = nodes};
     st.seq_len = SEQ_LEN;
     st.vocab_size = VOCAB;
     fake_router_set_status(&st);
