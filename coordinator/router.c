@@ -1094,8 +1094,10 @@ static void node_died(struct coord_router *r, struct cnode *n, double silent) {
     set_dirty(r);
 }
 
+/* Judges by the time the router last saw itself running (stall_grace, just before), so a
+ * stall that begins after that instant cannot count against the nodes. */
 static void check_liveness(struct coord_router *r) {
-    double t = now(r);
+    double t = r->last_turn;
     for (int i = 0; i < r->n_nodes; i++) {
         struct cnode *n = r->nodes[i];
         if (n->state == NODE_UP && !n->bad_hello && t - n->last_seen > r->p.node_timeout_s)
@@ -1218,30 +1220,44 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
     return KVR_OK;
 }
 
-int coord_router_poll(struct coord_router *r) {
-    int did = 0;
+/* Whether this loop stopped running for a while since it last looked (the process was
+ * stopped, swapped out or starved, maybe in the middle of a turn): nodes' silence during
+ * that time says nothing about them, so each gets a full node timeout from now, and so
+ * does a request's wait for its first token. Liveness is judged only by a turn that read
+ * everything queued after the stall. Returns 1 if it stalled. */
+static int stall_grace(struct coord_router *r) {
     double t = now(r);
-    if (r->last_turn > 0 && t - r->last_turn > STALL_S) {
-        /* This loop did not run for a while (the process was stopped, swapped out, or
-         * starved): nodes' silence during that time says nothing about them. Judge them
-         * by what they sent, which the drain below reads in full first. */
+    int stalled = r->last_turn > 0 && t - r->last_turn > STALL_S;
+    if (stalled) {
         KVR_LOG_WARN("the router did not run for %.1f s: reading what queued up before judging liveness",
                      t - r->last_turn);
         r->cnt.stalls++;
         for (int i = 0; i < r->n_nodes; i++)
             if (r->nodes[i]->state == NODE_UP && r->nodes[i]->last_seen < t)
                 r->nodes[i]->last_seen = t;
+        for (int i = 0; i < r->n_active; i++)
+            if (r->active[i]->t_prefill_done > 0 && r->active[i]->t_prefill_done < t)
+                r->active[i]->t_prefill_done = t;
     }
     r->last_turn = t;
+    return stalled;
+}
+
+int coord_router_poll(struct coord_router *r) {
+    int did = 0;
+    stall_grace(r);
     take_inbox(r, &did);
     int empty = 0;
     if (drain(r, &empty))
         did = 1;
-    if (empty)
+    /* A stall during the drain (SIGSTOP between two messages) defers the judgement to a
+     * turn that reads what queued meanwhile. */
+    if (!stall_grace(r) && empty)
         check_liveness(r);
     if (r->pcancel && retry_cancels(r))
         did = 1;
     if (now(r) - r->last_reap >= REAP_EVERY_S) {
+        stall_grace(r);
         if (reap(r))
             did = 1;
         r->last_reap = now(r);

@@ -48,6 +48,8 @@ static struct {
     int n_out, cap_out;
     unsigned char dead[MAXPEER];
     int fail_kind, fail_rc, fail_left; /* make sends of fail_kind fail with fail_rc */
+    int jump_at;                       /* when the router reads in[jump_at - 1], ... */
+    double jump_s;                     /* ... the clock jumps this far (its process stopped) */
 } net;
 
 static void push(struct fmsg **arr, int *n, int *cap, struct fmsg m) {
@@ -66,6 +68,10 @@ static int f_poll(void *ctx, struct kvr_msg *m) {
     if (net.head_in == net.n_in)
         return KVR_EAGAIN;
     struct fmsg f = net.in[net.head_in++];
+    if (net.jump_at > 0 && net.head_in == net.jump_at) {
+        clock_s += net.jump_s;
+        net.jump_at = 0;
+    }
     net.cur = f.bytes;
     memset(m, 0, sizeof *m);
     m->src = f.peer;
@@ -689,6 +695,22 @@ static void test_stall_and_rejoin(void) {
     everyone_reports(r, 1, 3);
     coord_router_counters(r, &cnt);
     CHECK_EQ(cnt.stalls, 2);
+    CHECK_EQ(cnt.nodes_died, 0);
+
+    /* The router is stopped in the middle of a turn, between two queued reports, for 20 s
+     * (SIGSTOP while draining): nothing else queued, the nodes were frozen too. Nobody is
+     * declared dead by that turn, and they report again. */
+    clock_s += 0.05;
+    for (int rank = 1; rank <= 3; rank++)
+        report(rank);
+    net.jump_at = net.head_in + 2;
+    net.jump_s = 20;
+    coord_router_poll(r);
+    for (int rank = 1; rank <= 3; rank++)
+        CHECK_EQ(alive(r, rank), 1);
+    everyone_reports(r, 1, 3);
+    coord_router_counters(r, &cnt);
+    CHECK_EQ(cnt.stalls, 3);
     CHECK_EQ(cnt.nodes_died, 0);
 
     /* A node that really stops for longer than the node timeout is declared dead... */
