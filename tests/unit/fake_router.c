@@ -101,8 +101,9 @@ int coord_router_limits(struct coord_router *r, struct coord_limits *out) {
     out->nodes = NULL;
     if (F_limits.n_nodes > 0 && (out->nodes = malloc((size_t)F_limits.n_nodes * sizeof *out->nodes)))
         memcpy(out->nodes, F_limits.nodes, (size_t)F_limits.n_nodes * sizeof *out->nodes);
+    int rc = F_limits.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
     pthread_mutex_unlock(&F.mu);
-    return F_limits.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
+    return rc;
 }
 
 void fake_router_stats(struct fake_router_stats *out) {
@@ -256,8 +257,9 @@ int coord_router_status(struct coord_router *r, struct coord_cluster_status *out
     out->nodes = NULL;
     if (F.status.n_nodes > 0 && (out->nodes = malloc((size_t)F.status.n_nodes * sizeof *out->nodes)))
         memcpy(out->nodes, F.status.nodes, (size_t)F.status.n_nodes * sizeof *out->nodes);
+    int rc = F.status.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
     pthread_mutex_unlock(&F.mu);
-    return F.status.n_nodes > 0 && !out->nodes ? KVR_ENOMEM : KVR_OK;
+    return rc;
 }
 
 int fake_router_wait_idle(double timeout_s) {
