@@ -56,6 +56,7 @@ struct eng_cfg {
     const char *models;
     const char *bundled;
     int weights;
+    int context;
 };
 
 static const struct kvr_opt eng_opts[] = {
@@ -66,7 +67,8 @@ static const struct kvr_opt eng_opts[] = {
     {"reps", KVR_OPT_INT, offsetof(struct eng_cfg, reps), "0", 0, 100, NULL, 0, "timed repetitions per measurement; the best is reported (0 = 3, --quick 1)"},
     {"models", KVR_OPT_STRING, offsetof(struct eng_cfg, models), NULL, 0, -1, NULL, 0, "comma-separated subset of 260k,110m,1.1b (default: all; --quick: 260k,110m)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages"},
-    {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "checkpoint of the bundled model"},
+    {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "model file measured as 260k: the bundled checkpoint, or any GGUF / llama2.c file"},
+    {"context", KVR_OPT_INT, offsetof(struct eng_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length of every model loaded (0 = each file's)"},
 };
 
 struct model_spec {
@@ -124,6 +126,7 @@ struct bench {
         const char *path;
         uint64_t params, weight_bytes, kv_token_bytes, peak_rss;
         int loaded;
+        char types[48]; /* weight types, "Q8_0+F16+F32" */
     } models[MAX_MODELS];
     int n_models;
     char paths[MAX_MODELS][4096];
@@ -413,7 +416,8 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     size_t first_row = (size_t)b->n_rows;
 
     reset_peak_rss();
-    if ((rc = kvr_model_load_mode(path, (enum kvr_weights_mode)b->cfg.weights, &m)) != KVR_OK) {
+    struct kvr_model_params mp = {.mode = (enum kvr_weights_mode)b->cfg.weights, .n_ctx = b->cfg.context};
+    if ((rc = kvr_model_load_params(path, &mp, &m)) != KVR_OK) {
         fprintf(stderr, "bench engine: cannot load '%s': %s\n", path, kvr_status_str(rc));
         goto out;
     }
@@ -432,6 +436,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     b->models[mi].weight_bytes = weight_nbytes;
     b->models[mi].kv_token_bytes = tok_nbytes;
     b->models[mi].loaded = 1;
+    snprintf(b->models[mi].types, sizeof b->models[mi].types, "%s", kvr_model_types(m));
 
     /* One pool for the biggest prompt, the template and 32 decoding sequences. */
     struct kvr_kv_policy_params dense = {.policy = KVR_KV_DENSE};
@@ -598,8 +603,8 @@ static void print_table(const struct bench *b, const char *cpu) {
            "%.1f GFLOP/s)\n\n", b->bw_gbs, BW_BUFFER_MIB, b->sgemm_gflops, SGEMM_N,
            b->n_ceiling_runs, b->bw_min, b->sgemm_min);
     for (int i = 0; i < b->n_models; i++)
-        printf("%-26s %6.1fM params, %.1f MB weights/step, %.1f KB KV/token, peak RSS %.0f MiB\n",
-               b->models[i].name, (double)b->models[i].params / 1e6,
+        printf("%-26s %6.1fM params (%s), %.1f MB weights/step, %.1f KB KV/token, peak RSS %.0f MiB\n",
+               b->models[i].name, (double)b->models[i].params / 1e6, b->models[i].types,
                (double)b->models[i].weight_bytes / 1e6, (double)b->models[i].kv_token_bytes / 1e3,
                (double)b->models[i].peak_rss / 1048576.0);
     printf("\n%-26s %-8s %5s %6s %10s %10s %8s %8s %9s\n", "model", "phase", "batch", "ctx",
@@ -629,6 +634,8 @@ static void print_json(const struct bench *b, const char *cpu) {
         kvr_json_write_string(stdout, b->models[i].name);
         printf(",\"path\":");
         kvr_json_write_string(stdout, b->models[i].path);
+        printf(",\"types\":");
+        kvr_json_write_string(stdout, b->models[i].types);
         printf(",\"model_params\":%llu,\"weight_bytes_per_step\":%llu,\"kv_bytes_per_token\":%llu,"
                "\"peak_rss_bytes\":%llu}",
                (unsigned long long)b->models[i].params, (unsigned long long)b->models[i].weight_bytes,

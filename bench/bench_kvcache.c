@@ -46,11 +46,15 @@ struct kvc_cfg {
     int sinks;
     int threads;
     int json;
+    int context;
 };
 
+#define KVC_DEFAULT_MODEL KVR_SHARED_DIR "/models/stories260K.bin"
+
 static const struct kvr_opt kvc_opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct kvc_cfg, model), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "checkpoint (the bundled stories260K by default)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct kvc_cfg, tokenizer), KVR_SHARED_DIR "/models/tok512.bin", 0, -1, NULL, 0, "tokenizer.bin of the model"},
+    {"model", KVR_OPT_STRING, offsetof(struct kvc_cfg, model), KVC_DEFAULT_MODEL, 0, -1, NULL, 0, "model file, GGUF or llama2.c (the bundled stories260K by default)"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct kvc_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (default: the GGUF model's own; tok512.bin for the bundled model)"},
+    {"context", KVR_OPT_INT, offsetof(struct kvc_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's)"},
     {"text", KVR_OPT_STRING, offsetof(struct kvc_cfg, text), KVR_SHARED_DIR "/data/tinystories_valid_100.txt", 0, -1, NULL, 0, "text whose tokens fill the context (cycled if short)"},
     {"110m", KVR_OPT_FLAG, offsetof(struct kvc_cfg, shape_110m), "0", 0, -1, NULL, 0, "run the 110M shape: " M110_PATH " (written if absent or of another size) with the Llama 2 tokenizer"},
     {"max-tokens", KVR_OPT_INT, offsetof(struct kvc_cfg, max_tokens), "8192", 512, 1 << 20, NULL, 0, "longest context; marks at 512, 1024, ... up to it"},
@@ -112,10 +116,13 @@ static int load_tokens(struct kvc *b) {
     struct kvr_tokenizer *tok = NULL;
     FILE *f = NULL;
     char *text = NULL;
-    int rc = kvr_tokenizer_load(b->cfg.tokenizer, b->c->vocab_size, &tok);
+    const char *tok_path = b->cfg.tokenizer;
+    if (!tok_path && !strcmp(b->cfg.model, KVC_DEFAULT_MODEL))
+        tok_path = KVR_SHARED_DIR "/models/tok512.bin";
+    int rc = kvr_model_load_tokenizer(b->model, tok_path, &tok);
     if (rc != KVR_OK) {
-        fprintf(stderr, "kvrelay bench kvcache: cannot load tokenizer '%s': %s\n", b->cfg.tokenizer,
-                kvr_status_str(rc));
+        fprintf(stderr, "kvrelay bench kvcache: cannot load the tokenizer of '%s': %s\n",
+                tok_path ? tok_path : b->cfg.model, kvr_status_str(rc));
         goto out;
     }
     rc = KVR_ENOENT;
@@ -359,7 +366,8 @@ int kvr_bench_kvcache(int argc, char **argv) {
         b.cfg.model = M110_PATH;
         b.cfg.tokenizer = KVR_SHARED_DIR "/models/llama2_tokenizer.bin";
     }
-    if ((rc = kvr_model_load(b.cfg.model, &b.model)) != KVR_OK) {
+    struct kvr_model_params mp = {.n_ctx = b.cfg.context};
+    if ((rc = kvr_model_load_params(b.cfg.model, &mp, &b.model)) != KVR_OK) {
         fprintf(stderr, "kvrelay bench kvcache: cannot load model '%s': %s\n", b.cfg.model, kvr_status_str(rc));
         goto out;
     }

@@ -47,13 +47,16 @@ struct kw_cfg {
     double min_time;
     int explore;
     int json;
+    int context;
 };
 
 static const struct kvr_opt kw_opts[] = {
     {"model", KVR_OPT_STRING, offsetof(struct kw_cfg, model), NULL, 0, -1, NULL, 1,
-     "checkpoint (llama2.c format)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct kw_cfg, tokenizer), NULL, 0, -1, NULL, 1,
-     "tokenizer.bin of the model"},
+     "model file: GGUF or llama2.c checkpoint"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct kw_cfg, tokenizer), NULL, 0, -1, NULL, 0,
+     "tokenizer.bin (llama2.c); default: the GGUF model's own"},
+    {"context", KVR_OPT_INT, offsetof(struct kw_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0,
+     "context length in tokens (0 = the model file's)"},
     {"text", KVR_OPT_STRING, offsetof(struct kw_cfg, text),
      KVR_SHARED_DIR "/data/tinystories_valid_100.txt", 0, -1, NULL, 0,
      "text whose first --tokens tokens are prefilled"},
@@ -479,15 +482,16 @@ int kvr_bench_kvwire(int argc, char **argv) {
     ex = KVR_EXIT_RUNTIME;
     int rc;
 
-    if ((rc = kvr_model_load(w.cfg.model, &model)) != KVR_OK) {
+    struct kvr_model_params mp = {.n_ctx = w.cfg.context};
+    if ((rc = kvr_model_load_params(w.cfg.model, &mp, &model)) != KVR_OK) {
         fprintf(stderr, "kvrelay bench kvwire: cannot load model '%s': %s\n", w.cfg.model,
                 kvr_status_str(rc));
         goto out;
     }
     const struct kvr_model_config *c = w.c = kvr_model_config(model);
-    if ((rc = kvr_tokenizer_load(w.cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {
-        fprintf(stderr, "kvrelay bench kvwire: cannot load tokenizer '%s': %s\n", w.cfg.tokenizer,
-                kvr_status_str(rc));
+    if ((rc = kvr_model_load_tokenizer(model, w.cfg.tokenizer, &tok)) != KVR_OK) {
+        fprintf(stderr, "kvrelay bench kvwire: cannot load the tokenizer of '%s': %s\n",
+                w.cfg.tokenizer ? w.cfg.tokenizer : w.cfg.model, kvr_status_str(rc));
         goto out;
     }
     if (w.cfg.tokens > c->seq_len) {

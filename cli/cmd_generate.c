@@ -32,11 +32,13 @@ struct gen_cfg {
     int allow_extrapolation;
     int threads;
     int weights;
+    int context;
 };
 
 static const struct kvr_opt gen_opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct gen_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct gen_cfg, tokenizer), NULL, 0, -1, NULL, 1, "tokenizer.bin of the model"},
+    {"model", KVR_OPT_STRING, offsetof(struct gen_cfg, model), NULL, 0, -1, NULL, 1, "model file: GGUF (llama architecture; F32, F16, BF16, Q8_0) or llama2.c checkpoint"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct gen_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (llama2.c; or a GGUF file's vocabulary); default: the GGUF model's own"},
+    {"context", KVR_OPT_INT, offsetof(struct gen_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's)"},
     {"prompt", KVR_OPT_STRING, offsetof(struct gen_cfg, prompt), "", 0, -1, NULL, 0, "prompt text"},
     {"steps", KVR_OPT_INT, offsetof(struct gen_cfg, steps), "256", 1, 1e8, NULL, 0, "positions to run, prompt included (as run.c)"},
     {"temperature", KVR_OPT_FLOAT, offsetof(struct gen_cfg, temperature), "1.0", 0, 100, NULL, 0, "0 = greedy"},
@@ -68,13 +70,17 @@ int kvr_cmd_generate(int argc, char **argv) {
     ex = KVR_EXIT_RUNTIME;
     int rc;
 
-    if ((rc = kvr_model_load_mode(cfg.model, (enum kvr_weights_mode)cfg.weights, &model)) != KVR_OK) {
+    struct kvr_model_params mp = {.mode = (enum kvr_weights_mode)cfg.weights, .n_ctx = cfg.context};
+    if ((rc = kvr_model_load_params(cfg.model, &mp, &model)) != KVR_OK) {
         fprintf(stderr, "kvrelay generate: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
         goto out;
     }
     const struct kvr_model_config *c = kvr_model_config(model);
-    if ((rc = kvr_tokenizer_load(cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {
-        fprintf(stderr, "kvrelay generate: cannot load tokenizer '%s': %s\n", cfg.tokenizer, kvr_status_str(rc));
+    if ((rc = kvr_model_load_tokenizer(model, cfg.tokenizer, &tok)) != KVR_OK) {
+        fprintf(stderr, "kvrelay generate: cannot load the tokenizer of '%s': %s\n",
+                cfg.tokenizer ? cfg.tokenizer : cfg.model, kvr_status_str(rc));
+        if (!cfg.tokenizer && c->format == KVR_MODEL_LLAMA2C)
+            ex = KVR_EXIT_USAGE; /* --tokenizer is required for this model */
         goto out;
     }
     struct kvr_kv_policy_params pol = {.policy = (enum kvr_kv_policy)cfg.kv_policy,
@@ -95,6 +101,12 @@ int kvr_cmd_generate(int argc, char **argv) {
         goto out;
     }
     int dense = pol.policy == KVR_KV_DENSE;
+    if (n_prompt == 0) {
+        fprintf(stderr, "kvrelay generate: the prompt is empty and the model's vocabulary adds no BOS: "
+                        "nothing to start from\n");
+        ex = KVR_EXIT_USAGE;
+        goto out;
+    }
     if (n_prompt > cfg.steps) {
         fprintf(stderr, "kvrelay generate: the prompt is %d tokens but --steps is %d (steps count the "
                         "prompt, as in run.c)\n", n_prompt, cfg.steps);
@@ -103,8 +115,8 @@ int kvr_cmd_generate(int argc, char **argv) {
     }
     if (dense && !cfg.allow_extrapolation && cfg.steps > c->seq_len) {
         fprintf(stderr, "kvrelay generate: %s %d positions exceed the model's context of %d under "
-                        "--kv-policy dense; lower --steps, pick window/sink/recompute, or pass "
-                        "--allow-extrapolation\n",
+                        "--kv-policy dense; lower --steps, pick window/sink/recompute, set --context, "
+                        "or pass --allow-extrapolation\n",
                 n_prompt > c->seq_len ? "the prompt's" : "--steps", n_prompt > c->seq_len ? n_prompt : cfg.steps,
                 c->seq_len);
         ex = KVR_EXIT_USAGE;
@@ -157,7 +169,7 @@ int kvr_cmd_generate(int argc, char **argv) {
     int next = kvr_sampler_sample(&sampler, logits, c->vocab_size, scratch);
     double t2 = kvr_clock_now();
     for (;;) {
-        if (next == KVR_TOKEN_BOS)
+        if (next == c->bos_id)
             break;
         fputs(kvr_tokenizer_piece_safe(tok, token, next), stdout);
         fflush(stdout);

@@ -27,11 +27,13 @@ struct ppl_cfg {
     int allow_extrapolation;
     int json;
     int threads;
+    int context;
 };
 
 static const struct kvr_opt ppl_opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct ppl_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct ppl_cfg, tokenizer), NULL, 0, -1, NULL, 1, "tokenizer.bin of the model"},
+    {"model", KVR_OPT_STRING, offsetof(struct ppl_cfg, model), NULL, 0, -1, NULL, 1, "model file: GGUF (llama architecture; F32, F16, BF16, Q8_0) or llama2.c checkpoint"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct ppl_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (llama2.c; or a GGUF file's vocabulary); default: the GGUF model's own"},
+    {"context", KVR_OPT_INT, offsetof(struct ppl_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's)"},
     {"text", KVR_OPT_STRING, offsetof(struct ppl_cfg, text), NULL, 0, -1, NULL, 1, "UTF-8 text file, encoded as one string with BOS"},
     {"tokens", KVR_OPT_INT, offsetof(struct ppl_cfg, tokens), "0", 0, 1 << 26, NULL, 0, "N: keep the first N tokens, BOS included (0 = all; error if fewer)"},
     {"kv-policy", KVR_OPT_CHOICE, offsetof(struct ppl_cfg, kv_policy), "dense", 0, -1, KVR_KV_POLICY_CHOICES, 0, "KV-cache policy"},
@@ -96,13 +98,17 @@ int kvr_cmd_ppl(int argc, char **argv) {
     ex = KVR_EXIT_RUNTIME;
     int rc;
 
-    if ((rc = kvr_model_load(cfg.model, &model)) != KVR_OK) {
+    struct kvr_model_params mp = {.n_ctx = cfg.context};
+    if ((rc = kvr_model_load_params(cfg.model, &mp, &model)) != KVR_OK) {
         fprintf(stderr, "kvrelay ppl: cannot load model '%s': %s\n", cfg.model, kvr_status_str(rc));
         goto out;
     }
     const struct kvr_model_config *c = kvr_model_config(model);
-    if ((rc = kvr_tokenizer_load(cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {
-        fprintf(stderr, "kvrelay ppl: cannot load tokenizer '%s': %s\n", cfg.tokenizer, kvr_status_str(rc));
+    if ((rc = kvr_model_load_tokenizer(model, cfg.tokenizer, &tok)) != KVR_OK) {
+        fprintf(stderr, "kvrelay ppl: cannot load the tokenizer of '%s': %s\n",
+                cfg.tokenizer ? cfg.tokenizer : cfg.model, kvr_status_str(rc));
+        if (!cfg.tokenizer && c->format == KVR_MODEL_LLAMA2C)
+            ex = KVR_EXIT_USAGE; /* --tokenizer is required for this model */
         goto out;
     }
     struct kvr_kv_policy_params pol = {.policy = (enum kvr_kv_policy)cfg.kv_policy,
@@ -138,9 +144,9 @@ int kvr_cmd_ppl(int argc, char **argv) {
         goto out;
     }
     if (pol.policy == KVR_KV_DENSE && N - 1 > c->seq_len && !cfg.allow_extrapolation) {
-        fprintf(stderr, "kvrelay ppl: %d tokens put dense positions up to %d, past the model's trained "
-                        "context of %d; use --tokens %d or fewer, pick window/sink/recompute, or pass "
-                        "--allow-extrapolation\n", N, N - 2, c->seq_len, c->seq_len + 1);
+        fprintf(stderr, "kvrelay ppl: %d tokens put dense positions up to %d, past the model's "
+                        "context of %d; use --tokens %d or fewer, pick window/sink/recompute, set "
+                        "--context, or pass --allow-extrapolation\n", N, N - 2, c->seq_len, c->seq_len + 1);
         ex = KVR_EXIT_USAGE;
         goto out;
     }

@@ -60,11 +60,13 @@ struct up_cfg {
     const char *tls_ca;
     const char *tls_server_name;
     const char *auth_token_file;
+    int context;
 };
 
 static const struct kvr_opt up_opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct up_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct up_cfg, tokenizer), NULL, 0, -1, NULL, 1, "tokenizer.bin of the model"},
+    {"model", KVR_OPT_STRING, offsetof(struct up_cfg, model), NULL, 0, -1, NULL, 1, "model file: GGUF (llama architecture; F32, F16, BF16, Q8_0) or llama2.c checkpoint"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct up_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (llama2.c; or a GGUF file's vocabulary); default: the GGUF model's own"},
+    {"context", KVR_OPT_INT, offsetof(struct up_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens for every node (0 = the model file's)"},
     {"prefill", KVR_OPT_INT, offsetof(struct up_cfg, prefill), "1", 0, 256, NULL, 0, "prefill nodes (0 needs --colocated)"},
     {"decode", KVR_OPT_INT, offsetof(struct up_cfg, decode), "1", 1, 256, NULL, 0, "decode nodes"},
     {"port", KVR_OPT_INT, offsetof(struct up_cfg, port), "50051", 1, 65535, NULL, 0, "gRPC port of the coordinator"},
@@ -301,14 +303,16 @@ int kvr_cmd_up(int argc, char **argv) {
      * file is one clear line instead of every rank failing under mpirun. */
     struct kvr_model *model = NULL;
     struct kvr_tokenizer *tok = NULL;
-    int lrc = kvr_model_load(cfg.model, &model);
+    struct kvr_model_params mp = {.n_ctx = cfg.context};
+    int lrc = kvr_model_load_params(cfg.model, &mp, &model);
     if (lrc == KVR_OK)
-        lrc = kvr_tokenizer_load(cfg.tokenizer, kvr_model_config(model)->vocab_size, &tok);
+        lrc = kvr_model_load_tokenizer(model, cfg.tokenizer, &tok);
     if (lrc != KVR_OK) {
-        fprintf(stderr, "kvrelay up: cannot serve %s with %s: %s\n", cfg.model, cfg.tokenizer,
-                kvr_status_str(lrc));
+        fprintf(stderr, "kvrelay up: cannot serve %s with %s: %s\n", cfg.model,
+                cfg.tokenizer ? cfg.tokenizer : "its own tokenizer", kvr_status_str(lrc));
+        int usage = model && !cfg.tokenizer && kvr_model_config(model)->format == KVR_MODEL_LLAMA2C;
         kvr_model_free(model);
-        return KVR_EXIT_RUNTIME;
+        return usage ? KVR_EXIT_USAGE : KVR_EXIT_RUNTIME;
     }
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
@@ -373,8 +377,14 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, coord_bin);
     arg(a, "--model");
     arg(a, cfg.model);
-    arg(a, "--tokenizer");
-    arg(a, cfg.tokenizer);
+    if (cfg.tokenizer) {
+        arg(a, "--tokenizer");
+        arg(a, cfg.tokenizer);
+    }
+    if (cfg.context) {
+        arg(a, "--context");
+        arg(a, fmt(a, "%ld", cfg.context));
+    }
     arg(a, "--listen");
     arg(a, listen);
     arg(a, "--queue-timeout");
@@ -405,6 +415,10 @@ int kvr_cmd_up(int argc, char **argv) {
         arg(a, prefill_bin);
         arg(a, "--model");
         arg(a, cfg.model);
+        if (cfg.context) {
+            arg(a, "--context");
+            arg(a, fmt(a, "%ld", cfg.context));
+        }
         arg(a, "--threads");
         arg(a, fmt(a, "%ld", threads));
         arg(a, "--kv-dtype");
@@ -421,6 +435,10 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, decode_bin);
     arg(a, "--model");
     arg(a, cfg.model);
+    if (cfg.context) {
+        arg(a, "--context");
+        arg(a, fmt(a, "%ld", cfg.context));
+    }
     arg(a, "--threads");
     arg(a, fmt(a, "%ld", threads));
     arg(a, "--kv-memory");

@@ -6,6 +6,7 @@
  * OpenBLAS never runs threads of its own beside ours. */
 #include "matmul.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include <cblas.h>
@@ -14,6 +15,8 @@
 #define MM_AVX2 1
 #endif
 
+#include "log.h"
+#include "status.h"
 #include "threadpool.h"
 
 void kvr_matmul_init(void) { openblas_set_num_threads(1); }
@@ -266,18 +269,132 @@ static void small_m(float *y, int ldy, const float *x, const float *w, int m, in
     }
 }
 
+/* ---- other weight types (quant.h) ------------------------------------------------- */
+
+#define DQ_ROWS 64 /* weight rows per dequantized tile of the GEMM path */
+#define DQ_K 256   /* values per row of such a tile: 64 KiB of float32 on the stack */
+
+/* Few rows: each weight row is read once and dotted with every converted activation row
+ * by the type's kernel; one (i, j) gives the same value whatever else is in the batch. */
+static void typed_small(float *y, int ldy, const struct kvr_matmul_act *a,
+                        const struct kvr_tensor *w, int n0, int n1, float beta) {
+    size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), a->k);
+    for (int j = n0; j < n1; j++) {
+        const void *wr = (const char *)w->data + (size_t)j * w->row_nbytes;
+        for (int i = 0; i < a->m; i++) {
+            float d = kvr_vec_dot(w->type, wr, (const char *)a->xc + (size_t)i * xb, a->k);
+            float *yij = y + (size_t)i * (size_t)ldy + j;
+            *yij = beta != 0.0f ? d + beta * *yij : d;
+        }
+    }
+}
+
+/* Many rows: rounded activations (a->xc, float32) times tiles of DQ_ROWS x DQ_K weights
+ * dequantized on the stack, by sgemm; later tiles of k add to the partial sums. */
+static void typed_gemm(float *y, int ldy, const struct kvr_matmul_act *a,
+                       const struct kvr_tensor *w, int n0, int n1, float beta) {
+    _Alignas(64) float wt[DQ_ROWS * DQ_K];
+    const float *xr = a->xc;
+    int k = a->k;
+    for (int j = n0; j < n1; j += DQ_ROWS) {
+        int nr = n1 - j < DQ_ROWS ? n1 - j : DQ_ROWS;
+        for (int k0 = 0; k0 < k; k0 += DQ_K) {
+            int kc = k - k0 < DQ_K ? k - k0 : DQ_K;
+            /* k0 is a multiple of 256, so of every block size. */
+            size_t off = kvr_dtype_row_nbytes(w->type, k0);
+            for (int r = 0; r < nr; r++)
+                kvr_dequantize_row(w->type, (const char *)w->data + (size_t)(j + r) * w->row_nbytes + off,
+                                   wt + (size_t)r * kc, kc);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->m, nr, kc, 1.0f, xr + k0, k, wt, kc,
+                        k0 == 0 ? beta : 1.0f, y + j, ldy);
+        }
+    }
+}
+
+struct kvr_matmul_ws {
+    float *slot[KVR_MATMUL_WS_SLOTS];
+    size_t slot_nfloats[KVR_MATMUL_WS_SLOTS];
+};
+
+int kvr_matmul_ws_create(const struct kvr_matmul_ws_params *p, struct kvr_matmul_ws **out) {
+    *out = NULL;
+    if (p->m_max < 1)
+        return KVR_EINVAL;
+    struct kvr_matmul_ws *ws = calloc(1, sizeof *ws);
+    if (!ws)
+        return KVR_ENOMEM;
+    for (int i = 0; i < KVR_MATMUL_WS_SLOTS; i++) {
+        if (p->k_max[i] < 0) {
+            kvr_matmul_ws_free(ws);
+            return KVR_EINVAL;
+        }
+        if (p->k_max[i] == 0)
+            continue;
+        /* Float32 rows are the largest form a conversion takes (Q8_0 rows are 34/32
+         * bytes per value, F16/BF16 2). */
+        ws->slot_nfloats[i] = (size_t)p->m_max * (size_t)p->k_max[i];
+        if (!(ws->slot[i] = malloc(ws->slot_nfloats[i] * sizeof(float)))) {
+            kvr_matmul_ws_free(ws);
+            return KVR_ENOMEM;
+        }
+    }
+    *out = ws;
+    return KVR_OK;
+}
+
+void kvr_matmul_ws_free(struct kvr_matmul_ws *ws) {
+    if (!ws)
+        return;
+    for (int i = 0; i < KVR_MATMUL_WS_SLOTS; i++)
+        free(ws->slot[i]);
+    free(ws);
+}
+
+static int ws_fits(const struct kvr_matmul_ws *ws, int slot, int m, int k) {
+    return ws && slot >= 0 && slot < KVR_MATMUL_WS_SLOTS &&
+           (size_t)m * (size_t)k <= ws->slot_nfloats[slot];
+}
+
+void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, int m, int k,
+                            enum kvr_dtype type, struct kvr_matmul_act *a) {
+    *a = (struct kvr_matmul_act){.x = x, .xc = NULL, .type = type, .m = m, .k = k};
+    if (type == KVR_DTYPE_F32)
+        return;
+    KVR_ASSERT(ws_fits(ws, slot, m, k));
+    if (m <= KVR_MATMUL_SMALL_M) {
+        size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k);
+        char *dst = (char *)ws->slot[slot];
+        for (int i = 0; i < m; i++)
+            kvr_act_convert_row(type, x + (size_t)i * (size_t)k, dst + (size_t)i * xb, k);
+    } else {
+        for (int i = 0; i < m; i++)
+            kvr_act_round_row(type, x + (size_t)i * (size_t)k, ws->slot[slot] + (size_t)i * (size_t)k, k);
+    }
+    a->xc = ws->slot[slot];
+}
+
 /* ---- entry points ---------------------------------------------------------------- */
 
-void kvr_matmul_slice(float *y, int ldy, const float *x, const float *w, int m, int n0, int n1,
-                      int k, float beta) {
+void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
+                      const struct kvr_tensor *w, int n0, int n1, float beta) {
+    int m = a->m, k = a->k;
     if (n1 <= n0 || m <= 0)
         return;
+    KVR_ASSERT(a->type == w->type && (int64_t)k == w->cols && n1 <= w->rows);
+    if (w->type != KVR_DTYPE_F32) {
+        if (m <= KVR_MATMUL_SMALL_M)
+            typed_small(y, ldy, a, w, n0, n1, beta);
+        else
+            typed_gemm(y, ldy, a, w, n0, n1, beta);
+        return;
+    }
+    const float *x = a->x, *wf = w->data;
     if (m <= KVR_MATMUL_SMALL_M) {
-        small_m(y, ldy, x, w, m, n0, n1, k, beta);
+        small_m(y, ldy, x, wf, m, n0, n1, k, beta);
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n1 - n0, k, 1.0f, x, k,
-                w + (size_t)n0 * (size_t)k, k, beta, y + n0, ldy);
+                wf + (size_t)n0 * (size_t)k, k, beta, y + n0, ldy);
 }
 
 int kvr_matmul_chunk(int m, int n, int k, int n_threads) {
@@ -303,6 +420,7 @@ int kvr_matmul_chunk(int m, int n, int k, int n_threads) {
 struct mm_job {
     const struct kvr_matmul_op *ops;
     int n_ops;
+    struct kvr_matmul_act act[KVR_MATMUL_MAX_OPS];
     int task0[KVR_MATMUL_MAX_OPS + 1]; /* first task of each op; task0[n_ops] = total */
     int chunk[KVR_MATMUL_MAX_OPS];
 };
@@ -315,27 +433,49 @@ static void mm_task(void *arg, int task, int thread) {
         o++;
     const struct kvr_matmul_op *op = &j->ops[o];
     int n0 = (task - j->task0[o]) * j->chunk[o];
-    int n1 = n0 + j->chunk[o] < op->n ? n0 + j->chunk[o] : op->n;
-    kvr_matmul_slice(op->y, op->n, op->x, op->w, op->m, n0, n1, op->k, op->beta);
+    int n = (int)op->w->rows;
+    int n1 = n0 + j->chunk[o] < n ? n0 + j->chunk[o] : n;
+    kvr_matmul_slice(op->y, n, &j->act[o], op->w, n0, n1, op->beta);
 }
 
-void kvr_matmul_multi(struct kvr_threadpool *tp, const struct kvr_matmul_op *ops, int n_ops) {
+void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
+                      const struct kvr_matmul_op *ops, int n_ops) {
+    KVR_ASSERT(n_ops >= 1 && n_ops <= KVR_MATMUL_MAX_OPS);
     struct mm_job j = {.ops = ops, .n_ops = n_ops};
     int nt = kvr_threadpool_n_threads(tp);
     long work = 0;
+    int slot_used[KVR_MATMUL_WS_SLOTS] = {0};
     j.task0[0] = 0;
     for (int o = 0; o < n_ops; o++) {
         const struct kvr_matmul_op *op = &ops[o];
-        j.chunk[o] = kvr_matmul_chunk(op->m, op->n, op->k, nt);
-        j.task0[o + 1] = j.task0[o] + (op->n + j.chunk[o] - 1) / j.chunk[o];
-        work += (long)op->m * op->n * op->k;
+        int n = (int)op->w->rows, k = (int)op->w->cols;
+        /* One conversion per distinct (x, type): Q, K and V of one type share theirs. */
+        int shared = -1;
+        for (int p = 0; p < o && shared < 0; p++)
+            if (ops[p].x == op->x && ops[p].w->type == op->w->type && ops[p].m == op->m)
+                shared = p;
+        if (shared >= 0) {
+            j.act[o] = j.act[shared];
+        } else {
+            int slot = -1;
+            if (op->w->type != KVR_DTYPE_F32)
+                for (int s = 0; s < KVR_MATMUL_WS_SLOTS && slot < 0; s++)
+                    if (!slot_used[s] && ws_fits(ws, s, op->m, k))
+                        slot = s;
+            if (slot >= 0)
+                slot_used[slot] = 1;
+            kvr_matmul_act_prepare(ws, slot, op->x, op->m, k, op->w->type, &j.act[o]);
+        }
+        j.chunk[o] = kvr_matmul_chunk(op->m, n, k, nt);
+        j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
+        work += (long)op->m * n * k;
     }
     /* Tiny problems (the bundled model) are not worth waking threads for. */
     kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? tp : NULL, mm_task, &j, j.task0[n_ops]);
 }
 
-void kvr_matmul(struct kvr_threadpool *tp, float *y, const float *x, const float *w, int m, int n,
-                int k, float beta) {
-    struct kvr_matmul_op op = {.y = y, .x = x, .w = w, .m = m, .n = n, .k = k, .beta = beta};
-    kvr_matmul_multi(tp, &op, 1);
+void kvr_matmul(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws, float *y, const float *x,
+                const struct kvr_tensor *w, int m, float beta) {
+    struct kvr_matmul_op op = {.y = y, .x = x, .w = w, .m = m, .beta = beta};
+    kvr_matmul_multi(tp, ws, &op, 1);
 }

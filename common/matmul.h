@@ -3,9 +3,14 @@
  * weights. The n output features are cut into slices run across the thread pool; a
  * slice of few rows (decode) runs a hand-written AVX2/FMA kernel that reads each weight
  * row once for all m rows, a slice of many rows (prefill) runs single-threaded OpenBLAS
- * sgemm, so OpenBLAS never runs threads of its own beside ours. */
+ * sgemm, so OpenBLAS never runs threads of its own beside ours. Weights of the other
+ * types (quant.h) take the same two paths: per-row dot products of the type's kernel
+ * for few rows, and for many rows sgemm on the activations rounded to the type times
+ * tiles of weights dequantized to float32 (the same products up to summation order). */
 #ifndef KVR_MATMUL_H
 #define KVR_MATMUL_H
+
+#include "quant.h"
 
 struct kvr_threadpool;
 
@@ -26,28 +31,71 @@ struct kvr_threadpool;
 /* Pins OpenBLAS to one thread; call once at startup before any kvr_matmul. */
 void kvr_matmul_init(void);
 
-/* y: (m, n) row-major, ldy = n; x: (m, k); w: (n, k). tp may be NULL. */
-void kvr_matmul(struct kvr_threadpool *tp, float *y, const float *x, const float *w, int m, int n,
-                int k, float beta);
+/* Slots of converted activations a workspace holds: enough for the Q, K and V products
+ * of one layer in three different weight types. */
+#define KVR_MATMUL_WS_SLOTS 3
+
+/* Scratch for activations converted for non-F32 weights (quant.h): slot i holds up to
+ * m_max rows of k_max[i] values (0: no such slot). Models whose matrices are all F32
+ * need none (pass NULL). */
+struct kvr_matmul_ws_params {
+    int m_max;
+    int k_max[KVR_MATMUL_WS_SLOTS];
+};
+
+struct kvr_matmul_ws;
+
+/* KVR_EINVAL for a bad size, KVR_ENOMEM. Returns owned *out, free with kvr_matmul_ws_free. */
+int kvr_matmul_ws_create(const struct kvr_matmul_ws_params *p, struct kvr_matmul_ws **out);
+
+/* Accepts NULL. */
+void kvr_matmul_ws_free(struct kvr_matmul_ws *ws);
+
+/* Activations ready for a product with weights of one type, shared by every slice of it.
+ * For F32 weights xc is NULL and the slices read x. Otherwise xc holds x converted as
+ * quant.h says: m rows of kvr_dtype_row_nbytes(type, k) bytes (m <= KVR_MATMUL_SMALL_M,
+ * the dot-product path), or (m, k) float32 values rounded the same way (the GEMM path). */
+struct kvr_matmul_act {
+    const float *x;  /* (m, k) float32, row-major, k apart */
+    const void *xc;  /* converted copy in a workspace slot, or NULL */
+    enum kvr_dtype type;
+    int m, k;
+};
+
+/* Fills *a for x (m, k) and weights of type; converts into ws slot `slot` unless type is
+ * F32 (ws may then be NULL). The slot must hold m rows of k values (KVR_ASSERT). The copy
+ * lives until the slot is prepared again. */
+void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, int m, int k,
+                            enum kvr_dtype type, struct kvr_matmul_act *a);
+
+/* y: (m, n) row-major, ldy = n, with n = w->rows; x: (m, k), k = w->cols; y = x . w^T +
+ * beta * y. tp may be NULL; ws may be NULL when w is F32. */
+void kvr_matmul(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws, float *y, const float *x,
+                const struct kvr_tensor *w, int m, float beta);
 
 /* One independent product of kvr_matmul_multi; fields as in kvr_matmul. */
 struct kvr_matmul_op {
-    float *y;       /* (m, n) */
-    const float *x; /* (m, k) */
-    const float *w; /* (n, k) */
-    int m, n, k;
+    float *y;                   /* (m, w->rows) */
+    const float *x;             /* (m, w->cols) */
+    const struct kvr_tensor *w; /* borrowed */
+    int m;
     float beta;
 };
 
 /* Runs n_ops (<= KVR_MATMUL_MAX_OPS) independent products in one parallel loop (one wake-up
- * and one barrier for all of them, e.g. the Q, K and V projections). tp may be NULL. */
-void kvr_matmul_multi(struct kvr_threadpool *tp, const struct kvr_matmul_op *ops, int n_ops);
+ * and one barrier for all of them, e.g. the Q, K and V projections). Ops with the same x and
+ * weight type share one conversion; at most KVR_MATMUL_WS_SLOTS distinct conversions.
+ * tp may be NULL. */
+void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
+                      const struct kvr_matmul_op *ops, int n_ops);
 
 /* Single-threaded building block for fused parallel loops built elsewhere: columns
- * [n0, n1) of y only, i.e. y[i][j] = x[i] . w[j] + beta * y[i][j] for i < m, n0 <= j < n1;
- * y rows are ldy floats apart, x rows k floats. */
-void kvr_matmul_slice(float *y, int ldy, const float *x, const float *w, int m, int n0, int n1,
-                      int k, float beta);
+ * [n0, n1) of y only, i.e. y[i][j] = x[i] . w[j] + beta * y[i][j] for i < a->m,
+ * n0 <= j < n1; y rows are ldy floats apart. a was prepared for w's type. The result of
+ * one (i, j) does not depend on n0, n1 or, for non-F32 weights up to KVR_MATMUL_SMALL_M
+ * rows, on the other rows. */
+void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
+                      const struct kvr_tensor *w, int n0, int n1, float beta);
 
 /* Output features per slice that kvr_matmul uses for this shape on n_threads threads. */
 int kvr_matmul_chunk(int m, int n, int k, int n_threads);

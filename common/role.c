@@ -85,7 +85,7 @@ static int resolve_auto(const struct kvr_xfer *x) {
 }
 
 int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,
-                        struct kvr_model **out) {
+                        int n_ctx, struct kvr_model **out) {
     int mode = choice;
     if (choice == KVR_NODE_WEIGHTS_AUTO) {
         mode = x ? resolve_auto(x) : KVR_WEIGHTS_MMAP;
@@ -93,10 +93,18 @@ int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *
                      mode == KVR_WEIGHTS_COPY ? "the only node on this host"
                                               : "other nodes share this host");
     }
-    int rc = kvr_model_load_mode(path, (enum kvr_weights_mode)mode, out);
+    struct kvr_model_params mp = {.mode = (enum kvr_weights_mode)mode, .n_ctx = n_ctx};
+    int rc = kvr_model_load_params(path, &mp, out);
     if (rc == KVR_ENOMEM && choice == KVR_NODE_WEIGHTS_AUTO && mode == KVR_WEIGHTS_COPY) {
         KVR_LOG_WARN("no memory for a private copy of the weights: mapping the file instead");
-        rc = kvr_model_load_mode(path, KVR_WEIGHTS_MMAP, out);
+        mp.mode = KVR_WEIGHTS_MMAP;
+        rc = kvr_model_load_params(path, &mp, out);
+    }
+    if (rc == KVR_OK) {
+        const struct kvr_model_config *c = kvr_model_config(*out);
+        KVR_LOG_INFO("model '%s': %s, %s weights, dim %d, %d layers, vocab %d, context %d", path,
+                     c->format == KVR_MODEL_GGUF ? "GGUF" : "llama2.c", kvr_model_types(*out), c->dim,
+                     c->n_layers, c->vocab_size, c->seq_len);
     }
     if (rc != KVR_OK)
         fprintf(stderr, "%s: cannot load model '%s': %s\n", prog, path, kvr_status_str(rc));

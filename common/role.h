@@ -46,10 +46,11 @@ _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status);
 int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank);
 
 /* Loads the model (choice: an index of KVR_NODE_WEIGHTS_CHOICES; "auto" is resolved over
- * x's layout and falls back to mmap when the copy does not fit in memory) or prints why
- * not ("<prog>: cannot load model ...") and returns the status. */
+ * x's layout and falls back to mmap when the copy does not fit in memory; n_ctx > 0
+ * overrides the file's context, --context) or prints why not ("<prog>: cannot load model
+ * ...") and returns the status. */
 int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,
-                        struct kvr_model **out);
+                        int n_ctx, struct kvr_model **out);
 
 /* Idle back-off of a polling loop: after a turn that did nothing, sleep (20 us, doubling
  * up to 1 ms); after a busy turn, start over. */

@@ -1,16 +1,22 @@
-/* tokenizer.c - BPE encoder/decoder for llama2.c tokenizer.bin files.
- * The merge loop uses a heap over adjacent pairs, O(n log n), so that whole documents
- * (perplexity runs over 80 KB of text) encode quickly; it picks exactly the pair
- * llama2.c's quadratic loop picks: the highest score, leftmost among ties. */
+/* tokenizer.c - BPE encoder/decoder over a SentencePiece-style vocabulary, loaded from a
+ * llama2.c tokenizer.bin or built from a GGUF file's tokenizer.ggml.* (kvr_tokenizer_create,
+ * called through gguf.c). The merge loop uses a heap over adjacent pairs, O(n log n), so
+ * that whole documents (perplexity runs over 80 KB of text) encode quickly; it picks
+ * exactly the pair llama2.c's quadratic loop picks: the highest score, leftmost among ties. */
 #include "tokenizer.h"
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include "gguf.h"
 #include "log.h"
 #include "status.h"
 
@@ -24,7 +30,12 @@ struct kvr_tokenizer {
     int max_token_len;
     char **vocab;              /* (vocab_size) NUL-terminated strings */
     float *scores;             /* (vocab_size) merge scores */
-    struct vocab_entry *sorted; /* (vocab_size) sorted by str, for lookups */
+    struct vocab_entry *sorted; /* (n_sorted) the pieces text may match, sorted by str */
+    int n_sorted;
+    unsigned char *control;    /* (vocab_size) 1: decodes to ""; NULL: no such piece */
+    int bos_id, eos_id;        /* -1: none */
+    int add_bos, add_space_prefix;
+    int byte_id[256];          /* byte fallback: the token of each byte value */
     unsigned char byte_pieces[512]; /* 256 one-byte strings: byte, NUL */
 };
 
@@ -34,8 +45,27 @@ static int cmp_entry(const void *a, const void *b) {
 
 static int lookup(const struct kvr_tokenizer *t, const char *s) {
     struct vocab_entry key = {.str = s};
-    const struct vocab_entry *e = bsearch(&key, t->sorted, (size_t)t->vocab_size, sizeof key, cmp_entry);
+    const struct vocab_entry *e = bsearch(&key, t->sorted, (size_t)t->n_sorted, sizeof key, cmp_entry);
     return e ? e->id : -1;
+}
+
+static int hexval(char c) {
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Sorts the lookup table and fills the one-byte pieces: the last step of both loaders. */
+static void finish(struct kvr_tokenizer *t) {
+    qsort(t->sorted, (size_t)t->n_sorted, sizeof *t->sorted, cmp_entry);
+    for (int i = 0; i < 256; i++) {
+        t->byte_pieces[2 * i] = (unsigned char)i;
+        t->byte_pieces[2 * i + 1] = 0;
+    }
 }
 
 void kvr_tokenizer_free(struct kvr_tokenizer *t) {
@@ -47,7 +77,138 @@ void kvr_tokenizer_free(struct kvr_tokenizer *t) {
     free(t->vocab);
     free(t->scores);
     free(t->sorted);
+    free(t->control);
     free(t);
+}
+
+int kvr_tokenizer_create(const struct kvr_tokenizer_spec *sp, struct kvr_tokenizer **out) {
+    int rc = KVR_ENOMEM;
+    struct kvr_tokenizer *t = NULL;
+    const char *name = sp->name ? sp->name : "(vocabulary)";
+    int n = sp->n_tokens;
+    *out = NULL;
+    if (n < 1) {
+        KVR_LOG_ERROR("vocabulary of '%s' has %d tokens", name, n);
+        return KVR_EINVAL;
+    }
+    if (sp->bos_id < -1 || sp->bos_id >= n || sp->eos_id < -1 || sp->eos_id >= n ||
+        sp->unk_id < -1 || sp->unk_id >= n) {
+        KVR_LOG_ERROR("vocabulary of '%s': BOS %d, EOS %d or UNK %d is outside [0, %d)", name,
+                      sp->bos_id, sp->eos_id, sp->unk_id, n);
+        return KVR_EFORMAT;
+    }
+    if (!(t = calloc(1, sizeof *t)) || !(t->vocab = calloc((size_t)n, sizeof *t->vocab)) ||
+        !(t->scores = calloc((size_t)n, sizeof *t->scores)) ||
+        !(t->sorted = calloc((size_t)n, sizeof *t->sorted)) ||
+        !(t->control = calloc((size_t)n, 1)))
+        goto out;
+    t->vocab_size = n;
+    t->bos_id = sp->bos_id;
+    t->eos_id = sp->eos_id;
+    t->add_bos = sp->add_bos;
+    t->add_space_prefix = sp->add_space_prefix;
+    for (int b = 0; b < 256; b++)
+        t->byte_id[b] = -1;
+    for (int i = 0; i < n; i++) {
+        uint64_t len = sp->piece_nbytes[i];
+        int type = sp->types ? (int)sp->types[i] : KVR_TOKEN_NORMAL;
+        if (len > KVR_TOKEN_PIECE_MAX) {
+            KVR_LOG_ERROR("vocabulary of '%s': token %d is %llu bytes, longer than %d", name, i,
+                          (unsigned long long)len, KVR_TOKEN_PIECE_MAX);
+            rc = KVR_EFORMAT;
+            goto out;
+        }
+        if (len && memchr(sp->pieces[i], '\0', (size_t)len)) {
+            KVR_LOG_ERROR("vocabulary of '%s': token %d holds a NUL byte", name, i);
+            rc = KVR_EFORMAT;
+            goto out;
+        }
+        if (type < KVR_TOKEN_NORMAL || type > KVR_TOKEN_BYTE) {
+            KVR_LOG_ERROR("vocabulary of '%s': token %d has type %d, not a SentencePiece type (1..6)",
+                          name, i, type);
+            rc = KVR_EFORMAT;
+            goto out;
+        }
+        float score = sp->scores ? sp->scores[i] : 0.0f;
+        if (score != score) {
+            KVR_LOG_ERROR("vocabulary of '%s': token %d has a NaN score", name, i);
+            rc = KVR_EFORMAT;
+            goto out;
+        }
+        t->scores[i] = score;
+        /* U+2581 (3 bytes) becomes ' ' (1 byte): the copy is never longer. */
+        char *v = malloc((size_t)len + 1);
+        if (!(t->vocab[i] = v))
+            goto out;
+        size_t k = 0;
+        const char *src = sp->pieces[i];
+        for (uint64_t j = 0; j < len; j++) {
+            if (sp->spm_spaces && j + 2 < len && (unsigned char)src[j] == 0xE2 &&
+                (unsigned char)src[j + 1] == 0x96 && (unsigned char)src[j + 2] == 0x81) {
+                v[k++] = ' ';
+                j += 2;
+            } else {
+                v[k++] = src[j];
+            }
+        }
+        v[k] = '\0';
+        if ((int)k > t->max_token_len)
+            t->max_token_len = (int)k;
+        t->control[i] = type == KVR_TOKEN_CONTROL;
+        if (type == KVR_TOKEN_NORMAL || type == KVR_TOKEN_USER_DEFINED) {
+            t->sorted[t->n_sorted].str = v;
+            t->sorted[t->n_sorted++].id = i;
+        }
+        /* Byte pieces are "<0xNN>" (SentencePiece writes two upper-case hex digits). */
+        if (k == 6 && (type == KVR_TOKEN_BYTE || !sp->types) && v[0] == '<' && v[1] == '0' &&
+            v[2] == 'x' && isxdigit((unsigned char)v[3]) && isxdigit((unsigned char)v[4]) && v[5] == '>') {
+            int b = hexval(v[3]) * 16 + hexval(v[4]);
+            if (t->byte_id[b] < 0)
+                t->byte_id[b] = i;
+        }
+    }
+    if (t->max_token_len < 1)
+        t->max_token_len = 1;
+    /* A byte without its own piece falls back to UNK (0 when there is none), as llama2.c
+     * falls back to 0 past its vocabulary. */
+    for (int b = 0; b < 256; b++)
+        if (t->byte_id[b] < 0)
+            t->byte_id[b] = sp->unk_id >= 0 ? sp->unk_id : 0;
+    finish(t);
+    *out = t;
+    t = NULL;
+    rc = KVR_OK;
+out:
+    kvr_tokenizer_free(t);
+    return rc;
+}
+
+/* The vocabulary of a GGUF file, whole file mapped for the parse only. */
+static int load_gguf(const char *path, int fd, int vocab_size, struct kvr_tokenizer **out) {
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size <= 0) {
+        KVR_LOG_ERROR("cannot read tokenizer '%s' (not a regular file)", path);
+        return KVR_EIO;
+    }
+    void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (map == MAP_FAILED) {
+        KVR_LOG_ERROR("cannot mmap tokenizer '%s': %s", path, strerror(errno));
+        return KVR_EIO;
+    }
+    struct kvr_gguf *g = NULL;
+    int rc = kvr_gguf_parse(map, (size_t)st.st_size, path, &g);
+    if (rc == KVR_OK)
+        rc = kvr_gguf_tokenizer(g, out);
+    if (rc == KVR_OK && kvr_tokenizer_vocab_size(*out) != vocab_size) {
+        KVR_LOG_ERROR("tokenizer '%s' has %d tokens but the model has %d: it belongs to another model",
+                      path, kvr_tokenizer_vocab_size(*out), vocab_size);
+        kvr_tokenizer_free(*out);
+        *out = NULL;
+        rc = KVR_ESHAPE;
+    }
+    kvr_gguf_free(g);
+    munmap(map, (size_t)st.st_size);
+    return rc;
 }
 
 int kvr_tokenizer_load(const char *path, int vocab_size, struct kvr_tokenizer **out) {
@@ -68,11 +229,25 @@ int kvr_tokenizer_load(const char *path, int vocab_size, struct kvr_tokenizer **
         KVR_LOG_ERROR("cannot open tokenizer '%s': %s", path, strerror(errno));
         return errno == ENOENT ? KVR_ENOENT : KVR_EIO;
     }
+    char magic[4];
+    if (fread(magic, 1, 4, f) == 4 && memcmp(magic, KVR_GGUF_MAGIC, 4) == 0) {
+        rc = load_gguf(path, fileno(f), vocab_size, out);
+        fclose(f);
+        return rc;
+    }
+    rewind(f);
     if (!(t = calloc(1, sizeof *t)) || !(t->vocab = calloc((size_t)vocab_size, sizeof *t->vocab)) ||
         !(t->scores = calloc((size_t)vocab_size, sizeof *t->scores)) ||
         !(t->sorted = calloc((size_t)vocab_size, sizeof *t->sorted)))
         goto out;
     t->vocab_size = vocab_size;
+    t->bos_id = KVR_TOKEN_BOS;
+    t->eos_id = KVR_TOKEN_EOS;
+    t->add_bos = 1;
+    t->add_space_prefix = 1;
+    /* llama2.c's byte fallback: byte b is token b + 3, or 0 past the vocabulary. */
+    for (int b = 0; b < 256; b++)
+        t->byte_id[b] = b + 3 < vocab_size ? b + 3 : 0;
     int32_t max_len;
     if (fread(&max_len, sizeof max_len, 1, f) != 1) {
         KVR_LOG_ERROR("tokenizer '%s' is truncated (no header)", path);
@@ -109,17 +284,14 @@ int kvr_tokenizer_load(const char *path, int vocab_size, struct kvr_tokenizer **
         t->sorted[i].str = t->vocab[i];
         t->sorted[i].id = i;
     }
+    t->n_sorted = vocab_size;
     if (fgetc(f) != EOF) {
         KVR_LOG_ERROR("tokenizer '%s' has more than the model's %d entries: it belongs to "
                       "another model", path, vocab_size);
         rc = KVR_EFORMAT;
         goto out;
     }
-    qsort(t->sorted, (size_t)vocab_size, sizeof *t->sorted, cmp_entry);
-    for (int i = 0; i < 256; i++) {
-        t->byte_pieces[2 * i] = (unsigned char)i;
-        t->byte_pieces[2 * i + 1] = 0;
-    }
+    finish(t);
     *out = t;
     t = NULL;
     rc = KVR_OK;
@@ -132,27 +304,23 @@ out:
 
 int kvr_tokenizer_vocab_size(const struct kvr_tokenizer *t) { return t->vocab_size; }
 
+int kvr_tokenizer_bos(const struct kvr_tokenizer *t) { return t->bos_id; }
+
+int kvr_tokenizer_eos(const struct kvr_tokenizer *t) { return t->eos_id; }
+
 const char *kvr_tokenizer_vocab(const struct kvr_tokenizer *t, int token) {
     if (token < 0 || token >= t->vocab_size)
         return NULL;
     return t->vocab[token];
 }
 
-static int hexval(char c) {
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 const char *kvr_tokenizer_piece(const struct kvr_tokenizer *t, int prev, int token) {
     if (token < 0 || token >= t->vocab_size)
         return "";
+    if (t->control && t->control[token])
+        return "";
     const char *p = t->vocab[token];
-    if (prev == KVR_TOKEN_BOS && p[0] == ' ')
+    if (t->bos_id >= 0 && prev == t->bos_id && p[0] == ' ')
         p++;
     /* Raw byte tokens look like "<0x0A>": one or two hex digits after "<0x". */
     if (p[0] == '<' && p[1] == '0' && p[2] == 'x') {
@@ -273,9 +441,9 @@ int kvr_tokenizer_encode(const struct kvr_tokenizer *t, const char *text, int bo
         goto out;
 
     int n = 0;
-    if (bos)
-        s.tok[n++] = KVR_TOKEN_BOS;
-    if (text[0] != '\0') {
+    if (bos && t->add_bos && t->bos_id >= 0)
+        s.tok[n++] = t->bos_id;
+    if (text[0] != '\0' && t->add_space_prefix) {
         int sp = lookup(t, " ");
         if (sp >= 0)
             s.tok[n++] = sp;
@@ -294,10 +462,8 @@ int kvr_tokenizer_encode(const struct kvr_tokenizer *t, const char *text, int bo
         if (id >= 0) {
             s.tok[n++] = id;
         } else {
-            for (size_t i = 0; i < cp_len; i++) {
-                int b = (unsigned char)cp[i] + 3;
-                s.tok[n++] = b < t->vocab_size ? b : 0;
-            }
+            for (size_t i = 0; i < cp_len; i++)
+                s.tok[n++] = t->byte_id[(unsigned char)cp[i]];
         }
         cp_len = 0;
     }
@@ -325,6 +491,7 @@ int kvr_tokenizer_encode(const struct kvr_tokenizer *t, const char *text, int bo
         try_pair(t, &s, s.prev[l], l, buf, heap, &n_heap);
         try_pair(t, &s, l, s.next[l], buf, heap, &n_heap);
     }
+    eos = eos && t->eos_id >= 0;
     int need = n_alive + (eos ? 1 : 0);
     if (need > max_tokens) {
         rc = KVR_ERANGE;
@@ -335,7 +502,7 @@ int kvr_tokenizer_encode(const struct kvr_tokenizer *t, const char *text, int bo
     for (int i = n > 0 ? 0 : -1; i >= 0; i = s.next[i])
         tokens[k++] = s.tok[i];
     if (eos)
-        tokens[k++] = KVR_TOKEN_EOS;
+        tokens[k++] = t->eos_id;
     *n_tokens = k;
     rc = KVR_OK;
 out:

@@ -31,6 +31,7 @@ struct kvr_engine {
     const struct kvr_model_weights *w;
     struct kvr_threadpool *tp;
     int n_threads;
+    struct kvr_matmul_ws *ws; /* activations converted for non-F32 weights; NULL: all F32 */
 
     /* Activations, n_batch_tokens_max rows each, row-major. */
     float *x;      /* (T, dim) residual stream */
@@ -171,10 +172,10 @@ static void swiglu(float *a, const float *b, int n) {
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-static void rmsnorm(float *o, const float *x, const float *weight, int size) {
+static void rmsnorm(float *o, const float *x, const float *weight, int size, float eps) {
     float ss = vdot(x, x, size);
     ss /= (float)size;
-    ss += 1e-5f;
+    ss += eps;
     ss = 1.0f / sqrtf(ss);
     for (int j = 0; j < size; j++)
         o[j] = weight[j] * (ss * x[j]);
@@ -193,14 +194,34 @@ static void rope_rotate(float *vec, int n, int head_dim, const float *rope) {
     }
 }
 
-/* One RoPE row (head_dim/2 pairs of cos, sin) exactly as llama2.c computes it. */
-static void rope_fill(float *row, int pos, int head_dim) {
-    for (int i = 0; i < head_dim; i += 2) {
-        float freq = 1.0f / powf(10000.0f, (float)i / (float)head_dim);
+/* One RoPE row (head_dim/2 pairs of cos, sin) exactly as llama2.c computes it, with the
+ * model's frequency base; pairs past the first n_rot features are left as they are
+ * (cos 1, sin 0: an exact identity), as llama.cpp's `llama` RoPE does. */
+static void rope_fill(float *row, int pos, const struct kvr_model_config *c) {
+    for (int i = 0; i < c->head_dim; i += 2) {
+        if (i >= c->n_rot) {
+            row[i] = 1.0f;
+            row[i + 1] = 0.0f;
+            continue;
+        }
+        float freq = 1.0f / powf(c->rope_theta, (float)i / (float)c->n_rot);
         float val = (float)pos * freq;
         row[i] = cosf(val);
         row[i + 1] = sinf(val);
     }
+}
+
+/* Whether any matrix of the model is not float32 (then products need a workspace). */
+static int model_typed(const struct kvr_model_weights *w, int n_layers) {
+    int typed = w->wcls.type != KVR_DTYPE_F32;
+    for (int l = 0; l < n_layers; l++) {
+        const struct kvr_layer_weights *lw = &w->layers[l];
+        typed |= lw->wq.type != KVR_DTYPE_F32 || lw->wk.type != KVR_DTYPE_F32 ||
+                 lw->wv.type != KVR_DTYPE_F32 || lw->wo.type != KVR_DTYPE_F32 ||
+                 lw->w1.type != KVR_DTYPE_F32 || lw->w2.type != KVR_DTYPE_F32 ||
+                 lw->w3.type != KVR_DTYPE_F32;
+    }
+    return typed;
 }
 
 static void softmax(float *x, int n) {
@@ -287,8 +308,20 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
         kvr_engine_free(e);
         return KVR_ENOMEM;
     }
+    if (model_typed(e->w, c->n_layers)) {
+        /* Slot 0 takes the widest input (the FFN's hidden features), slots 1 and 2 the
+         * Q/K/V or W1/W3 inputs when those matrices have different types. */
+        int T0 = p->n_batch_tokens_max > LOGIT_ROWS ? p->n_batch_tokens_max : LOGIT_ROWS;
+        struct kvr_matmul_ws_params wp = {.m_max = T0,
+                                          .k_max = {c->hidden_dim > c->dim ? c->hidden_dim : c->dim, c->dim, c->dim}};
+        if ((rc = kvr_matmul_ws_create(&wp, &e->ws)) != KVR_OK) {
+            KVR_LOG_ERROR("cannot allocate the activation workspace for %d tokens", T0);
+            kvr_engine_free(e);
+            return rc;
+        }
+    }
     for (int pos = 0; pos < e->n_rope; pos++)
-        rope_fill(e->rope_tab + (size_t)pos * hd, pos, c->head_dim);
+        rope_fill(e->rope_tab + (size_t)pos * hd, pos, c);
     *out = e;
     return KVR_OK;
 }
@@ -297,6 +330,7 @@ void kvr_engine_free(struct kvr_engine *e) {
     if (!e)
         return;
     kvr_threadpool_free(e->tp);
+    kvr_matmul_ws_free(e->ws);
     free(e->x);
     free(e->xb);
     free(e->xb2);
@@ -350,10 +384,10 @@ static void row_task(void *arg, int task, int thread) {
     for (int r = r0; r < r1; r++) {
         switch (j->op) {
         case ROW_RMSNORM_ATT:
-            rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)r * d, e->w->rms_att + (size_t)l * d, d);
+            rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)r * d, e->w->layers[l].rms_att, d, c->norm_eps);
             break;
         case ROW_RMSNORM_FFN:
-            rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)r * d, e->w->rms_ffn + (size_t)l * d, d);
+            rmsnorm(e->xb + (size_t)r * d, e->x + (size_t)r * d, e->w->layers[l].rms_ffn, d, c->norm_eps);
             break;
         case ROW_ROPE_STORE: {
             struct kvr_kv_seq *s = e->items[e->row_item[r]].seq;
@@ -383,8 +417,9 @@ static void run_rows(struct kvr_engine *e, enum row_op op) {
 
 struct ffn_job {
     struct kvr_engine *e;
-    const float *w1, *w3; /* (hidden, dim) of this layer */
-    int chunk;            /* hidden features per task */
+    const struct kvr_tensor *w1, *w3; /* (hidden, dim) of this layer */
+    struct kvr_matmul_act a1, a3;     /* xb prepared for each */
+    int chunk;                        /* hidden features per task */
 };
 
 /* Features [n0, n1) of hb = xb W1^T and hb2 = xb W3^T for every row, then SwiGLU on
@@ -393,17 +428,23 @@ static void ffn_task(void *arg, int task, int thread) {
     (void)thread;
     const struct ffn_job *j = arg;
     struct kvr_engine *e = j->e;
-    int hid = e->c->hidden_dim, d = e->c->dim, T = e->n_rows;
+    int hid = e->c->hidden_dim, T = e->n_rows;
     int n0 = task * j->chunk, n1 = n0 + j->chunk < hid ? n0 + j->chunk : hid;
-    kvr_matmul_slice(e->hb, hid, e->xb, j->w1, T, n0, n1, d, 0.0f);
-    kvr_matmul_slice(e->hb2, hid, e->xb, j->w3, T, n0, n1, d, 0.0f);
+    kvr_matmul_slice(e->hb, hid, &j->a1, j->w1, n0, n1, 0.0f);
+    kvr_matmul_slice(e->hb2, hid, &j->a3, j->w3, n0, n1, 0.0f);
     for (int r = 0; r < T; r++)
         swiglu(e->hb + (size_t)r * hid + n0, e->hb2 + (size_t)r * hid + n0, n1 - n0);
 }
 
-static void ffn_up(struct kvr_engine *e, const float *w1, const float *w3) {
-    int hid = e->c->hidden_dim, T = e->n_rows;
+static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const struct kvr_tensor *w3) {
+    int hid = e->c->hidden_dim, T = e->n_rows, d = e->c->dim;
     struct ffn_job j = {.e = e, .w1 = w1, .w3 = w3};
+    /* xb converted once per weight type (slot 1 for W3 only when its type differs). */
+    kvr_matmul_act_prepare(e->ws, 0, e->xb, T, d, w1->type, &j.a1);
+    if (w3->type == w1->type)
+        j.a3 = j.a1;
+    else
+        kvr_matmul_act_prepare(e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type, &j.a3);
     /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
     j.chunk = kvr_matmul_chunk(T, hid, e->c->dim, e->n_threads);
     if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
@@ -748,7 +789,7 @@ int kvr_engine_check_item(const struct kvr_engine *e, const struct kvr_forward_i
 int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int n_items) {
     const struct kvr_model_config *c = e->c;
     const struct kvr_model_weights *w = e->w;
-    int d = c->dim, kvd = c->kv_dim, hid = c->hidden_dim, V = c->vocab_size;
+    int d = c->dim, kvd = c->kv_dim, V = c->vocab_size;
     if (n_items < 1 || n_items > e->p.n_items_max) {
         KVR_LOG_ERROR("%d items, engine takes 1..%d", n_items, e->p.n_items_max);
         return KVR_EINVAL;
@@ -788,11 +829,10 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
                 e->row_rope[r] = rope_at(e, rpos);
             } else {
                 float *row = e->rope_rows + (size_t)r * c->head_dim;
-                rope_fill(row, rpos, c->head_dim);
+                rope_fill(row, rpos, c);
                 e->row_rope[r] = row;
             }
-            memcpy(e->x + (size_t)r * d, w->token_embedding + (size_t)it->tokens[t] * d,
-                   (size_t)d * sizeof(float));
+            kvr_tensor_row(&w->token_embedding, it->tokens[t], e->x + (size_t)r * d);
             if (it->logits && (it->all_logits || t == it->n_tokens - 1)) {
                 e->logit_row[n_logit] = r;
                 e->logit_dst[n_logit++] = it->logits + (it->all_logits ? (size_t)t * V : 0);
@@ -801,31 +841,31 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
     }
 
     for (int l = 0; l < c->n_layers; l++) {
+        const struct kvr_layer_weights *lw = &w->layers[l];
         e->layer = l;
-        size_t ld = (size_t)l * d * d, lkv = (size_t)l * kvd * d, lh = (size_t)l * hid * d;
         run_rows(e, ROW_RMSNORM_ATT);
         /* Q, K and V in one parallel loop: one wake-up and one barrier. */
         struct kvr_matmul_op qkv[3] = {
-            {.y = e->q, .x = e->xb, .w = w->wq + ld, .m = T, .n = d, .k = d, .beta = 0.0f},
-            {.y = e->k, .x = e->xb, .w = w->wk + lkv, .m = T, .n = kvd, .k = d, .beta = 0.0f},
-            {.y = e->v, .x = e->xb, .w = w->wv + lkv, .m = T, .n = kvd, .k = d, .beta = 0.0f}};
-        kvr_matmul_multi(e->tp, qkv, 3);
+            {.y = e->q, .x = e->xb, .w = &lw->wq, .m = T, .beta = 0.0f},
+            {.y = e->k, .x = e->xb, .w = &lw->wk, .m = T, .beta = 0.0f},
+            {.y = e->v, .x = e->xb, .w = &lw->wv, .m = T, .beta = 0.0f}};
+        kvr_matmul_multi(e->tp, e->ws, qkv, 3);
         run_rows(e, ROW_ROPE_STORE);
         if (e->layer_hook)
             e->layer_hook(e->layer_hook_ud, items, n_items, l);
         attention(e);
-        kvr_matmul(e->tp, e->x, e->xb2, w->wo + ld, T, d, d, 1.0f);
+        kvr_matmul(e->tp, e->ws, e->x, e->xb2, &lw->wo, T, 1.0f);
         run_rows(e, ROW_RMSNORM_FFN);
-        ffn_up(e, w->w1 + lh, w->w3 + lh);
-        kvr_matmul(e->tp, e->x, e->hb, w->w2 + lh, T, d, hid, 1.0f);
+        ffn_up(e, &lw->w1, &lw->w3);
+        kvr_matmul(e->tp, e->ws, e->x, e->hb, &lw->w2, T, 1.0f);
     }
 
     /* Classifier only for the rows that want logits, LOGIT_ROWS at a time. */
     for (int i = 0; i < n_logit; i++)
-        rmsnorm(e->xb + (size_t)i * d, e->x + (size_t)e->logit_row[i] * d, w->rms_final, d);
+        rmsnorm(e->xb + (size_t)i * d, e->x + (size_t)e->logit_row[i] * d, w->rms_final, d, c->norm_eps);
     for (int i0 = 0; i0 < n_logit; i0 += LOGIT_ROWS) {
         int m = n_logit - i0 < LOGIT_ROWS ? n_logit - i0 : LOGIT_ROWS;
-        kvr_matmul(e->tp, e->logit_rows, e->xb + (size_t)i0 * d, w->wcls, m, V, d, 0.0f);
+        kvr_matmul(e->tp, e->ws, e->logit_rows, e->xb + (size_t)i0 * d, &w->wcls, m, 0.0f);
         for (int i = 0; i < m; i++)
             memcpy(e->logit_dst[i0 + i], e->logit_rows + (size_t)i * V, (size_t)V * sizeof(float));
     }

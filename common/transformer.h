@@ -4,8 +4,10 @@
  * projection and the FFN as one GEMM over all rows, causal attention by GEMM) and
  * sequences advancing by one token (decode: attention straight over their cache
  * blocks). All rows of all items share each weight read, so B decoding sequences cost
- * one GEMM of B rows per projection. float32 throughout (f16/bf16 weights would come in
- * behind kvr_matmul; see docs/ARCHITECTURE.md). */
+ * one GEMM of B rows per projection. Activations, the KV cache and attention are float32;
+ * each weight matrix is multiplied in its own type (F32, F16, BF16, Q8_0: quant.h,
+ * matmul.h), and RMSNorm epsilon, RoPE base and rotated dimensions come from the model's
+ * config (docs/ARCHITECTURE.md). */
 #ifndef KVR_TRANSFORMER_H
 #define KVR_TRANSFORMER_H
 

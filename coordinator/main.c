@@ -39,11 +39,13 @@ struct coord_cfg {
     uint64_t max_message;
     int max_pending_tokens;
     float max_request_age;
+    int context;
 };
 
 static const struct kvr_opt opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct coord_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint every node serves (checked by fingerprint)"},
-    {"tokenizer", KVR_OPT_STRING, offsetof(struct coord_cfg, tokenizer), NULL, 0, -1, NULL, 1, "tokenizer.bin of the model"},
+    {"model", KVR_OPT_STRING, offsetof(struct coord_cfg, model), NULL, 0, -1, NULL, 1, "model file every node serves, GGUF or llama2.c (checked by fingerprint)"},
+    {"tokenizer", KVR_OPT_STRING, offsetof(struct coord_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (llama2.c; or a GGUF file's vocabulary); default: the GGUF model's own"},
+    {"context", KVR_OPT_INT, offsetof(struct coord_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's; the nodes must run the same)"},
     {"listen", KVR_OPT_STRING, offsetof(struct coord_cfg, listen), "127.0.0.1:50051", 0, -1, NULL, 0, "gRPC listen address HOST:PORT (loopback by default: give 0.0.0.0:PORT to serve other machines)"},
     {"queue-max", KVR_OPT_INT, offsetof(struct coord_cfg, queue_max), "1024", 1, 1 << 20, NULL, 0, "requests waiting for KV memory at most (then RESOURCE_EXHAUSTED)"},
     {"queue-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, queue_timeout), "30", 0.01, 86400, NULL, 0, "seconds a request may wait for KV memory"},
@@ -105,11 +107,12 @@ int main(int argc, char **argv) {
     struct kvr_tokenizer *tok = NULL;
     struct coord_router *router = NULL;
     struct coord_grpc *grpc = NULL;
-    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, KVR_WEIGHTS_MMAP, &model)) != KVR_OK)
+    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, KVR_WEIGHTS_MMAP, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     const struct kvr_model_config *c = kvr_model_config(model);
-    if ((rc = kvr_tokenizer_load(cfg.tokenizer, c->vocab_size, &tok)) != KVR_OK) {
-        fprintf(stderr, "kvrelay-coordinator: cannot load tokenizer '%s': %s\n", cfg.tokenizer, kvr_status_str(rc));
+    if ((rc = kvr_model_load_tokenizer(model, cfg.tokenizer, &tok)) != KVR_OK) {
+        fprintf(stderr, "kvrelay-coordinator: cannot load the tokenizer of '%s': %s\n",
+                cfg.tokenizer ? cfg.tokenizer : cfg.model, kvr_status_str(rc));
         kvr_role_exit(x, KVR_EIO);
     }
     /* Security material first: a bad file is one clear line before the cluster waits. */
@@ -150,6 +153,11 @@ int main(int argc, char **argv) {
     }
     int seq_len = 0, vocab = 0;
     rc = coord_router_wait_nodes(router, cfg.startup_timeout, kvr_model_fingerprint(model), &seq_len, &vocab);
+    if (rc == KVR_OK && seq_len != c->seq_len) {
+        KVR_LOG_ERROR("the nodes run the model at context %d, the coordinator at %d: give every process "
+                      "the same --context", seq_len, c->seq_len);
+        rc = KVR_EINVAL;
+    }
     if (rc != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: the cluster did not come up: %s (see the log lines above)\n",
                 kvr_status_str(rc));

@@ -69,13 +69,14 @@ int coord_request_fits_prefill(const struct coord_request *q, const struct coord
         goto out;                                    \
     } while (0)
 
-/* The prompt as ids, BOS first (tokens: room for n + 1). */
-static int take_ids(const struct coord_gen_input *in, const struct coord_limits *lim, int *tokens, int *n_out,
-                    char *err, size_t err_len) {
+/* The prompt as ids, the model's BOS first if it has one (tokens: room for n + 1). */
+static int take_ids(const struct coord_req_ctx *cx, const struct coord_gen_input *in,
+                    const struct coord_limits *lim, int *tokens, int *n_out, char *err, size_t err_len) {
     int n = 0, rc = KVR_EINVAL;
     int64_t first = in->prompt_tokens32 ? in->prompt_tokens32[0] : in->prompt_tokens64[0];
-    if (first != KVR_TOKEN_BOS)
-        tokens[n++] = KVR_TOKEN_BOS;
+    int bos = cx->tok ? kvr_tokenizer_bos(cx->tok) : KVR_TOKEN_BOS;
+    if (bos >= 0 && first != bos)
+        tokens[n++] = bos;
     for (size_t i = 0; i < in->n_prompt_tokens; i++) {
         int64_t id = in->prompt_tokens32 ? in->prompt_tokens32[i] : in->prompt_tokens64[i];
         if (id < 0 || id >= lim->vocab_size)
@@ -184,7 +185,7 @@ int coord_request_build(const struct coord_req_ctx *cx, const struct coord_gen_i
         rc = KVR_ENOMEM;
         if (!(tokens = malloc((in->n_prompt_tokens + 1) * sizeof *tokens)))
             FAIL(KVR_ENOMEM, "coordinator out of memory");
-        if ((rc = take_ids(in, lim, tokens, &n, err, err_len)) != KVR_OK)
+        if ((rc = take_ids(cx, in, lim, tokens, &n, err, err_len)) != KVR_OK)
             goto out;
     } else if ((rc = take_text(cx, in, &tokens, &n, err, err_len, C)) != KVR_OK) {
         goto out;

@@ -1191,8 +1191,15 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
                           (unsigned long long)n->h.fingerprint, (unsigned long long)fingerprint);
             return KVR_EFINGERPRINT;
         }
-        if (i > 0 && (n->h.seq_len != r->nodes[0]->h.seq_len || n->h.vocab_size != r->nodes[0]->h.vocab_size)) {
-            KVR_LOG_ERROR("rank %d disagrees about the model's context or vocabulary", n->rank);
+        /* Same weights at another --context would let a node take prompts the others
+         * refuse (or the reverse): every node runs at one context. */
+        if (i > 0 && n->h.seq_len != r->nodes[0]->h.seq_len) {
+            KVR_LOG_ERROR("rank %d runs the model at context %d but rank %d at %d: give every node the "
+                          "same --context", n->rank, n->h.seq_len, r->nodes[0]->rank, r->nodes[0]->h.seq_len);
+            return KVR_EINVAL;
+        }
+        if (i > 0 && n->h.vocab_size != r->nodes[0]->h.vocab_size) {
+            KVR_LOG_ERROR("rank %d disagrees about the model's vocabulary", n->rank);
             return KVR_EFINGERPRINT;
         }
         n_decode += n->h.role == KVR_ROLE_DECODE;

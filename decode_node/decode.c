@@ -203,7 +203,7 @@ static void hist_push(struct dseq *s, int token) {
 static void take_token(struct dnode *d, struct dseq *s, int token) {
     /* BOS starts a new text (llama2.c's run stops there) and EOS ends one; a request
      * that ignores them (fixed-length outputs) keeps going. */
-    if (s->p.stop_at_eos && (token == KVR_TOKEN_BOS || token == KVR_TOKEN_EOS)) {
+    if (s->p.stop_at_eos && (token == d->c->bos_id || token == d->c->eos_id)) {
         finish_seq(d, s, KVR_FINISH_STOP, KVR_OK, NULL);
         return;
     }

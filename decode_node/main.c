@@ -13,6 +13,7 @@
 struct decode_cfg {
     const char *model;
     int weights;
+    int context;
     uint64_t kv_memory;
     int block_tokens;
     int threads;
@@ -26,7 +27,8 @@ struct decode_cfg {
 };
 
 static const struct kvr_opt opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct decode_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
+    {"model", KVR_OPT_STRING, offsetof(struct decode_cfg, model), NULL, 0, -1, NULL, 1, "model file: GGUF (llama architecture; F32, F16, BF16, Q8_0) or llama2.c checkpoint"},
+    {"context", KVR_OPT_INT, offsetof(struct decode_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's; every node and the coordinator need the same)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct decode_cfg, weights), "auto", 0, -1, KVR_NODE_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process); auto: copy when this is the host's only node"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct decode_cfg, kv_memory), "256MiB", 1, -1, NULL, 0, "KV block pool budget"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct decode_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block"},
@@ -52,7 +54,7 @@ int main(int argc, char **argv) {
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);
     struct kvr_model *model = NULL;
-    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, &model)) != KVR_OK)
+    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     struct decode_params p = {.model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory,
                               .block_tokens = cfg.block_tokens, .n_threads = cfg.threads,

@@ -12,6 +12,7 @@
 struct prefill_cfg {
     const char *model;
     int weights;
+    int context;
     uint64_t kv_memory;
     int block_tokens;
     int threads;
@@ -28,7 +29,8 @@ struct prefill_cfg {
 };
 
 static const struct kvr_opt opts[] = {
-    {"model", KVR_OPT_STRING, offsetof(struct prefill_cfg, model), NULL, 0, -1, NULL, 1, "checkpoint (llama2.c format)"},
+    {"model", KVR_OPT_STRING, offsetof(struct prefill_cfg, model), NULL, 0, -1, NULL, 1, "model file: GGUF (llama architecture; F32, F16, BF16, Q8_0) or llama2.c checkpoint"},
+    {"context", KVR_OPT_INT, offsetof(struct prefill_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's; every node and the coordinator need the same)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, weights), "auto", 0, -1, KVR_NODE_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process); auto: copy when this is the host's only node"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct prefill_cfg, kv_memory), "0", 0, -1, NULL, 0, "pool for prompts in flight (0 = sized from the batch limits)"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block (one wire message per layer and block)"},
@@ -57,7 +59,7 @@ int main(int argc, char **argv) {
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);
     struct kvr_model *model = NULL;
-    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, &model)) != KVR_OK)
+    if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     int seq_len = kvr_model_config(model)->seq_len;
     struct prefill_params p = {

@@ -169,7 +169,7 @@ int main(void) {
            OPTS("--model", model, "--tokenizer", tokp, "--frobnicate", "1"));
     expect("missing --model", 2, "'--model' is required",
            OPTS("--tokenizer", tokp, "--prompt", "hi"));
-    expect("missing --tokenizer", 2, "'--tokenizer' is required", OPTS("--model", model));
+    expect("missing --tokenizer (llama2.c model)", 2, "pass --tokenizer", OPTS("--model", model));
     expect("--steps not a number", 2, "--steps: 'abc' is not an integer",
            OPTS("--model", model, "--tokenizer", tokp, "--steps", "abc"));
     expect("--steps 0", 2, "--steps", OPTS("--model", model, "--tokenizer", tokp, "--steps", "0"));

@@ -4,6 +4,7 @@
 #include "ref_forward.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,14 +21,58 @@ static double dot(const float *a, const float *b, int n) {
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-/* out (rows) = W (rows, cols) . x (cols) */
-static void matvec(float *out, const float *w, const float *x, int rows, int cols) {
-    for (int r = 0; r < rows; r++)
-        out[r] = (float)dot(w + (size_t)r * (size_t)cols, x, cols);
+/* IEEE binary16 bits as a float, by the definition (sign, 5-bit exponent biased 15,
+ * 10-bit fraction), not by the engine's bit tricks. */
+static float f16_value(uint16_t h) {
+    int e = (h >> 10) & 0x1f, f = h & 0x3ff;
+    double v = e == 0 ? ldexp(f, -24) : e == 31 ? (f ? (double)NAN : (double)INFINITY) : ldexp(1024 + f, e - 25);
+    return (float)((h & 0x8000) ? -v : v);
 }
 
+void ref_dequant_row(const struct kvr_tensor *w, int64_t r, float *out) {
+    const unsigned char *row = (const unsigned char *)w->data + (size_t)r * w->row_nbytes;
+    for (int64_t i = 0; i < w->cols; i++) {
+        uint16_t u;
+        switch (w->type) {
+        case KVR_DTYPE_F32:
+            memcpy(&out[i], row + 4 * i, 4);
+            break;
+        case KVR_DTYPE_F16:
+            memcpy(&u, row + 2 * i, 2);
+            out[i] = f16_value(u);
+            break;
+        case KVR_DTYPE_BF16: {
+            memcpy(&u, row + 2 * i, 2);
+            uint32_t bits = (uint32_t)u << 16;
+            memcpy(&out[i], &bits, 4);
+            break;
+        }
+        case KVR_DTYPE_Q8_0: {
+            const unsigned char *blk = row + (size_t)(i / 32) * 34; /* f16 scale, 32 int8 */
+            memcpy(&u, blk, 2);
+            out[i] = (float)(int8_t)blk[2 + i % 32] * f16_value(u);
+            break;
+        }
+        }
+    }
+}
+
+/* out (rows) = W (rows, cols) . x (cols), W dequantized row by row (no rounding of x). */
+static void matvec(float *out, const struct kvr_tensor *w, const float *x, int rows, int cols) {
+    float *row = malloc((size_t)cols * sizeof *row);
+    if (!row)
+        abort();
+    for (int r = 0; r < rows; r++) {
+        ref_dequant_row(w, r, row);
+        out[r] = (float)dot(row, x, cols);
+    }
+    free(row);
+}
+
+static double norm_eps = 1e-5;
+
 static void rmsnorm(float *out, const float *x, const float *weight, int n) {
-    double ss = dot(x, x, n) / n + 1e-5;
+    double ss = dot(x, x, n) / n + norm_eps;
     float scale = (float)(1.0 / sqrt(ss));
     for (int i = 0; i < n; i++)
         out[i] = weight[i] * (scale * x[i]);
@@ -35,10 +80,16 @@ static void rmsnorm(float *out, const float *x, const float *weight, int n) {
 
 /* llama2.c's RoPE: pair (i, i+1) of every head turns by pos * 10000^(-(i % hd) / hd),
  * computed in float as run.c does. Rotates n floats of vec (whole heads). */
+static float rope_theta = 10000.0f;
+static int rope_dims; /* 0: all of the head */
+
 void ref_rope(float *vec, int n, int hd, int pos) {
+    int n_rot = rope_dims ? rope_dims : hd;
     for (int i = 0; i < n; i += 2) {
         int hi = i % hd;
-        float freq = 1.0f / powf(10000.0f, (float)hi / (float)hd);
+        if (hi >= n_rot)
+            continue;
+        float freq = 1.0f / powf(rope_theta, (float)hi / (float)n_rot);
         float angle = (float)pos * freq;
         float c = cosf(angle), s = sinf(angle);
         float a = vec[i], b = vec[i + 1];
@@ -72,18 +123,19 @@ int ref_forward_last(const struct kvr_model *m, const int *tokens, int n, float 
     int rc = -1;
     if (!x || !k || !v || !att_out || !xb || !q || !tmp || !h1 || !h3 || !sc || !acc)
         goto out;
+    norm_eps = (double)c->norm_eps;
+    rope_theta = c->rope_theta;
+    rope_dims = c->n_rot;
     for (int t = 0; t < n; t++)
-        memcpy(x + (size_t)t * d, w->token_embedding + (size_t)tokens[t] * d,
-               (size_t)d * sizeof *x);
+        ref_dequant_row(&w->token_embedding, tokens[t], x + (size_t)t * d);
 
     for (int l = 0; l < c->n_layers; l++) {
-        const float *wq = w->wq + (size_t)l * d * d, *wo = w->wo + (size_t)l * d * d;
-        const float *wk = w->wk + (size_t)l * kvd * d, *wv = w->wv + (size_t)l * kvd * d;
-        const float *w1 = w->w1 + (size_t)l * hid * d, *w3 = w->w3 + (size_t)l * hid * d;
-        const float *w2 = w->w2 + (size_t)l * d * hid;
+        const struct kvr_layer_weights *lw = &w->layers[l];
+        const struct kvr_tensor *wq = &lw->wq, *wo = &lw->wo, *wk = &lw->wk, *wv = &lw->wv;
+        const struct kvr_tensor *w1 = &lw->w1, *w3 = &lw->w3, *w2 = &lw->w2;
         /* K and V of every token, recomputed from this layer's input. */
         for (int t = 0; t < n; t++) {
-            rmsnorm(xb, x + (size_t)t * d, w->rms_att + (size_t)l * d, d);
+            rmsnorm(xb, x + (size_t)t * d, lw->rms_att, d);
             matvec(k + (size_t)t * kvd, wk, xb, kvd, d);
             matvec(v + (size_t)t * kvd, wv, xb, kvd, d);
             ref_rope(k + (size_t)t * kvd, kvd, hd, t);
@@ -91,7 +143,7 @@ int ref_forward_last(const struct kvr_model *m, const int *tokens, int n, float 
         /* The last layer only matters for the last token. */
         int t0 = l == c->n_layers - 1 ? n - 1 : 0;
         for (int t = t0; t < n; t++) {
-            rmsnorm(xb, x + (size_t)t * d, w->rms_att + (size_t)l * d, d);
+            rmsnorm(xb, x + (size_t)t * d, lw->rms_att, d);
             matvec(q, wq, xb, d, d);
             ref_rope(q, d, hd, t);
             for (int h = 0; h < c->n_heads; h++) {
@@ -124,7 +176,7 @@ int ref_forward_last(const struct kvr_model *m, const int *tokens, int n, float 
             matvec(tmp, wo, att_out + (size_t)t * d, d, d);
             for (int i = 0; i < d; i++)
                 xt[i] += tmp[i];
-            rmsnorm(xb, xt, w->rms_ffn + (size_t)l * d, d);
+            rmsnorm(xb, xt, lw->rms_ffn, d);
             matvec(h1, w1, xb, hid, d);
             matvec(h3, w3, xb, hid, d);
             for (int i = 0; i < hid; i++) {
@@ -137,9 +189,12 @@ int ref_forward_last(const struct kvr_model *m, const int *tokens, int n, float 
         }
     }
     rmsnorm(xb, x + (size_t)(n - 1) * d, w->rms_final, d);
-    matvec(logits, w->wcls, xb, c->vocab_size, d);
+    matvec(logits, &w->wcls, xb, c->vocab_size, d);
     rc = 0;
 out:
+    norm_eps = 1e-5;
+    rope_theta = 10000.0f;
+    rope_dims = 0;
     free(x);
     free(k);
     free(v);

@@ -10,7 +10,7 @@
 #include "model.h"
 #include "status.h"
 
-static void same_tensor(const float *a, const float *b, size_t n, const char *what) {
+static void same_tensor(const void *a, const void *b, size_t n, const char *what) {
     int same = memcmp(a, b, n * sizeof(float)) == 0;
     if (!same)
         fprintf(stderr, "tensor %s differs between mmap and copy\n", what);
@@ -25,21 +25,24 @@ int main(void) {
     const struct kvr_model_config *ca = kvr_model_config(a), *cb = kvr_model_config(b);
     CHECK(memcmp(ca, cb, sizeof *ca) == 0);
     const struct kvr_model_weights *wa = kvr_model_weights(a), *wb = kvr_model_weights(b);
-    size_t d = (size_t)ca->dim, h = (size_t)ca->hidden_dim, L = (size_t)ca->n_layers, kv = (size_t)ca->kv_dim;
-    same_tensor(wa->token_embedding, wb->token_embedding, (size_t)ca->vocab_size * d, "token_embedding");
-    same_tensor(wa->rms_att, wb->rms_att, L * d, "rms_att");
-    same_tensor(wa->wq, wb->wq, L * d * d, "wq");
-    same_tensor(wa->wk, wb->wk, L * kv * d, "wk");
-    same_tensor(wa->wv, wb->wv, L * kv * d, "wv");
-    same_tensor(wa->wo, wb->wo, L * d * d, "wo");
-    same_tensor(wa->rms_ffn, wb->rms_ffn, L * d, "rms_ffn");
-    same_tensor(wa->w1, wb->w1, L * h * d, "w1");
-    same_tensor(wa->w2, wb->w2, L * d * h, "w2");
-    same_tensor(wa->w3, wb->w3, L * h * d, "w3");
+    size_t d = (size_t)ca->dim, h = (size_t)ca->hidden_dim, kv = (size_t)ca->kv_dim;
+    same_tensor(wa->token_embedding.data, wb->token_embedding.data, (size_t)ca->vocab_size * d, "token_embedding");
+    for (int l = 0; l < ca->n_layers; l++) {
+        const struct kvr_layer_weights *la = &wa->layers[l], *lb = &wb->layers[l];
+        same_tensor(la->rms_att, lb->rms_att, d, "rms_att");
+        same_tensor(la->wq.data, lb->wq.data, d * d, "wq");
+        same_tensor(la->wk.data, lb->wk.data, kv * d, "wk");
+        same_tensor(la->wv.data, lb->wv.data, kv * d, "wv");
+        same_tensor(la->wo.data, lb->wo.data, d * d, "wo");
+        same_tensor(la->rms_ffn, lb->rms_ffn, d, "rms_ffn");
+        same_tensor(la->w1.data, lb->w1.data, h * d, "w1");
+        same_tensor(la->w2.data, lb->w2.data, d * h, "w2");
+        same_tensor(la->w3.data, lb->w3.data, h * d, "w3");
+    }
     same_tensor(wa->rms_final, wb->rms_final, d, "rms_final");
-    same_tensor(wa->wcls, wb->wcls, (size_t)ca->vocab_size * d, "wcls");
-    CHECK_EQ((uintptr_t)wb->token_embedding % 64, 0);
-    CHECK_EQ((uintptr_t)wa->token_embedding % 64, 28); /* the file's weights start after the header */
+    same_tensor(wa->wcls.data, wb->wcls.data, (size_t)ca->vocab_size * d, "wcls");
+    CHECK_EQ((uintptr_t)wb->token_embedding.data % 64, 0);
+    CHECK_EQ((uintptr_t)wa->token_embedding.data % 64, 28); /* the file's weights start after the header */
     uint64_t fa = kvr_model_fingerprint(a), fb = kvr_model_fingerprint(b);
     CHECK(fa == fb);
     CHECK(fa != 0);

@@ -81,6 +81,12 @@ static int keys_of(const struct kvr_kv_policy_params *pol, int p, int *key_t, in
     return n;
 }
 
+/* The float32 data of a weight (this reference runs llama2.c checkpoints only). */
+static const float *f32(const struct kvr_tensor *t) {
+    REQUIRE(t->type == KVR_DTYPE_F32);
+    return t->data;
+}
+
 /* Logits (n, vocab) of every position of tokens[0..n) under pol, whole sequence at once,
  * layer by layer, without any cache: keys are kept unrotated and rotated per query. */
 static void policy_ref(const struct kvr_model *m, const int *tokens, int n,
@@ -99,13 +105,14 @@ static void policy_ref(const struct kvr_model *m, const int *tokens, int n,
     int *kt = malloc(N * sizeof *kt), *kp = malloc(N * sizeof *kp);
     REQUIRE(x && xb && q && k && v && att && o && h1 && h3 && qr && kr && sc && kt && kp);
     for (int t = 0; t < n; t++)
-        memcpy(x + (size_t)t * d, w->token_embedding + (size_t)tokens[t] * d, (size_t)d * sizeof *x);
+        memcpy(x + (size_t)t * d, f32(&w->token_embedding) + (size_t)tokens[t] * d, (size_t)d * sizeof *x);
     for (int l = 0; l < c->n_layers; l++) {
+        const struct kvr_layer_weights *lw = &w->layers[l];
         for (int t = 0; t < n; t++) {
-            rmsnorm(xb, x + (size_t)t * d, w->rms_att + (size_t)l * d, d);
-            matvec(q + (size_t)t * d, w->wq + (size_t)l * d * d, xb, d, d);
-            matvec(k + (size_t)t * kvd, w->wk + (size_t)l * kvd * d, xb, kvd, d);
-            matvec(v + (size_t)t * kvd, w->wv + (size_t)l * kvd * d, xb, kvd, d);
+            rmsnorm(xb, x + (size_t)t * d, lw->rms_att, d);
+            matvec(q + (size_t)t * d, f32(&lw->wq), xb, d, d);
+            matvec(k + (size_t)t * kvd, f32(&lw->wk), xb, kvd, d);
+            matvec(v + (size_t)t * kvd, f32(&lw->wv), xb, kvd, d);
         }
         for (int p = 0; p < n; p++) {
             int qpos, nk = keys_of(pol, p, kt, kp, &qpos);
@@ -133,22 +140,22 @@ static void policy_ref(const struct kvr_model *m, const int *tokens, int n,
         }
         for (int t = 0; t < n; t++) {
             float *xt = x + (size_t)t * d;
-            matvec(o, w->wo + (size_t)l * d * d, att + (size_t)t * d, d, d);
+            matvec(o, f32(&lw->wo), att + (size_t)t * d, d, d);
             for (int i = 0; i < d; i++)
                 xt[i] += o[i];
-            rmsnorm(xb, xt, w->rms_ffn + (size_t)l * d, d);
-            matvec(h1, w->w1 + (size_t)l * hid * d, xb, hid, d);
-            matvec(h3, w->w3 + (size_t)l * hid * d, xb, hid, d);
+            rmsnorm(xb, xt, lw->rms_ffn, d);
+            matvec(h1, f32(&lw->w1), xb, hid, d);
+            matvec(h3, f32(&lw->w3), xb, hid, d);
             for (int i = 0; i < hid; i++)
                 h1[i] = (float)((double)h1[i] / (1.0 + exp(-(double)h1[i])) * (double)h3[i]);
-            matvec(o, w->w2 + (size_t)l * d * hid, h1, d, hid);
+            matvec(o, f32(&lw->w2), h1, d, hid);
             for (int i = 0; i < d; i++)
                 xt[i] += o[i];
         }
     }
     for (int t = 0; t < n; t++) {
         rmsnorm(xb, x + (size_t)t * d, w->rms_final, d);
-        matvec(logits + (size_t)t * V, w->wcls, xb, V, d);
+        matvec(logits + (size_t)t * V, f32(&w->wcls), xb, V, d);
     }
     free(x), free(xb), free(q), free(k), free(v), free(att), free(o), free(h1), free(h3);
     free(qr), free(kr), free(sc), free(kt), free(kp);

@@ -418,42 +418,54 @@ static void check_tensor_offsets(const char *path, const struct kvr_model *m) {
     size_t d = (size_t)c->dim, h = (size_t)c->hidden_dim, L = (size_t)c->n_layers;
     size_t kv = (size_t)c->n_kv_heads * (d / (size_t)c->n_heads), V = (size_t)c->vocab_size;
     size_t hd = d / (size_t)c->n_heads;
-    const struct {
+    /* Stacked tensors in file order: (name, floats per layer or whole, layers, view of layer l). */
+    struct stacked {
         const char *name;
-        const float *ptr;
-        size_t n;
+        size_t n;  /* floats per layer (per_layer) or of the whole tensor */
+        int per_layer;
     } t[] = {
-        {"token_embedding", w->token_embedding, V * d},
-        {"rms_att", w->rms_att, L * d},
-        {"wq", w->wq, L * d * d},
-        {"wk", w->wk, L * kv * d},
-        {"wv", w->wv, L * kv * d},
-        {"wo", w->wo, L * d * d},
-        {"rms_ffn", w->rms_ffn, L * d},
-        {"w1", w->w1, L * h * d},
-        {"w2", w->w2, L * d * h},
-        {"w3", w->w3, L * h * d},
-        {"rms_final", w->rms_final, d},
-        {"(rope tables)", NULL, (size_t)c->seq_len * hd},
-        {"wcls", w->wcls, c->shared_classifier ? 0 : V * d},
+        {"token_embedding", V * d, 0}, {"rms_att", d, 1},      {"wq", d * d, 1},
+        {"wk", kv * d, 1},             {"wv", kv * d, 1},      {"wo", d * d, 1},
+        {"rms_ffn", d, 1},             {"w1", h * d, 1},       {"w2", d * h, 1},
+        {"w3", h * d, 1},              {"rms_final", d, 0},    {"(rope tables)", (size_t)c->seq_len * hd, 0},
+        {"wcls", c->shared_classifier ? 0 : V * d, 0},
     };
     size_t off = 28;
     for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
-        if (t[i].ptr && t[i].n) {
-            int same =
-                off + t[i].n * 4 <= (size_t)size && memcmp(buf + off, t[i].ptr, t[i].n * 4) == 0;
-            if (!same)
-                fprintf(stderr, "  %s: tensor %s is not the file's bytes at offset %zu\n", path,
-                        t[i].name, off);
-            CHECK(same);
+        for (size_t l = 0; l < (t[i].per_layer ? L : 1); l++) {
+            const struct kvr_layer_weights *lw = &w->layers[l];
+            const void *ptr = NULL;
+            switch (i) {
+            case 0: ptr = w->token_embedding.data; break;
+            case 1: ptr = lw->rms_att; break;
+            case 2: ptr = lw->wq.data; break;
+            case 3: ptr = lw->wk.data; break;
+            case 4: ptr = lw->wv.data; break;
+            case 5: ptr = lw->wo.data; break;
+            case 6: ptr = lw->rms_ffn; break;
+            case 7: ptr = lw->w1.data; break;
+            case 8: ptr = lw->w2.data; break;
+            case 9: ptr = lw->w3.data; break;
+            case 10: ptr = w->rms_final; break;
+            case 12: ptr = w->wcls.data; break;
+            default: break;
+            }
+            if (ptr && t[i].n) {
+                int same = off + t[i].n * 4 <= (size_t)size && memcmp(buf + off, ptr, t[i].n * 4) == 0;
+                if (!same)
+                    fprintf(stderr, "  %s: tensor %s (layer %zu) is not the file's bytes at offset %zu\n",
+                            path, t[i].name, l, off);
+                CHECK(same);
+            }
+            off += t[i].n * 4;
         }
-        off += t[i].n * 4;
     }
     CHECK_EQ(off, size);
+    CHECK(w->token_embedding.type == KVR_DTYPE_F32 && w->wcls.type == KVR_DTYPE_F32);
     if (c->shared_classifier)
-        CHECK(w->wcls == w->token_embedding);
+        CHECK(w->wcls.data == w->token_embedding.data);
     else
-        CHECK(w->wcls != w->token_embedding);
+        CHECK(w->wcls.data != w->token_embedding.data);
     free(buf);
 }
 
