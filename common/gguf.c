@@ -429,7 +429,7 @@ int kvr_gguf_parse(const void *buf, size_t len, const char *name, struct kvr_ggu
     if (rc == KVR_OK) {
         const struct kv *ak = find(g, "general.alignment");
         if (ak->type != KVR_GGUF_U32 || (align & (align - 1)) != 0) {
-            KVR_LOG_ERROR("model '%s': general.alignment is %" PRId64 " of type %s (must be a u32 power of two)",
+            KVR_LOG_ERROR("model '%s': general.alignment is %" PRId64 " (a %s): it must be a u32 power of two",
                           g->name, align, type_name(ak->type));
             rc = KVR_EFORMAT;
             goto out;

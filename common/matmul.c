@@ -271,13 +271,14 @@ static void small_m(float *y, int ldy, const float *x, const float *w, int m, in
 
 /* ---- other weight types (quant.h) ------------------------------------------------- */
 
-#define DQ_ROWS 64 /* weight rows per dequantized tile of the GEMM path */
-#define DQ_K 256   /* values per row of such a tile: 64 KiB of float32 on the stack */
-
-/* Few rows: each weight row is read once and dotted with every converted activation row
- * by the type's kernel; one (i, j) gives the same value whatever else is in the batch. */
-static void typed_small(float *y, int ldy, const struct kvr_matmul_act *a,
-                        const struct kvr_tensor *w, int n0, int n1, float beta) {
+/* Every value is one call of the type's kernel, whatever the number of rows: a value
+ * depends on nothing but its weight row and its activation row, so a sequence gives the
+ * same bits alone or in any batch, in a prefill pass or a decode step (the cluster's
+ * answers are `kvrelay generate`'s even where two tokens nearly tie). Each weight row is
+ * read once and dotted with every activation row while it sits in L1. Not fast yet: a
+ * blocked kernel with the same per-value arithmetic is issue 13's. */
+static void typed_rows(float *y, int ldy, const struct kvr_matmul_act *a,
+                       const struct kvr_tensor *w, int n0, int n1, float beta) {
     size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), a->k);
     for (int j = n0; j < n1; j++) {
         const void *wr = (const char *)w->data + (size_t)j * w->row_nbytes;
@@ -285,28 +286,6 @@ static void typed_small(float *y, int ldy, const struct kvr_matmul_act *a,
             float d = kvr_vec_dot(w->type, wr, (const char *)a->xc + (size_t)i * xb, a->k);
             float *yij = y + (size_t)i * (size_t)ldy + j;
             *yij = beta != 0.0f ? d + beta * *yij : d;
-        }
-    }
-}
-
-/* Many rows: rounded activations (a->xc, float32) times tiles of DQ_ROWS x DQ_K weights
- * dequantized on the stack, by sgemm; later tiles of k add to the partial sums. */
-static void typed_gemm(float *y, int ldy, const struct kvr_matmul_act *a,
-                       const struct kvr_tensor *w, int n0, int n1, float beta) {
-    _Alignas(64) float wt[DQ_ROWS * DQ_K];
-    const float *xr = a->xc;
-    int k = a->k;
-    for (int j = n0; j < n1; j += DQ_ROWS) {
-        int nr = n1 - j < DQ_ROWS ? n1 - j : DQ_ROWS;
-        for (int k0 = 0; k0 < k; k0 += DQ_K) {
-            int kc = k - k0 < DQ_K ? k - k0 : DQ_K;
-            /* k0 is a multiple of 256, so of every block size. */
-            size_t off = kvr_dtype_row_nbytes(w->type, k0);
-            for (int r = 0; r < nr; r++)
-                kvr_dequantize_row(w->type, (const char *)w->data + (size_t)(j + r) * w->row_nbytes + off,
-                                   wt + (size_t)r * kc, kc);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a->m, nr, kc, 1.0f, xr + k0, k, wt, kc,
-                        k0 == 0 ? beta : 1.0f, y + j, ldy);
         }
     }
 }
@@ -330,8 +309,8 @@ int kvr_matmul_ws_create(const struct kvr_matmul_ws_params *p, struct kvr_matmul
         }
         if (p->k_max[i] == 0)
             continue;
-        /* Float32 rows are the largest form a conversion takes (Q8_0 rows are 34/32
-         * bytes per value, F16/BF16 2). */
+        /* Sized as float32 rows, more than any converted row takes (Q8_0 is 34/32 bytes
+         * per value, F16/BF16 2): the slot fits any type. */
         ws->slot_nfloats[i] = (size_t)p->m_max * (size_t)p->k_max[i];
         if (!(ws->slot[i] = malloc(ws->slot_nfloats[i] * sizeof(float)))) {
             kvr_matmul_ws_free(ws);
@@ -361,15 +340,10 @@ void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, 
     if (type == KVR_DTYPE_F32)
         return;
     KVR_ASSERT(ws_fits(ws, slot, m, k));
-    if (m <= KVR_MATMUL_SMALL_M) {
-        size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k);
-        char *dst = (char *)ws->slot[slot];
-        for (int i = 0; i < m; i++)
-            kvr_act_convert_row(type, x + (size_t)i * (size_t)k, dst + (size_t)i * xb, k);
-    } else {
-        for (int i = 0; i < m; i++)
-            kvr_act_round_row(type, x + (size_t)i * (size_t)k, ws->slot[slot] + (size_t)i * (size_t)k, k);
-    }
+    size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k);
+    char *dst = (char *)ws->slot[slot];
+    for (int i = 0; i < m; i++)
+        kvr_act_convert_row(type, x + (size_t)i * (size_t)k, dst + (size_t)i * xb, k);
     a->xc = ws->slot[slot];
 }
 
@@ -382,10 +356,7 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
         return;
     KVR_ASSERT(a->type == w->type && (int64_t)k == w->cols && n1 <= w->rows);
     if (w->type != KVR_DTYPE_F32) {
-        if (m <= KVR_MATMUL_SMALL_M)
-            typed_small(y, ldy, a, w, n0, n1, beta);
-        else
-            typed_gemm(y, ldy, a, w, n0, n1, beta);
+        typed_rows(y, ldy, a, w, n0, n1, beta);
         return;
     }
     const float *x = a->x, *wf = w->data;

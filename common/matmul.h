@@ -4,9 +4,9 @@
  * slice of few rows (decode) runs a hand-written AVX2/FMA kernel that reads each weight
  * row once for all m rows, a slice of many rows (prefill) runs single-threaded OpenBLAS
  * sgemm, so OpenBLAS never runs threads of its own beside ours. Weights of the other
- * types (quant.h) take the same two paths: per-row dot products of the type's kernel
- * for few rows, and for many rows sgemm on the activations rounded to the type times
- * tiles of weights dequantized to float32 (the same products up to summation order). */
+ * types (quant.h) take one path for any number of rows: the activations converted once
+ * to the type's dot type, then one call of the type's kernel per value, so each value is
+ * the same in any batch (not fast yet: issue 13). */
 #ifndef KVR_MATMUL_H
 #define KVR_MATMUL_H
 
@@ -53,8 +53,7 @@ void kvr_matmul_ws_free(struct kvr_matmul_ws *ws);
 
 /* Activations ready for a product with weights of one type, shared by every slice of it.
  * For F32 weights xc is NULL and the slices read x. Otherwise xc holds x converted as
- * quant.h says: m rows of kvr_dtype_row_nbytes(type, k) bytes (m <= KVR_MATMUL_SMALL_M,
- * the dot-product path), or (m, k) float32 values rounded the same way (the GEMM path). */
+ * quant.h says: m rows of kvr_dtype_row_nbytes(type, k) bytes. */
 struct kvr_matmul_act {
     const float *x;  /* (m, k) float32, row-major, k apart */
     const void *xc;  /* converted copy in a workspace slot, or NULL */
@@ -91,9 +90,9 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
 
 /* Single-threaded building block for fused parallel loops built elsewhere: columns
  * [n0, n1) of y only, i.e. y[i][j] = x[i] . w[j] + beta * y[i][j] for i < a->m,
- * n0 <= j < n1; y rows are ldy floats apart. a was prepared for w's type. The result of
- * one (i, j) does not depend on n0, n1 or, for non-F32 weights up to KVR_MATMUL_SMALL_M
- * rows, on the other rows. */
+ * n0 <= j < n1; y rows are ldy floats apart. a was prepared for w's type. For non-F32
+ * weights each value is one kernel call: it depends on neither n0, n1 nor the other rows
+ * (a sequence computes the same alone or in a batch, prefill or decode). */
 void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
                       const struct kvr_tensor *w, int n0, int n1, float beta);
 

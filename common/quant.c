@@ -139,31 +139,6 @@ void kvr_act_convert_row(enum kvr_dtype w, const float *x, void *dst, int64_t n)
     KVR_ASSERT(!"unsupported dtype");
 }
 
-void kvr_act_round_row(enum kvr_dtype w, const float *x, float *dst, int64_t n) {
-    switch (kvr_dtype_dot(w)) {
-    case KVR_DTYPE_F32:
-        memmove(dst, x, (size_t)n * sizeof(float));
-        return;
-    case KVR_DTYPE_F16:
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = kvr_f16_to_f32(kvr_f32_to_f16(x[i]));
-        return;
-    case KVR_DTYPE_BF16:
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = kvr_bf16_to_f32(kvr_f32_to_bf16(x[i]));
-        return;
-    case KVR_DTYPE_Q8_0: {
-        struct kvr_block_q8_0 b;
-        for (int64_t i = 0; i < n; i += KVR_QK8_0) {
-            kvr_quantize_row_q8_0(x + i, &b, KVR_QK8_0);
-            kvr_dequantize_row(KVR_DTYPE_Q8_0, &b, dst + i, KVR_QK8_0);
-        }
-        return;
-    }
-    }
-    KVR_ASSERT(!"unsupported dtype");
-}
-
 /* ---- scalar references ------------------------------------------------------------
  * The definitions: one accumulator, index order, no fused multiply-add (ISO C mode does
  * not contract a*b+c). */
@@ -212,8 +187,8 @@ float kvr_vec_dot_ref(enum kvr_dtype w, const void *wrow, const void *xconv, int
 }
 
 /* ---- the engine's kernels ----------------------------------------------------------
- * Correct first (issue 12); fast is issue 13's. Eight partial sums (one AVX2 vector, or
- * eight lanes the compiler may vectorize) for the float types. */
+ * Correct first (issue 12); fast is issue 13's. A portable version of each type, always
+ * compiled (and tested), and an AVX2 one used when the build targets AVX2. */
 
 #ifdef Q_AVX2
 static inline float hsum8(__m256 v) {
@@ -233,73 +208,106 @@ static inline __m256 load_f16x8(const uint16_t *p) {
 }
 #endif
 
-static float dot_f32(const float *w, const float *x, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#ifdef Q_AVX2
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
-    s = hsum8(a);
-#else
+/* Portable: eight partial sums the compiler may keep in one vector register. */
+
+static float sum8(const float a[8]) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+static float dot_f32_portable(const float *w, const float *x, int64_t n) {
     float a[8] = {0};
+    int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++)
             a[j] += w[i + j] * x[i + j];
-    s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-#endif
+    float s = sum8(a);
     for (; i < n; i++)
         s += w[i] * x[i];
     return s;
 }
 
-static float dot_f16(const uint16_t *w, const uint16_t *x, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#ifdef Q_AVX2
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load_f16x8(w + i), load_f16x8(x + i), a);
-    s = hsum8(a);
-#else
+static float dot_f16_portable(const uint16_t *w, const uint16_t *x, int64_t n) {
     float a[8] = {0};
+    int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++)
             a[j] += kvr_f16_to_f32(w[i + j]) * kvr_f16_to_f32(x[i + j]);
-    s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-#endif
+    float s = sum8(a);
     for (; i < n; i++)
         s += kvr_f16_to_f32(w[i]) * kvr_f16_to_f32(x[i]);
     return s;
 }
 
-static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#ifdef Q_AVX2
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load_bf16x8(w + i), load_bf16x8(x + i), a);
-    s = hsum8(a);
-#else
+static float dot_bf16_portable(const uint16_t *w, const uint16_t *x, int64_t n) {
     float a[8] = {0};
+    int64_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int j = 0; j < 8; j++)
             a[j] += kvr_bf16_to_f32(w[i + j]) * kvr_bf16_to_f32(x[i + j]);
-    s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-#endif
+    float s = sum8(a);
     for (; i < n; i++)
         s += kvr_bf16_to_f32(w[i]) * kvr_bf16_to_f32(x[i]);
     return s;
 }
 
-/* Same operations in the same order as the reference (integer block sums are exact), so
- * the result is the reference's bit for bit. */
-static float dot_q8_0(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_0 *x, int64_t n) {
+/* The integer block sums are exact, and the float operations after them are the
+ * reference's in the reference's order: the result is the reference's bit for bit. */
+static float dot_q8_0_portable(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_0 *x, int64_t n) {
+    return dot_ref_q8_0(w, x, n);
+}
+
+float kvr_vec_dot_portable(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n) {
+    switch (w) {
+    case KVR_DTYPE_F32: return dot_f32_portable(wrow, xconv, n);
+    case KVR_DTYPE_F16: return dot_f16_portable(wrow, xconv, n);
+    case KVR_DTYPE_BF16: return dot_bf16_portable(wrow, xconv, n);
+    case KVR_DTYPE_Q8_0: return dot_q8_0_portable(wrow, xconv, n);
+    }
+    KVR_ASSERT(!"unsupported dtype");
+    return 0.0f;
+}
+
+#ifdef Q_AVX2
+/* AVX2 + FMA + F16C: one vector of eight partial sums. */
+
+static float dot_f32_avx2(const float *w, const float *x, int64_t n) {
+    int64_t i = 0;
+    __m256 a = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
+    float s = hsum8(a);
+    for (; i < n; i++)
+        s += w[i] * x[i];
+    return s;
+}
+
+static float dot_f16_avx2(const uint16_t *w, const uint16_t *x, int64_t n) {
+    int64_t i = 0;
+    __m256 a = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_fmadd_ps(load_f16x8(w + i), load_f16x8(x + i), a);
+    float s = hsum8(a);
+    for (; i < n; i++)
+        s += kvr_f16_to_f32(w[i]) * kvr_f16_to_f32(x[i]);
+    return s;
+}
+
+static float dot_bf16_avx2(const uint16_t *w, const uint16_t *x, int64_t n) {
+    int64_t i = 0;
+    __m256 a = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_fmadd_ps(load_bf16x8(w + i), load_bf16x8(x + i), a);
+    float s = hsum8(a);
+    for (; i < n; i++)
+        s += kvr_bf16_to_f32(w[i]) * kvr_bf16_to_f32(x[i]);
+    return s;
+}
+
+/* Integer block sums by madd of sign-extended 16-bit lanes; the float part as the
+ * reference (bit for bit). */
+static float dot_q8_0_avx2(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_0 *x, int64_t n) {
     float s = 0.0f;
     for (int64_t b = 0; b < n / KVR_QK8_0; b++) {
-        int32_t sumi;
-#ifdef Q_AVX2
         __m256i qw = _mm256_loadu_si256((const __m256i *)(const void *)w[b].qs);
         __m256i qx = _mm256_loadu_si256((const __m256i *)(const void *)x[b].qs);
         __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(qw)),
@@ -310,24 +318,32 @@ static float dot_q8_0(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_
         __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
         r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
-        sumi = _mm_cvtsi128_si32(r);
-#else
-        sumi = 0;
-        for (int j = 0; j < KVR_QK8_0; j++)
-            sumi += (int32_t)w[b].qs[j] * (int32_t)x[b].qs[j];
-#endif
+        int32_t sumi = _mm_cvtsi128_si32(r);
         s += (float)sumi * (kvr_f16_to_f32(w[b].d) * kvr_f16_to_f32(x[b].d));
     }
     return s;
 }
+#endif
 
 float kvr_vec_dot(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n) {
+#ifdef Q_AVX2
     switch (w) {
-    case KVR_DTYPE_F32: return dot_f32(wrow, xconv, n);
-    case KVR_DTYPE_F16: return dot_f16(wrow, xconv, n);
-    case KVR_DTYPE_BF16: return dot_bf16(wrow, xconv, n);
-    case KVR_DTYPE_Q8_0: return dot_q8_0(wrow, xconv, n);
+    case KVR_DTYPE_F32: return dot_f32_avx2(wrow, xconv, n);
+    case KVR_DTYPE_F16: return dot_f16_avx2(wrow, xconv, n);
+    case KVR_DTYPE_BF16: return dot_bf16_avx2(wrow, xconv, n);
+    case KVR_DTYPE_Q8_0: return dot_q8_0_avx2(wrow, xconv, n);
     }
     KVR_ASSERT(!"unsupported dtype");
     return 0.0f;
+#else
+    return kvr_vec_dot_portable(w, wrow, xconv, n);
+#endif
+}
+
+const char *kvr_vec_dot_kernel(void) {
+#ifdef Q_AVX2
+    return "avx2";
+#else
+    return "portable";
+#endif
 }

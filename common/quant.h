@@ -11,9 +11,10 @@
  *                                           f32 sum over blocks
  *
  * Every type has a scalar reference (kvr_vec_dot_ref: plain loops in the order above, the
- * definition the faster kernels are tested against) and the kernel the engine calls
- * (kvr_vec_dot: portable C, SIMD where the compiler targets it; issue 13 makes these
- * fast). Neither depends on the build machine's CPU for its result beyond float
+ * definition the faster kernels are tested against), a portable kernel
+ * (kvr_vec_dot_portable, always built) and the kernel the engine calls (kvr_vec_dot: the
+ * AVX2 one when the build targets AVX2+FMA+F16C, else the portable one; issue 13 makes
+ * these fast). None depends on the build machine's CPU for its result beyond float
  * summation order. One place for all of it: matmul.c calls only what is declared here. */
 #ifndef KVR_QUANT_H
 #define KVR_QUANT_H
@@ -83,14 +84,17 @@ void kvr_tensor_row(const struct kvr_tensor *t, int64_t row, float *dst);
  * (kvr_dtype_row_nbytes(kvr_dtype_dot(w), n) bytes). */
 void kvr_act_convert_row(enum kvr_dtype w, const float *x, void *dst, int64_t n);
 
-/* x rounded exactly as kvr_act_convert_row rounds it, back in float32 (the GEMM path:
- * rounded activations times dequantized weights is the same product up to summation). */
-void kvr_act_round_row(enum kvr_dtype w, const float *x, float *dst, int64_t n);
-
 /* Dot product of one weight row of type w (n values) with one activation row converted
  * by kvr_act_convert_row. kvr_vec_dot is the engine's kernel, kvr_vec_dot_ref the scalar
  * reference; they agree to float summation order (bit for bit for Q8_0). */
 float kvr_vec_dot(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n);
 float kvr_vec_dot_ref(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n);
+
+/* The portable kernel (what kvr_vec_dot runs on a build without AVX2), callable on any
+ * build so that tests check it too. */
+float kvr_vec_dot_portable(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n);
+
+/* Which kernel kvr_vec_dot runs in this build: "avx2" or "portable". */
+const char *kvr_vec_dot_kernel(void);
 
 #endif /* KVR_QUANT_H */
