@@ -182,6 +182,15 @@ static void at_exit_take_down(void) {
     }
 }
 
+static const char *use_model, *use_tokenizer;
+static int use_context;
+
+void cluster_use_model(const char *model, const char *tokenizer, int context) {
+    use_model = model;
+    use_tokenizer = tokenizer;
+    use_context = context;
+}
+
 int cluster_spawn(struct cluster *c, const char *const *extra) {
     static int registered;
     if (!registered) {
@@ -193,17 +202,25 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
     c->port = harness_free_port();
     snprintf(c->addr, sizeof c->addr, "127.0.0.1:%d", c->port);
     snprintf(c->mark, sizeof c->mark, "%d.%d", (int)getpid(), c->port);
-    char bin[1024], model[1024], tok[1024], port[16];
+    char bin[1024], model[1024], tok[1024], port[16], ctx[16];
     /* The copy beside the test builds of the roles: it starts those (fault injection). */
     snprintf(bin, sizeof bin, "%s/kvrelay", KVR_TEST_BIN_DIR);
     snprintf(model, sizeof model, "%s/models/stories260K.bin", KVR_SHARED_DIR);
     snprintf(tok, sizeof tok, "%s/models/tok512.bin", KVR_SHARED_DIR);
     snprintf(port, sizeof port, "%d", c->port);
+    snprintf(ctx, sizeof ctx, "%d", use_context);
     /* A generous stop timeout: under ASan every rank runs LeakSanitizer at exit, which
      * takes seconds on a loaded machine; a stop that does not finish still fails. */
-    const char *argv[64] = {bin,      "up", "--model",        model, "--tokenizer", tok,
-                            "--port", port, "--stop-timeout", "90"};
-    int n = 10;
+    const char *argv[64] = {bin, "up", "--model", use_model ? use_model : model, "--port", port, "--stop-timeout", "90"};
+    int n = 8;
+    if (!use_model || use_tokenizer) {
+        argv[n++] = "--tokenizer";
+        argv[n++] = use_model ? use_tokenizer : tok;
+    }
+    if (use_context > 0) {
+        argv[n++] = "--context";
+        argv[n++] = ctx;
+    }
     for (int i = 0; extra && extra[i] && n < 63; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;

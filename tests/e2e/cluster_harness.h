@@ -20,10 +20,15 @@ struct cluster {
     int exit_code;     /* after cluster_stop/cluster_wait: up's exit code, 128 + signal */
 };
 
+/* The model every later cluster_start/cluster_spawn serves: a model file, its tokenizer
+ * (NULL: the file's own, GGUF) and a --context (0: the file's). Default: the bundled
+ * llama2.c checkpoint and tok512.bin. Strings are borrowed until the next call. */
+void cluster_use_model(const char *model, const char *tokenizer, int context);
+
 /* A TCP port that was free a moment ago. */
 int harness_free_port(void);
 
-/* Starts `kvrelay up --model <bundled> --tokenizer <bundled> --port <free> <extra...>`
+/* Starts `kvrelay up --model <model> [--tokenizer <tok>] [--context N] --port <free> <extra...>`
  * (extra: NULL-terminated) and waits up to timeout_s for its ready line. Returns 0 or -1
  * (the cluster is stopped then). */
 int cluster_start(struct cluster *c, double timeout_s, const char *const *extra);

@@ -44,7 +44,11 @@
  *              not at all): every call ends with exactly one final status, the
  *              coordinator finished exactly 100 requests, and the pools return to empty.
  * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
- * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing". */
+ * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing".
+ * A second argument names a GGUF file of the bundled model (q8_0: ../shared/models/gguf/
+ * stories260K-q8_0.gguf): the cluster serves it with its own tokenizer at --context 512,
+ * and the "golden" text of each prompt is what `kvrelay generate` prints for it on the
+ * same file (the same model through one process and through the cluster). */
 #include <errno.h>
 #include <strings.h>
 #include <pthread.h>
@@ -81,6 +85,8 @@
 
 static struct golden_run golden[N_GOLDEN_MAX];
 static int golden_prompt_len[N_GOLDEN_MAX];
+static int golden_generated[N_GOLDEN_MAX]; /* tokens each golden request generates */
+static char gguf_model[1024];              /* "": the llama2.c checkpoint */
 static int n_golden;
 static struct cluster cl;
 
@@ -95,20 +101,55 @@ static void sleep_ms(long ms) {
     nanosleep(&ts, NULL);
 }
 
+/* The GGUF mode's reference: `kvrelay generate` on the same file, greedy, the golden
+ * run's steps. Replaces g->text; returns the generated token count it reports. */
+static int reference_from_generate(struct golden_run *g) {
+    char kvrelay[1024], steps[16], prompt[1024];
+    snprintf(kvrelay, sizeof kvrelay, "%s", bin_path("kvrelay"));
+    snprintf(steps, sizeof steps, "%d", g->steps);
+    snprintf(prompt, sizeof prompt, "%s", g->prompt);
+    char *argv[] = {kvrelay, "generate", "--model", gguf_model, "--context", "512", "--prompt", prompt,
+                    "--steps", steps, "--temperature", "0", NULL};
+    struct cmd_result r;
+    REQUIRE(run_cmd(argv, 120, &r) == 0);
+    REQUIRE(r.exit_code == 0 && r.out_len > 0 && r.out[r.out_len - 1] == '\n');
+    const char *stats = strstr(r.err, "generated_tokens=");
+    REQUIRE(stats);
+    int gen = atoi(stats + strlen("generated_tokens="));
+    r.out[r.out_len - 1] = '\0';
+    free(g->text);
+    g->text = r.out;
+    r.out = NULL;
+    cmd_result_free(&r);
+    return gen;
+}
+
 static void load_golden(void) {
     char *paths[N_GOLDEN_MAX];
     n_golden = golden_run_paths(paths, N_GOLDEN_MAX);
     REQUIRE(n_golden >= 5); /* all five llama2.c reference runs of ../shared/golden */
     struct kvr_model *m = NULL;
     struct kvr_tokenizer *t = NULL;
-    REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == 0);
-    REQUIRE(kvr_tokenizer_load(shared_path("models/tok512.bin"), kvr_model_config(m)->vocab_size, &t) == 0);
+    if (gguf_model[0]) {
+        REQUIRE(kvr_model_load(gguf_model, &m) == 0);
+        REQUIRE(kvr_model_load_tokenizer(m, NULL, &t) == 0);
+    } else {
+        REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == 0);
+        REQUIRE(kvr_tokenizer_load(shared_path("models/tok512.bin"), kvr_model_config(m)->vocab_size, &t) == 0);
+    }
     for (int i = 0; i < n_golden; i++) {
         REQUIRE(golden_run_load(paths[i], &golden[i]) == 0);
         free(paths[i]);
         int ids[1024], n = 0;
         REQUIRE(kvr_tokenizer_encode(t, golden[i].prompt, 1, 0, ids, 1024, &n) == 0);
         golden_prompt_len[i] = n;
+        if (gguf_model[0]) {
+            golden_generated[i] = reference_from_generate(&golden[i]);
+        } else {
+            golden_generated[i] = golden[i].n_ids - n;
+            if (golden[i].ids[golden[i].n_ids - 1] == 1)
+                golden_generated[i]--; /* run stopped at BOS, which is not a generated token */
+        }
     }
     kvr_tokenizer_free(t);
     kvr_model_free(m);
@@ -217,10 +258,7 @@ static int concurrent_golden(int n, const char *what) {
     for (int i = 0; i < n; i++) {
         pthread_join(jobs[i].th, NULL);
         ok += check_golden(jobs[i].g, &jobs[i].r, what);
-        int want = (int)golden[jobs[i].g].n_ids - golden_prompt_len[jobs[i].g];
-        if (golden[jobs[i].g].ids[golden[jobs[i].g].n_ids - 1] == 1)
-            want--; /* run stopped at BOS, which is not a generated token */
-        CHECK_EQ(jobs[i].r.usage.generated_tokens, want);
+        CHECK_EQ(jobs[i].r.usage.generated_tokens, golden_generated[jobs[i].g]);
         free(jobs[i].r.text);
     }
     free(jobs);
@@ -636,9 +674,10 @@ static void scenario_colocated(void) {
     /* The load generator end to end: 6 Poisson arrivals of 40-80 token prompts and 8-16
      * exact-length outputs. Every request must complete with its exact length (the bench
      * counts a wrong length as a failure), and nothing may stay reserved afterwards. */
-    char kvrelay[512], tok[512];
+    char kvrelay[512], tok[1024];
     snprintf(kvrelay, sizeof kvrelay, "%s", bin_path("kvrelay"));
-    snprintf(tok, sizeof tok, "%s", shared_path("models/tok512.bin"));
+    /* GGUF mode: the model file itself is the tokenizer (its vocabulary). */
+    snprintf(tok, sizeof tok, "%s", gguf_model[0] ? gguf_model : shared_path("models/tok512.bin"));
     char *bench_argv[] = {kvrelay, "bench", "cluster", "--addr", cl.addr,
                           "--rate", "4", "--requests", "6", "--prompt-min", "40",
                           "--prompt-max", "80", "--out-min", "8", "--out-max", "16",
@@ -1317,6 +1356,11 @@ static void scenario_cancel(void) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
+    if (argc > 2) {
+        snprintf(gguf_model, sizeof gguf_model, "%s/models/gguf/stories260K-%s.gguf", KVR_SHARED_DIR, argv[2]);
+        cluster_use_model(gguf_model, NULL, 512);
+        fprintf(stderr, "serving %s (its own tokenizer, --context 512)\n", gguf_model);
+    }
     load_golden();
     const char *which = argc > 1 ? argv[1] : "golden";
     if (!strcmp(which, "golden"))

@@ -1,0 +1,34 @@
+# Tests of GGUF models and the weight types (issue 12): the types' kernels against a
+# double-precision reference, the GGUF reader and loader (real files, hostile files),
+# the tokenizer from GGUF metadata, and the bundled GGUF files end to end against the
+# llama2.c golden runs and llama.cpp's own outputs.
+set(KVR_GGUF_TEST_DIR ${CMAKE_CURRENT_SOURCE_DIR})
+
+kvr_unit_test(test_quant
+  SOURCES ${KVR_GGUF_TEST_DIR}/unit/test_quant.c ${KVR_GGUF_TEST_DIR}/unit/ref_forward.c
+  TIMEOUT 120 LABELS gguf)
+
+kvr_unit_test(test_gguf
+  SOURCES ${KVR_GGUF_TEST_DIR}/unit/test_gguf.c ${KVR_GGUF_TEST_DIR}/unit/gguf_edit.c
+  TIMEOUT 180 LABELS gguf)
+
+kvr_unit_test(test_gguf_vocab
+  SOURCES ${KVR_GGUF_TEST_DIR}/unit/test_gguf_vocab.c ${KVR_GGUF_TEST_DIR}/unit/gguf_edit.c
+          ${KVR_GGUF_TEST_DIR}/unit/golden.c
+  TIMEOUT 120 LABELS gguf)
+
+# End to end: the product binary must exist before this runs.
+kvr_unit_test(test_cli_gguf
+  SOURCES ${KVR_GGUF_TEST_DIR}/e2e/test_cli_gguf.c ${KVR_GGUF_TEST_DIR}/e2e/run_cmd.c
+          ${KVR_GGUF_TEST_DIR}/unit/golden.c
+  TIMEOUT 300 LABELS gguf e2e)
+target_include_directories(test_cli_gguf PRIVATE ${KVR_GGUF_TEST_DIR}/e2e)
+add_dependencies(test_cli_gguf kvrelay)
+
+# The cluster suite (tests/cluster.cmake) once more, serving the Q8_0 GGUF file with its
+# own tokenizer at --context 512; answers must equal `kvrelay generate`'s on that file.
+foreach(scenario golden memory timeout faults colocated)
+  add_test(NAME test_cluster_gguf_${scenario} COMMAND test_cluster_golden ${scenario} q8_0)
+  set_tests_properties(test_cluster_gguf_${scenario} PROPERTIES TIMEOUT 240 LABELS "cluster;gguf" RUN_SERIAL TRUE
+    ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
+endforeach()

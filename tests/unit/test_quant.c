@@ -1,0 +1,384 @@
+/* test_quant.c - the weight types' arithmetic (common/quant.c) and the products over them
+ * (common/matmul.c):
+ *  - Q8_0 quantization against values worked out by hand (scale, f16 rounding of the
+ *    scale, round-half-away-from-zero, zero and non-finite blocks);
+ *  - every type's kernels (the engine's, the portable one, the scalar reference) against
+ *    a naive double-precision dot product on seeded random data: with the activations
+ *    rounded as the type's convention says (only float summation may differ: NMSE below
+ *    1e-11), and with the exact activations (the convention's own error: NMSE per type);
+ *  - kvr_matmul for each type, few rows and many, one thread and two, with beta, against
+ *    the double reference; for non-F32 weights, slices and batches that change no bit;
+ *    kvr_matmul_multi sharing one conversion across ops of mixed types.
+ * Weights are decoded for the references by ref_dequant_row (tests/unit/ref_forward.c),
+ * written apart from quant.c. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "half.h"
+#include "matmul.h"
+#include "quant.h"
+#include "ref_forward.h"
+#include "status.h"
+#include "threadpool.h"
+
+static uint64_t rng_state = 0x1234567887654321ull;
+
+static uint64_t next_u64(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Roughly normal (sum of 4 uniforms), scaled; an occasional outlier x8, as activations have. */
+static float frand(float scale) {
+    double s = 0;
+    for (int i = 0; i < 4; i++)
+        s += (double)(next_u64() >> 11) * (1.0 / 9007199254740992.0) - 0.5;
+    if (next_u64() % 64 == 0)
+        s *= 8;
+    return (float)(s * 1.7320508) * scale;
+}
+
+static const enum kvr_dtype all_types[] = {KVR_DTYPE_F32, KVR_DTYPE_F16, KVR_DTYPE_BF16, KVR_DTYPE_Q8_0};
+
+/* A (rows, cols) weight of type t from f32 values: stored as the type stores it. */
+static struct kvr_tensor make_weight(enum kvr_dtype t, const float *w, int rows, int cols, void **buf) {
+    size_t rb = kvr_dtype_row_nbytes(t, cols);
+    unsigned char *p = malloc(rb * (size_t)rows);
+    REQUIRE(p);
+    for (int r = 0; r < rows; r++) {
+        const float *wr = w + (size_t)r * cols;
+        unsigned char *o = p + rb * (size_t)r;
+        if (t == KVR_DTYPE_F32) {
+            memcpy(o, wr, rb);
+        } else if (t == KVR_DTYPE_Q8_0) {
+            kvr_quantize_row_q8_0(wr, (struct kvr_block_q8_0 *)(void *)o, cols);
+        } else {
+            for (int i = 0; i < cols; i++) {
+                uint16_t h = t == KVR_DTYPE_F16 ? kvr_f32_to_f16(wr[i]) : kvr_f32_to_bf16(wr[i]);
+                memcpy(o + 2 * i, &h, 2);
+            }
+        }
+    }
+    *buf = p;
+    return (struct kvr_tensor){.type = t, .data = p, .rows = rows, .cols = cols, .row_nbytes = rb};
+}
+
+/* ---- Q8_0 against known values ----------------------------------------------------------- */
+
+static void test_q8_0_known(void) {
+    struct kvr_block_q8_0 b;
+    float x[32], y[32];
+
+    /* amax 127: d = 1 exactly (f16 0x3C00), q = roundf(x), halves away from zero. */
+    const float in1[8] = {127.0f, -127.0f, 0.5f, -0.5f, 1.5f, 2.5f, -2.5f, 0.49f};
+    const int8_t want1[8] = {127, -127, 1, -1, 2, 3, -3, 0};
+    memset(x, 0, sizeof x);
+    memcpy(x, in1, sizeof in1);
+    kvr_quantize_row_q8_0(x, &b, 32);
+    CHECK_EQ(b.d, 0x3C00);
+    for (int i = 0; i < 8; i++)
+        CHECK_EQ(b.qs[i], want1[i]);
+    for (int i = 8; i < 32; i++)
+        CHECK_EQ(b.qs[i], 0);
+
+    /* amax 63.5: d = 0.5 (0x3800), id = 2. */
+    for (int i = 0; i < 32; i++)
+        x[i] = 0.25f * (float)(i - 16); /* -4 .. 3.75 */
+    x[5] = -63.5f;
+    kvr_quantize_row_q8_0(x, &b, 32);
+    CHECK_EQ(b.d, 0x3800);
+    CHECK_EQ(b.qs[5], -127);
+    CHECK_EQ(b.qs[0], -8);  /* -4 * 2 */
+    CHECK_EQ(b.qs[17], 1);  /* 0.25 * 2 = 0.5 -> 1 */
+    CHECK_EQ(b.qs[15], -1); /* -0.5 -> -1 */
+    CHECK_EQ(b.qs[19], 2);  /* 0.75 * 2 = 1.5 -> 2 */
+    CHECK_EQ(b.qs[31], 8);  /* 3.75 * 2 = 7.5 -> 8 */
+
+    /* amax 1: d = 1/127 rounds to the f16 2^-7 * (1 + 8/1024) = 0x2008; q is computed
+     * with the unrounded d, so x = 1 gives 127; dequantized: 127 * 0.0078811645... */
+    memset(x, 0, sizeof x);
+    x[0] = 1.0f;
+    x[1] = -0.5f;
+    kvr_quantize_row_q8_0(x, &b, 32);
+    CHECK_EQ(b.d, 0x2008);
+    CHECK_EQ(b.qs[0], 127);
+    CHECK_EQ(b.qs[1], -64); /* -0.5 * 127 = -63.5 -> -64 */
+    kvr_dequantize_row(KVR_DTYPE_Q8_0, &b, y, 32);
+    CHECK(y[0] == 127.0f * 0.00787353515625f); /* 2^-7 * (1 + 8/1024) */
+
+    /* All zero: d = 0, q = 0. A block so small that d rounds to f16 zero keeps its q. */
+    memset(x, 0, sizeof x);
+    kvr_quantize_row_q8_0(x, &b, 32);
+    CHECK_EQ(b.d, 0);
+    for (int i = 0; i < 32; i++)
+        CHECK_EQ(b.qs[i], 0);
+    x[3] = 1e-6f;
+    kvr_quantize_row_q8_0(x, &b, 32);
+    CHECK_EQ(b.d, 0);
+    CHECK_EQ(b.qs[3], 127);
+
+    /* Non-finite inputs: no undefined conversion, values stay in range. */
+    x[0] = NAN;
+    x[1] = INFINITY;
+    x[2] = -3.0f;
+    kvr_quantize_row_q8_0(x, &b, 32);
+    for (int i = 0; i < 32; i++)
+        CHECK(b.qs[i] >= -127 && b.qs[i] <= 127);
+    CHECK_EQ(b.qs[0], 0);
+
+    /* Two blocks are independent. */
+    float x2[64];
+    for (int i = 0; i < 64; i++)
+        x2[i] = i < 32 ? 127.0f * (float)(i % 2) : 63.5f;
+    struct kvr_block_q8_0 b2[2];
+    kvr_quantize_row_q8_0(x2, b2, 64);
+    CHECK_EQ(b2[0].d, 0x3C00);
+    CHECK_EQ(b2[1].d, 0x3800);
+    CHECK_EQ(b2[1].qs[0], 127);
+}
+
+/* ---- dot kernels ---------------------------------------------------------------------------- */
+
+static double nmse(const double *ref, const float *got, int n) {
+    double e = 0, s = 0;
+    for (int i = 0; i < n; i++) {
+        e += ((double)got[i] - ref[i]) * ((double)got[i] - ref[i]);
+        s += ref[i] * ref[i];
+    }
+    return s > 0 ? e / s : e;
+}
+
+/* What the activation row becomes for weights of type t, decoded independently. */
+static void rounded_act(enum kvr_dtype t, const float *x, int n, float *out) {
+    size_t nb = kvr_dtype_row_nbytes(t, n);
+    void *conv = malloc(nb);
+    REQUIRE(conv);
+    kvr_act_convert_row(t, x, conv, n);
+    struct kvr_tensor v = {.type = t, .data = conv, .rows = 1, .cols = n, .row_nbytes = nb};
+    ref_dequant_row(&v, 0, out);
+    free(conv);
+}
+
+static void test_dot(void) {
+    /* The activations' rounding, measured on this data: f16 <= 7e-8, bf16 <= 6e-6, q8_0
+     * <= 2e-4 (its largest at n = 64: two blocks, few values to average over); the
+     * bounds leave 5-8x. */
+    const double conv_nmse[] = {1e-12, 5e-7, 5e-5, 1e-3};
+    const int lens[] = {32, 64, 96, 256, 1024, 2048 + 32};
+    enum { ROWS = 24 };
+    for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+        enum kvr_dtype t = all_types[ti];
+        for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+            int n = lens[li];
+            float *w = malloc((size_t)ROWS * n * sizeof *w), *x = malloc((size_t)n * sizeof *x);
+            float *xr = malloc((size_t)n * sizeof *xr), *wr = malloc((size_t)n * sizeof *wr);
+            float got[ROWS], port[ROWS], ref[ROWS];
+            double exact_r[ROWS], exact_x[ROWS];
+            REQUIRE(w && x && xr && wr);
+            for (int i = 0; i < ROWS * n; i++)
+                w[i] = frand(0.05f);
+            for (int i = 0; i < n; i++)
+                x[i] = frand(1.0f);
+            void *wbuf;
+            struct kvr_tensor wt = make_weight(t, w, ROWS, n, &wbuf);
+            size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(t), n);
+            void *xc = malloc(xb);
+            REQUIRE(xc);
+            kvr_act_convert_row(t, x, xc, n);
+            rounded_act(t, x, n, xr);
+            for (int r = 0; r < ROWS; r++) {
+                const void *row = (const char *)wt.data + (size_t)r * wt.row_nbytes;
+                got[r] = kvr_vec_dot(t, row, xc, n);
+                port[r] = kvr_vec_dot_portable(t, row, xc, n);
+                ref[r] = kvr_vec_dot_ref(t, row, xc, n);
+                ref_dequant_row(&wt, r, wr);
+                exact_r[r] = exact_x[r] = 0;
+                for (int i = 0; i < n; i++) {
+                    exact_r[r] += (double)wr[i] * (double)xr[i];
+                    exact_x[r] += (double)wr[i] * (double)x[i];
+                }
+            }
+            double e_got = nmse(exact_r, got, ROWS), e_port = nmse(exact_r, port, ROWS);
+            double e_ref = nmse(exact_r, ref, ROWS), e_conv = nmse(exact_x, got, ROWS);
+            if (!(e_got < 1e-11 && e_port < 1e-11 && e_ref < 1e-11 && e_conv < conv_nmse[ti]))
+                fprintf(stderr, "  %s n=%d: nmse kernel %.3g portable %.3g reference %.3g, vs exact x %.3g\n",
+                        kvr_dtype_name(t), n, e_got, e_port, e_ref, e_conv);
+            CHECK(e_got < 1e-11);
+            CHECK(e_port < 1e-11);
+            CHECK(e_ref < 1e-11);
+            CHECK(e_conv < conv_nmse[ti]);
+            if (t == KVR_DTYPE_Q8_0) /* integer block sums: every kernel is the reference */
+                for (int r = 0; r < ROWS; r++)
+                    CHECK(got[r] == ref[r] && port[r] == ref[r]);
+            free(w), free(x), free(xr), free(wr), free(xc), free(wbuf);
+        }
+    }
+    fprintf(stderr, "dot kernels (engine: %s) agree with the double reference\n", kvr_vec_dot_kernel());
+}
+
+/* ---- products -------------------------------------------------------------------------------- */
+
+/* y (m, n) = rounded x . dequantized W^T + beta * y0, in double. */
+static void ref_matmul(enum kvr_dtype t, const struct kvr_tensor *w, const float *x, const float *y0,
+                       float beta, int m, double *out) {
+    int n = (int)w->rows, k = (int)w->cols;
+    float *wr = malloc((size_t)k * sizeof *wr), *xr = malloc((size_t)k * sizeof *xr);
+    REQUIRE(wr && xr);
+    for (int i = 0; i < m; i++) {
+        rounded_act(t, x + (size_t)i * k, k, xr);
+        for (int j = 0; j < n; j++) {
+            ref_dequant_row(w, j, wr);
+            double s = 0;
+            for (int q = 0; q < k; q++)
+                s += (double)wr[q] * (double)xr[q];
+            out[(size_t)i * n + j] = s + (double)beta * (double)y0[(size_t)i * n + j];
+        }
+    }
+    free(wr);
+    free(xr);
+}
+
+static void test_matmul(struct kvr_threadpool *tp) {
+    const int ms[] = {1, 2, 5, 13, 32, 33, 70};
+    const int ns[] = {48, 67};
+    const int ks[] = {64, 320};
+    struct kvr_matmul_ws *ws = NULL;
+    struct kvr_matmul_ws_params wp = {.m_max = 70, .k_max = {320, 320, 320}};
+    REQUIRE(kvr_matmul_ws_create(&wp, &ws) == KVR_OK);
+    for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+        enum kvr_dtype t = all_types[ti];
+        for (size_t ni = 0; ni < 2; ni++) {
+            for (size_t ki = 0; ki < 2; ki++) {
+                int n = ns[ni], k = ks[ki];
+                float *w = malloc((size_t)n * k * sizeof *w);
+                REQUIRE(w);
+                for (int i = 0; i < n * k; i++)
+                    w[i] = frand(0.05f);
+                void *wbuf;
+                struct kvr_tensor wt = make_weight(t, w, n, k, &wbuf);
+                for (size_t mi = 0; mi < sizeof ms / sizeof ms[0]; mi++) {
+                    int m = ms[mi];
+                    float *x = malloc((size_t)m * k * sizeof *x), *y0 = malloc((size_t)m * n * sizeof *y0);
+                    float *y = malloc((size_t)m * n * sizeof *y), *y2 = malloc((size_t)m * n * sizeof *y2);
+                    double *ref = malloc((size_t)m * n * sizeof *ref);
+                    REQUIRE(x && y0 && y && y2 && ref);
+                    for (int i = 0; i < m * k; i++)
+                        x[i] = frand(1.0f);
+                    for (int i = 0; i < m * n; i++)
+                        y0[i] = frand(1.0f);
+                    for (int b = 0; b < 2; b++) {
+                        float beta = b ? 1.0f : 0.0f;
+                        memcpy(y, y0, (size_t)m * n * sizeof *y);
+                        kvr_matmul(NULL, ws, y, x, &wt, m, beta);
+                        ref_matmul(t, &wt, x, y0, beta, m, ref);
+                        double e = nmse(ref, y, m * n);
+                        if (!(e < 1e-11))
+                            fprintf(stderr, "  %s m=%d n=%d k=%d beta=%g: nmse %.3g\n", kvr_dtype_name(t), m, n,
+                                    k, (double)beta, e);
+                        CHECK(e < 1e-11);
+                        /* Slices in any order and the product through the pool: the same
+                         * bits for a non-F32 weight (one kernel call per value), the same
+                         * values up to summation for F32 (its kernels and sgemm block by
+                         * columns). */
+                        int bitwise = t != KVR_DTYPE_F32;
+                        memcpy(y2, y0, (size_t)m * n * sizeof *y2);
+                        struct kvr_matmul_act a;
+                        kvr_matmul_act_prepare(ws, 0, x, m, k, t, &a);
+                        int half = n / 2;
+                        kvr_matmul_slice(y2, n, &a, &wt, half, n, beta);
+                        kvr_matmul_slice(y2, n, &a, &wt, 0, half, beta);
+                        CHECK(bitwise ? memcmp(y, y2, (size_t)m * n * sizeof *y) == 0 : nmse(ref, y2, m * n) < 1e-11);
+                        memcpy(y2, y0, (size_t)m * n * sizeof *y2);
+                        kvr_matmul(tp, ws, y2, x, &wt, m, beta);
+                        CHECK(bitwise ? memcmp(y, y2, (size_t)m * n * sizeof *y) == 0 : nmse(ref, y2, m * n) < 1e-11);
+                    }
+                    /* A non-F32 weight: a row's result does not depend on the other rows
+                     * of the batch, few or many (prefill of a batch of prompts = each
+                     * prompt alone = decode token by token). */
+                    if (t != KVR_DTYPE_F32 && m > 1) {
+                        kvr_matmul(NULL, ws, y, x, &wt, m, 0.0f);
+                        for (int i = 0; i < m; i += m - 1) {
+                            kvr_matmul(NULL, ws, y2, x + (size_t)i * k, &wt, 1, 0.0f);
+                            CHECK(memcmp(y + (size_t)i * n, y2, (size_t)n * sizeof *y) == 0);
+                        }
+                    }
+                    free(x), free(y0), free(y), free(y2), free(ref);
+                }
+                free(w);
+                free(wbuf);
+            }
+        }
+    }
+
+    /* One multi call, Q8_0, F16 and BF16 weights on one input: one conversion per type,
+     * each result equal to its own product. */
+    int m = 3, k = 64, n = 40;
+    float *x = malloc((size_t)m * k * sizeof *x), *w = malloc((size_t)n * k * sizeof *w);
+    float *ys[3], *yr = malloc((size_t)m * n * sizeof *yr);
+    REQUIRE(x && w && yr);
+    for (int i = 0; i < m * k; i++)
+        x[i] = frand(1.0f);
+    for (int i = 0; i < n * k; i++)
+        w[i] = frand(0.05f);
+    void *bufs[3];
+    struct kvr_tensor wts[3];
+    const enum kvr_dtype mixed[3] = {KVR_DTYPE_Q8_0, KVR_DTYPE_F16, KVR_DTYPE_BF16};
+    struct kvr_matmul_op ops[3];
+    for (int o = 0; o < 3; o++) {
+        wts[o] = make_weight(mixed[o], w, n, k, &bufs[o]);
+        REQUIRE((ys[o] = malloc((size_t)m * n * sizeof *ys[o])) != NULL);
+        ops[o] = (struct kvr_matmul_op){.y = ys[o], .x = x, .w = &wts[o], .m = m, .beta = 0.0f};
+    }
+    kvr_matmul_multi(tp, ws, ops, 3);
+    for (int o = 0; o < 3; o++) {
+        kvr_matmul(NULL, ws, yr, x, &wts[o], m, 0.0f);
+        CHECK(memcmp(yr, ys[o], (size_t)m * n * sizeof *yr) == 0);
+        free(ys[o]);
+        free(bufs[o]);
+    }
+    free(x), free(w), free(yr);
+    kvr_matmul_ws_free(ws);
+}
+
+/* ---- rows and conversions ------------------------------------------------------------------- */
+
+static void test_rows(void) {
+    /* kvr_tensor_row decodes what the independent decoder decodes, every type. */
+    enum { R = 5, C = 96 };
+    float w[R * C], a[C], b[C];
+    for (int i = 0; i < R * C; i++)
+        w[i] = frand(2.0f);
+    for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+        void *buf;
+        struct kvr_tensor t = make_weight(all_types[ti], w, R, C, &buf);
+        for (int r = 0; r < R; r++) {
+            kvr_tensor_row(&t, r, a);
+            ref_dequant_row(&t, r, b);
+            CHECK(memcmp(a, b, sizeof a) == 0);
+        }
+        free(buf);
+    }
+    CHECK_STREQ(kvr_dtype_name(KVR_DTYPE_Q8_0), "Q8_0");
+    CHECK_STREQ(kvr_dtype_name(12), "Q4_K");
+    CHECK_STREQ(kvr_dtype_name(1000), "unknown");
+    CHECK(kvr_dtype_supported(KVR_DTYPE_BF16) && !kvr_dtype_supported(2) && !kvr_dtype_supported(12));
+    CHECK_EQ(kvr_dtype_row_nbytes(KVR_DTYPE_Q8_0, 64), 68);
+    CHECK_EQ(kvr_dtype_row_nbytes(KVR_DTYPE_F16, 172), 344);
+}
+
+int main(void) {
+    struct kvr_threadpool *tp = NULL;
+    REQUIRE(kvr_threadpool_create(2, &tp) == KVR_OK);
+    test_q8_0_known();
+    test_dot();
+    test_rows();
+    test_matmul(tp);
+    kvr_threadpool_free(tp);
+    CHECK_DONE();
+}
