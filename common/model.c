@@ -367,7 +367,7 @@ static int gguf_config(struct kvr_model *m) {
         return KVR_EFORMAT;
     }
     if ((rc = hparam_float(m, "rope.freq_base", 0.0, 1e12, 10000.0, &c->rope_theta)) != KVR_OK ||
-        (rc = hparam_float(m, "attention.layer_norm_rms_epsilon", 0.0, 1.0, NAN, &c->norm_eps)) != KVR_OK)
+        (rc = hparam_float(m, "attention.layer_norm_rms_epsilon", 0.0, 1.0, (double)NAN, &c->norm_eps)) != KVR_OK)
         return rc;
     int64_t v;
     if ((rc = kvr_gguf_get_int(g, "llama.vocab_size", 1, INT64_MAX, &v)) == KVR_OK && v != c->vocab_size) {

@@ -3,9 +3,9 @@
 # warnings as errors, runs every ctest test, then builds and runs them all again under
 # AddressSanitizer + UndefinedBehaviorSanitizer (LeakSanitizer included, cluster ranks
 # too), then the threaded ones under ThreadSanitizer, then runs the fuzzers of the KV
-# wire decoder and of the MPI message parsers for a bounded time.
+# wire decoder, the MPI message parsers and the GGUF reader for a bounded time each.
 #   KVR_TEST_QUICK=1   only the Release build and its tests (for a quick local check)
-#   KVR_FUZZ_SECONDS   fuzzing time per harness (default 25)
+#   KVR_FUZZ_SECONDS   fuzzing time per harness (default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -64,7 +64,7 @@ TSAN_OPTIONS="halt_on_error=1:ignore_noninstrumented_modules=1:report_thread_lea
         -R '^(test_threadpool|test_transformer|test_golden|test_grpc_server|test_grpc_security|test_router[a-z_]*|test_cluster_golden)$'
 
 if [ -x scripts/fuzz.sh ]; then
-  echo "== fuzzing the KV wire decoder and the MPI message parsers (${KVR_FUZZ_SECONDS:-25} s each)"
-  scripts/fuzz.sh "${KVR_FUZZ_SECONDS:-25}"
+  echo "== fuzzing the KV wire decoder, the MPI message parsers and the GGUF reader (${KVR_FUZZ_SECONDS:-20} s each)"
+  scripts/fuzz.sh "${KVR_FUZZ_SECONDS:-20}"
 fi
 echo "== all tests passed in $(( $(date +%s) - t0 )) s"

@@ -10,12 +10,18 @@
  *    F16 and BF16 must match on at least 4 of the 5 prompts;
  *  - perplexity of the first 512 tokens of the test text within 1% of the F32 file's, and
  *    the F32 file's equal to the llama2.c checkpoint's to the printed digit;
- *  - the file's context of 128 refuses 256 steps with a hint at --context. */
+ *  - the file's context of 128 refuses 256 steps with a hint at --context;
+ *  - hostile GGUF files through generate, ppl and up: exit 1, nothing on stdout, at most
+ *    two stderr lines (the library's reason, then "kvrelay <command>: ..."), no sanitizer
+ *    report; bad --context values and a llama2.c model without --tokenizer: exit 2. */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "check.h"
+#include "gguf_edit.h"
 #include "golden.h"
 #include "kv_cache.h"
 #include "model.h"
@@ -314,8 +320,97 @@ static void test_context(void) {
     cmd_result_free(&r);
 }
 
+/* ---- hostile files through the commands ---------------------------------------------------- */
+
+static void expect_cli(const char *what, const char *cmd, int want_exit, const char *reason, char *const *opts) {
+    char *argv[24];
+    int n = 0;
+    argv[n++] = kvrelay;
+    argv[n++] = (char *)(uintptr_t)cmd;
+    for (int i = 0; opts[i] && n < 23; i++)
+        argv[n++] = opts[i];
+    argv[n] = NULL;
+    struct cmd_result r;
+    REQUIRE(run_cmd(argv, 60, &r) == 0);
+    char last[1024], prefix[64];
+    last_line(r.err, last, sizeof last);
+    snprintf(prefix, sizeof prefix, "kvrelay %s: ", cmd);
+    int lines = count_lines(r.err);
+    int ok = r.exit_code == want_exit && !r.signaled && r.out_len == 0 && lines >= 1 && lines <= 2 &&
+             strncmp(last, prefix, strlen(prefix)) == 0 && strstr(r.err, reason) &&
+             !strstr(r.err, "Sanitizer") && !strstr(r.err, "runtime error");
+    fprintf(stderr, "  %-36s exit %d, %d line(s): %s\n", what, r.exit_code, lines, last);
+    if (!ok)
+        fprintf(stderr, "  FAILED %s: want exit %d naming '%s'; stderr:\n%s\n", what, want_exit, reason, r.err);
+    CHECK(ok);
+    cmd_result_free(&r);
+}
+
+static void test_hostile_cli(void) {
+    char dir[] = "/tmp/kvr_test_cli_gguf_XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    char trunc[128], q4k[128], v1[128], notok[128], text[512], tokp[512], bin[512];
+    snprintf(trunc, sizeof trunc, "%s/truncated.gguf", dir);
+    snprintf(q4k, sizeof q4k, "%s/q4k.gguf", dir);
+    snprintf(v1, sizeof v1, "%s/v1.gguf", dir);
+    snprintf(notok, sizeof notok, "%s/notok.gguf", dir);
+    snprintf(text, sizeof text, "%s", shared_path("data/tinystories_valid_100.txt"));
+    snprintf(tokp, sizeof tokp, "%s", shared_path("models/tok512.bin"));
+    snprintf(bin, sizeof bin, "%s", shared_path("models/stories260K.bin"));
+    struct gg g;
+    struct gg_layout lay;
+    gg_read(gguf("q8_0"), &g);
+    unsigned char *img = gg_write(&g, 0, &lay);
+    gg_save(trunc, img, lay.tensor_start[10] + 100);
+    memcpy(img + 4, "\1\0\0\0", 4);
+    gg_save(v1, img, lay.len);
+    free(img);
+    g.t[gg_find_t(&g, "blk.1.attn_v.weight")].type = 12;
+    img = gg_write(&g, 0, &lay);
+    gg_save(q4k, img, lay.len);
+    free(img);
+    gg_free(&g);
+    gg_read(gguf("f16"), &g);
+    gg_del_kv(&g, "tokenizer.ggml.model");
+    img = gg_write(&g, 0, &lay);
+    gg_save(notok, img, lay.len);
+    free(img);
+    gg_free(&g);
+
+    expect_cli("generate: truncated GGUF", "generate", 1, "truncated", (char *[]){"--model", trunc, NULL});
+    expect_cli("generate: Q4_K tensor", "generate", 1, "'blk.1.attn_v.weight' has type Q4_K",
+               (char *[]){"--model", q4k, NULL});
+    expect_cli("generate: GGUF version 1", "generate", 1, "version 1", (char *[]){"--model", v1, NULL});
+    expect_cli("generate: GGUF without a tokenizer", "generate", 1, "holds no tokenizer",
+               (char *[]){"--model", notok, NULL});
+    expect_cli("generate: --context -1", "generate", 2, "--context", (char *[]){"--model", gguf("q8_0"), "--context",
+                                                                               "-1", NULL});
+    expect_cli("generate: --context 2^23", "generate", 2, "--context",
+               (char *[]){"--model", gguf("q8_0"), "--context", "8388608", NULL});
+    expect_cli("ppl: Q4_K tensor", "ppl", 1, "Q4_K", (char *[]){"--model", q4k, "--text", text, NULL});
+    expect_cli("ppl: truncated GGUF", "ppl", 1, "truncated", (char *[]){"--model", trunc, "--text", text, NULL});
+    /* kvrelay up checks the files before it starts mpirun. */
+    expect_cli("up: Q4_K tensor", "up", 1, "Q4_K", (char *[]){"--model", q4k, NULL});
+    expect_cli("up: GGUF without a tokenizer", "up", 1, "holds no tokenizer", (char *[]){"--model", notok, NULL});
+    expect_cli("up: llama2.c model, no --tokenizer", "up", 2, "pass --tokenizer", (char *[]){"--model", bin, NULL});
+    /* ... and a tokenizer.bin makes the GGUF file without one usable. */
+    char *ok_argv[] = {kvrelay, "generate", "--model", notok, "--tokenizer", tokp, "--prompt", "One day",
+                       "--steps", "20", "--temperature", "0", NULL};
+    struct cmd_result r;
+    REQUIRE(run_cmd(ok_argv, 60, &r) == 0);
+    CHECK_EQ(r.exit_code, 0);
+    CHECK(!strncmp(r.out, "One day", 7));
+    cmd_result_free(&r);
+    unlink(trunc);
+    unlink(q4k);
+    unlink(v1);
+    unlink(notok);
+    rmdir(dir);
+}
+
 int main(void) {
     snprintf(kvrelay, sizeof kvrelay, "%s", bin_path("kvrelay"));
+    test_hostile_cli();
     test_golden_f32();
     test_llama_cpp("f16", 4);
     test_llama_cpp("bf16", 4);
