@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "auth.h"
+#include "clock.h"
 
 #include "grpc_server.h"
 #include "log.h"
@@ -161,6 +162,12 @@ int main(int argc, char **argv) {
     if (rc != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: the cluster did not come up: %s (see the log lines above)\n",
                 kvr_status_str(rc));
+        /* The nodes that said hello leave now (a refused model or context), instead of
+         * after --coord-timeout of silence; their SHUTDOWNs get two seconds to go out. */
+        coord_router_shutdown(router);
+        double t_flush = kvr_clock_now() + 2.0;
+        while (kvr_xfer_progress(x) > 0 && kvr_clock_now() < t_flush)
+            kvr_sleep_ms(1);
         kvr_role_exit(x, KVR_EIO);
     }
     struct coord_grpc_params gp = {.addr = cfg.listen, .router = router, .tok = tok, .seq_len = seq_len,

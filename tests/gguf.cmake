@@ -27,7 +27,7 @@ add_dependencies(test_cli_gguf kvrelay)
 
 # The cluster suite (tests/cluster.cmake) once more, serving the Q8_0 GGUF file with its
 # own tokenizer at --context 512; answers must equal `kvrelay generate`'s on that file.
-foreach(scenario golden memory timeout faults colocated)
+foreach(scenario golden memory timeout faults colocated mismatch)
   add_test(NAME test_cluster_gguf_${scenario} COMMAND test_cluster_golden ${scenario} q8_0)
   set_tests_properties(test_cluster_gguf_${scenario} PROPERTIES TIMEOUT 240 LABELS "cluster;gguf" RUN_SERIAL TRUE
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")

@@ -48,7 +48,11 @@
  * A second argument names a GGUF file of the bundled model (q8_0: ../shared/models/gguf/
  * stories260K-q8_0.gguf): the cluster serves it with its own tokenizer at --context 512,
  * and the "golden" text of each prompt is what `kvrelay generate` prints for it on the
- * same file (the same model through one process and through the cluster). */
+ * same file (the same model through one process and through the cluster). One scenario
+ * only runs with a GGUF file:
+ *   mismatch   a prefill node given the F16 file of the same model, a decode node at
+ *              another --context, the coordinator at another --context: each time up
+ *              exits 1 with the coordinator's reason and leaves no process behind. */
 #include <errno.h>
 #include <strings.h>
 #include <pthread.h>
@@ -1352,6 +1356,53 @@ static void scenario_cancel(void) {
     CHECK_EQ(s.running_requests, 0);
     CHECK_EQ(s.waiting_requests, 0);
     CHECK_EQ(cluster_stop(&cl, 30), 0);
+/* One `kvrelay up` whose processes disagree about the model (extra: up's options that
+ * make them disagree). It must exit 1 without ever serving, with the coordinator's
+ * reason (want) on its stderr, every process of it gone. The stderr of up (and of the
+ * ranks, which inherit it) goes to a temporary file for the check, then to ours. */
+static void expect_refused(const char *what, const char *const *extra, const char *want) {
+    char path[] = "/tmp/kvr_test_gguf_mismatch_XXXXXX";
+    int fd = mkstemp(path);
+    REQUIRE(fd >= 0);
+    unlink(path);
+    fflush(stderr);
+    int saved = dup(STDERR_FILENO);
+    REQUIRE(saved >= 0 && dup2(fd, STDERR_FILENO) >= 0);
+    int spawned = cluster_spawn(&cl, extra);
+    fflush(stderr);
+    dup2(saved, STDERR_FILENO);
+    close(saved);
+    REQUIRE(spawned == 0);
+    int code = cluster_wait(&cl, 120);
+    int left = cluster_wait_gone(&cl, 20);
+    cluster_stop(&cl, 5); /* forgets it (kills what is left, if anything) */
+    static char err[1 << 16];
+    ssize_t n = pread(fd, err, sizeof err - 1, 0);
+    close(fd);
+    err[n > 0 ? n : 0] = '\0';
+    fprintf(stderr, "%s: up exited with %d; its stderr:\n%s", what, code, err);
+    CHECK_EQ(code, 1);
+    CHECK_EQ(left, 0);
+    CHECK(strstr(err, want) != NULL);
+    CHECK(strstr(err, "ready at") == NULL);
+}
+
+/* GGUF mode: every process serves one model at one context, or the cluster refuses to
+ * start. The fingerprint covers the whole file, so another GGUF file of the same model
+ * (F16 instead of Q8_0: same metadata and shapes) is a different model; --context is
+ * checked between the nodes, and between the nodes and the coordinator. */
+static void scenario_mismatch(void) {
+    REQUIRE(gguf_model[0]);
+    char other[1200], prefill_args[1300];
+    snprintf(other, sizeof other, "%s/models/gguf/stories260K-f16.gguf", KVR_SHARED_DIR);
+    REQUIRE(strcmp(other, gguf_model) != 0);
+    snprintf(prefill_args, sizeof prefill_args, "--model %s", other);
+    expect_refused("mismatch/model", (const char *[]){"--prefill-args", prefill_args, NULL},
+                   "serves a different model");
+    expect_refused("mismatch/node context", (const char *[]){"--decode-args", "--context 256", NULL},
+                   "runs the model at context 256 but rank 1 at 512");
+    expect_refused("mismatch/coordinator context", (const char *[]){"--coordinator-args", "--context 256", NULL},
+                   "the nodes run the model at context 512, the coordinator at 256");
 }
 
 int main(int argc, char **argv) {
@@ -1361,8 +1412,9 @@ int main(int argc, char **argv) {
         cluster_use_model(gguf_model, NULL, 512);
         fprintf(stderr, "serving %s (its own tokenizer, --context 512)\n", gguf_model);
     }
-    load_golden();
     const char *which = argc > 1 ? argv[1] : "golden";
+    if (strcmp(which, "mismatch") != 0) /* the one scenario that never serves */
+        load_golden();
     if (!strcmp(which, "golden"))
         scenario_golden();
     else if (!strcmp(which, "memory"))
@@ -1389,6 +1441,8 @@ int main(int argc, char **argv) {
         scenario_node_stop();
     else if (!strcmp(which, "cancel"))
         scenario_cancel();
+    else if (!strcmp(which, "mismatch"))
+        scenario_mismatch();
     else
         REQUIRE(!"unknown scenario");
     if (cl.pid > 0)
