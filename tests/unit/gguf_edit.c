@@ -107,8 +107,9 @@ void gg_read(const char *path, struct gg *g) {
         memcpy(t->name, p + 8, nl);
         p += 8 + nl;
         t->n_dims = u32_at(p);
+        REQUIRE(t->n_dims <= GG_MAX_DIMS);
         p += 4;
-        for (int d = 0; d < 4; d++)
+        for (int d = 0; d < GG_MAX_DIMS; d++)
             t->ne[d] = 1;
         for (uint32_t d = 0; d < t->n_dims; d++, p += 8)
             t->ne[d] = u64_at(p);

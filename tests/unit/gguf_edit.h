@@ -19,10 +19,12 @@ struct gg_kv {
     size_t raw_len;
 };
 
+#define GG_MAX_DIMS 8
+
 struct gg_tensor {
     char name[96];
-    uint32_t n_dims;
-    uint64_t ne[4];
+    uint32_t n_dims;     /* may exceed 4 (hostile edits); at most GG_MAX_DIMS */
+    uint64_t ne[GG_MAX_DIMS];
     uint32_t type;
     uint64_t offset;     /* relative to the data section; used when writing with keep_offsets */
     unsigned char *data; /* owned */
