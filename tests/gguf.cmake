@@ -37,7 +37,7 @@ if(KVR_SANITIZE)
   set(KVR_GGUF_CLUSTER_SCENARIOS golden mismatch)
 endif()
 foreach(scenario ${KVR_GGUF_CLUSTER_SCENARIOS})
-  add_test(NAME test_cluster_gguf_${scenario} COMMAND test_cluster_golden ${scenario} q8_0)
+  add_test(NAME test_cluster_gguf_${scenario} COMMAND test_cluster_golden ${scenario} gguf=q8_0)
   set_tests_properties(test_cluster_gguf_${scenario} PROPERTIES TIMEOUT 240 LABELS "cluster;gguf" RUN_SERIAL TRUE
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1")
 endforeach()

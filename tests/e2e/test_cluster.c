@@ -45,8 +45,8 @@
  *              coordinator finished exactly 100 requests, and the pools return to empty.
  * Every scenario asserts up's exit status at the stop: 0 only when every rank exited 0,
  * which under the ASan build (scripts/test.sh) includes "LeakSanitizer found nothing".
- * A second argument names a GGUF file of the bundled model (q8_0: ../shared/models/gguf/
- * stories260K-q8_0.gguf): the cluster serves it with its own tokenizer at --context 512,
+ * An argument gguf=TYPE names a GGUF file of the bundled model (gguf=q8_0:
+ * ../shared/models/gguf/stories260K-q8_0.gguf): the cluster serves it with its own tokenizer at --context 512,
  * and the "golden" text of each prompt is what `kvrelay generate` prints for it on the
  * same file (the same model through one process and through the cluster). One scenario
  * only runs with a GGUF file:
@@ -1407,10 +1407,18 @@ static void scenario_mismatch(void) {
 
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
-    if (argc > 2) {
-        snprintf(gguf_model, sizeof gguf_model, "%s/models/gguf/stories260K-%s.gguf", KVR_SHARED_DIR, argv[2]);
+    /* "gguf=TYPE" anywhere after the scenario: GGUF mode; it is taken out of argv, so a
+     * scenario's own arguments keep their places. */
+    for (int i = 2; i < argc; i++) {
+        if (strncmp(argv[i], "gguf=", 5) != 0)
+            continue;
+        snprintf(gguf_model, sizeof gguf_model, "%s/models/gguf/stories260K-%s.gguf", KVR_SHARED_DIR, argv[i] + 5);
         cluster_use_model(gguf_model, NULL, 512);
         fprintf(stderr, "serving %s (its own tokenizer, --context 512)\n", gguf_model);
+        for (int j = i; j + 1 < argc; j++)
+            argv[j] = argv[j + 1];
+        argc--;
+        break;
     }
     const char *which = argc > 1 ? argv[1] : "golden";
     if (strcmp(which, "mismatch") != 0) /* the one scenario that never serves */
