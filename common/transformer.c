@@ -789,7 +789,7 @@ int kvr_engine_check_item(const struct kvr_engine *e, const struct kvr_forward_i
 int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int n_items) {
     const struct kvr_model_config *c = e->c;
     const struct kvr_model_weights *w = e->w;
-    int d = c->dim, kvd = c->kv_dim, V = c->vocab_size;
+    int d = c->dim, V = c->vocab_size;
     if (n_items < 1 || n_items > e->p.n_items_max) {
         KVR_LOG_ERROR("%d items, engine takes 1..%d", n_items, e->p.n_items_max);
         return KVR_EINVAL;

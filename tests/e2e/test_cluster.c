@@ -1356,6 +1356,8 @@ static void scenario_cancel(void) {
     CHECK_EQ(s.running_requests, 0);
     CHECK_EQ(s.waiting_requests, 0);
     CHECK_EQ(cluster_stop(&cl, 30), 0);
+}
+
 /* One `kvrelay up` whose processes disagree about the model (extra: up's options that
  * make them disagree). It must exit 1 without ever serving, with the coordinator's
  * reason (want) on its stderr, every process of it gone. The stderr of up (and of the
