@@ -1360,9 +1360,9 @@ static void scenario_cancel(void) {
 
 /* One `kvrelay up` whose processes disagree about the model (extra: up's options that
  * make them disagree). It must exit 1 without ever serving, with the coordinator's
- * reason (want) on its stderr, every process of it gone. The stderr of up (and of the
+ * reason (want, and want2 unless NULL) on its stderr, every process of it gone. The stderr of up (and of the
  * ranks, which inherit it) goes to a temporary file for the check, then to ours. */
-static void expect_refused(const char *what, const char *const *extra, const char *want) {
+static void expect_refused(const char *what, const char *const *extra, const char *want, const char *want2) {
     char path[] = "/tmp/kvr_test_gguf_mismatch_XXXXXX";
     int fd = mkstemp(path);
     REQUIRE(fd >= 0);
@@ -1386,6 +1386,7 @@ static void expect_refused(const char *what, const char *const *extra, const cha
     CHECK_EQ(code, 1);
     CHECK_EQ(left, 0);
     CHECK(strstr(err, want) != NULL);
+    CHECK(!want2 || strstr(err, want2) != NULL);
     CHECK(strstr(err, "ready at") == NULL);
 }
 
@@ -1400,11 +1401,12 @@ static void scenario_mismatch(void) {
     REQUIRE(strcmp(other, gguf_model) != 0);
     snprintf(prefill_args, sizeof prefill_args, "--model %s", other);
     expect_refused("mismatch/model", (const char *[]){"--prefill-args", prefill_args, NULL},
-                   "serves a different model");
+                   "serves a different model", NULL);
+    /* Which node is named first depends on the order their HELLOs arrived in. */
     expect_refused("mismatch/node context", (const char *[]){"--decode-args", "--context 256", NULL},
-                   "runs the model at context 256 but rank 1 at 512");
+                   "give every node the same --context", " 256");
     expect_refused("mismatch/coordinator context", (const char *[]){"--coordinator-args", "--context 256", NULL},
-                   "the nodes run the model at context 512, the coordinator at 256");
+                   "the nodes run the model at context 512, the coordinator at 256", NULL);
 }
 
 int main(int argc, char **argv) {
