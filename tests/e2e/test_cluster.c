@@ -995,7 +995,13 @@ static void scenario_launcher(void) {
      * well within --stop-timeout (90 s here), with 1 (the cluster never served), and
      * leaves nothing behind. */
     REQUIRE(cluster_spawn(&cl, args) == 0);
-    kvr_sleep_ms(300);
+    /* Once up has started mpirun (a second process carries the mark), not after a fixed
+     * nap: a SIGTERM that lands before up blocks its signals (ASan start-up on a loaded
+     * machine took longer than 300 ms) kills up itself, 143, and tests nothing. */
+    double t_started = now_s() + 30;
+    while (cluster_count_procs(&cl) < 2 && now_s() < t_started)
+        kvr_sleep_ms(5);
+    CHECK(cluster_count_procs(&cl) >= 2);
     kill(cl.pid, SIGTERM);
     CHECK_EQ(cluster_wait(&cl, 30), 1);
     CHECK_EQ(cluster_wait_gone(&cl, 20), 0);
