@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# test_hosts_cluster.sh - a kvrelay cluster across emulated hosts (emuhosts.sh): one MPI job
+# whose ranks run on five "machines" (network namespaces with their own hostname and
+# address on a bridge), started by mpirun through an rsh agent as ssh would, MPI over TCP
+# between hosts, the client on the machine itself talking gRPC to the coordinator's
+# address on the bridge.
+#
+#   h1 coordinator (and mpirun)   h2, h3 prefill   h4, h5 decode
+#
+#   test_hosts_cluster.sh BIN_DIR TEST_BIN_DIR [SCENARIO]
+#   golden   16 concurrent `kvrelay submit` streams return the llama2.c golden texts; the
+#            nodes report their own hosts; MPI traffic crossed the links; SIGTERM to mpirun
+#            stops every process on every host.
+# Exit 0 pass, 1 fail, 77 skip (the machine cannot make namespaces: the reason is printed).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+EMU=$HERE/emuhosts.sh
+BIN=${1:?BIN_DIR}
+TBIN=${2:?TEST_BIN_DIR}
+SCENARIO=${3:-golden}
+SHARED=${KVR_SHARED_DIR:-$HERE/../../../shared}
+MODEL=$SHARED/models/stories260K.bin
+TOKENIZER=$SHARED/models/tok512.bin
+PORT=50051 # inside h1's own network namespace: nothing else can hold it
+
+if ! why=$("$EMU" check); then
+    echo "SKIP: $why"
+    exit 77
+fi
+command -v mpirun >/dev/null || { echo "SKIP: mpirun not installed"; exit 77; }
+
+P="hc$$"
+P=${P:0:11}
+WORK=$(mktemp -d "/tmp/kvr-$P.XXXXXX")
+MPIRUN_PID=""
+export EMUHOSTS_OWNER=$$
+cleanup() {
+    local rc=$?
+    if [ -n "$MPIRUN_PID" ] && kill -0 "$MPIRUN_PID" 2>/dev/null; then
+        kill -TERM "$MPIRUN_PID" 2>/dev/null || true
+    fi
+    "$EMU" down "$P" || true
+    if [ $rc -ne 0 ] && [ -f "$WORK/mpirun.log" ]; then
+        echo "--- mpirun log (last 40 lines)"
+        tail -n 40 "$WORK/mpirun.log"
+    fi
+    rm -rf "$WORK"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+fail() { echo "FAIL: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+
+"$EMU" up "$P" 5 >"$WORK/env"
+set -a
+. "$WORK/env"
+set +a
+H=("" "$HOST1" "$HOST2" "$HOST3" "$HOST4" "$HOST5")
+ADDR="$IP1:$PORT"
+echo "hosts: ${H[*]:1} on $SUBNET; coordinator at $ADDR"
+
+# One MPMD job, mapped by host. The MCA settings (OMPI_MCA_* from emuhosts' env): the rsh
+# agent, btl tcp,self, both TCP components restricted to the cluster subnet, pml ob1.
+t0=$(now)
+"$EMU" exec "$P" h1 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    mpirun --enable-recovery --bind-to none --oversubscribe \
+    -np 1 -host "${H[1]}" "$BIN/kvrelay-coordinator" --model "$MODEL" --tokenizer "$TOKENIZER" \
+    --listen "0.0.0.0:$PORT" --node-timeout 3 \
+    : -np 1 -host "${H[2]}" "$BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
+    : -np 1 -host "${H[3]}" "$BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
+    : -np 1 -host "${H[4]}" "$BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB \
+    : -np 1 -host "${H[5]}" "$BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB \
+    >"$WORK/mpirun.log" 2>&1 &
+MPIRUN_PID=$!
+
+# Ready when the coordinator answers ClusterStatus (it serves only once every node said
+# HELLO) and reports all four nodes alive.
+for _ in $(seq 1 600); do
+    kill -0 "$MPIRUN_PID" 2>/dev/null || fail "mpirun exited before the cluster was ready"
+    if "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 --json >"$WORK/status.json" 2>/dev/null &&
+        [ "$(grep -o '"alive":true' "$WORK/status.json" | wc -l)" -eq 4 ]; then
+        break
+    fi
+    sleep 0.1
+done
+[ -s "$WORK/status.json" ] || fail "the cluster did not become ready in 60 s"
+echo "cluster ready in $(elapsed "$t0") s"
+# Each node reports the hostname it runs on: the hosts are distinct machines to MPI.
+for i in 2 3 4 5; do
+    grep -q "\"host\":\"${H[$i]}\"" "$WORK/status.json" || fail "no node reports host ${H[$i]}: $(cat "$WORK/status.json")"
+done
+
+rx_bytes() { cat "/sys/class/net/${PREFIX}v$1/statistics/rx_bytes"; } # bytes sent BY host $1
+declare -a before
+for i in 1 2 3 4 5; do before[$i]=$(rx_bytes "$i"); done
+
+case "$SCENARIO" in
+golden)
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 16 --timeout 120 ||
+        fail "not every stream returned its golden text"
+    ;;
+*)
+    fail "unknown scenario $SCENARIO"
+    ;;
+esac
+
+# KV blocks went from the prefill hosts and tokens from the decode hosts over the links.
+for i in 2 3 4 5; do
+    sent=$(( $(rx_bytes "$i") - before[i] ))
+    [ "$sent" -gt 1000 ] || fail "host ${H[$i]} sent only $sent bytes during the run"
+    echo "host ${H[$i]} sent $sent bytes"
+done
+
+# Shutdown: SIGTERM to mpirun reaches every rank on every host; nothing may be left.
+t1=$(now)
+kill -TERM "$MPIRUN_PID"
+for _ in $(seq 1 300); do
+    kill -0 "$MPIRUN_PID" 2>/dev/null || break
+    sleep 0.1
+done
+kill -0 "$MPIRUN_PID" 2>/dev/null && fail "mpirun still running 30 s after SIGTERM"
+wait "$MPIRUN_PID" || true
+MPIRUN_PID=""
+left=$("$EMU" pids "$P" | tr '\n' ' ')
+[ -z "$left" ] || fail "processes left on the hosts after mpirun exited: $(ps -o pid=,args= -p ${left// /,} 2>/dev/null)"
+echo "stopped in $(elapsed "$t1") s, no process left on any host"
+echo "PASS ($SCENARIO)"
