@@ -19,3 +19,8 @@ add_test(NAME test_hosts_cluster
   COMMAND ${KVR_DEPLOY_TEST_DIR}/test_hosts_cluster.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR} golden)
 set_tests_properties(test_hosts_cluster PROPERTIES TIMEOUT 240 LABELS "deploy;hosts" RUN_SERIAL TRUE
   SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV}")
+
+add_test(NAME test_slurm
+  COMMAND ${KVR_DEPLOY_TEST_DIR}/test_slurm.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR})
+set_tests_properties(test_slurm PROPERTIES TIMEOUT 480 LABELS "deploy;slurm" RUN_SERIAL TRUE
+  SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV}")

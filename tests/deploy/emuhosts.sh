@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # emuhosts.sh - emulated hosts on one Linux machine, for the multi-host tests and benchmarks.
 # Each host is a network namespace (its own interfaces, routes and ports) with its own UTS
-# namespace (its own hostname) and its own /etc/hosts (ip netns exec binds
-# /etc/netns/<host>/hosts), joined to one bridge by a veth pair: the host's "NIC" and
+# namespace (its own hostname), its own /etc/hosts and its own /tmp (bound in a private
+# mount namespace by the state directory's `enter` script; the rest of the filesystem is
+# shared, as a cluster's shared filesystem would be), joined to one bridge by a veth pair: the host's "NIC" and
 # "cable". Addresses come from 198.18.0.0/15 (RFC 2544 benchmarking range, routed nowhere);
 # the hosts get no default route, IPv6 is off on every link, and IP forwarding is not
 # touched, so nothing the hosts send can leave the bridge. The machine itself reaches the
@@ -23,6 +24,7 @@
 # PREFIX: 1-11 characters [a-z0-9], unique per run (e.g. the branch or test name plus $$):
 # it names the bridge (PREFIXbr), the veths (PREFIXvN), the namespaces (PREFIX-hN) and the
 # state directory /run/kvr-emuhosts/PREFIX, which holds:
+#   enter     "enter HOST CMD..." runs CMD on HOST (what `exec` runs)
 #   agent     an rsh agent for mpirun (--mca plm_rsh_agent): "agent HOST CMD..." runs CMD on
 #             HOST through `sh -c`, as ssh would
 #   hostfile  "PREFIX-hN slots=1" per host, for mpirun
@@ -33,6 +35,7 @@
 set -euo pipefail
 
 ROOT=/run/kvr-emuhosts
+TMPROOT=/var/tmp/kvr-emuhosts # each host's /tmp: /var/tmp/kvr-emuhosts/PREFIX/HOST
 LOCK=/run/kvr-emuhosts.lock
 
 die() { echo "emuhosts: $*" >&2; exit 1; }
@@ -162,9 +165,9 @@ cmd_up() {
         touch "$st/$h.uts"
         unshare --uts="$st/$h.uts" hostname "$h"
         # Its own /etc/hosts: every emulated host and the gateway, as a site's DNS would.
-        mkdir -p "/etc/netns/$h"
-        { echo "127.0.0.1 localhost"; echo "$net.$i $h"; cat "$st/hosts"; } >"/etc/netns/$h/hosts"
-        echo "$h" >"/etc/netns/$h/hostname"
+        { echo "127.0.0.1 localhost"; cat "$st/hosts"; } >"$st/$h.hosts"
+        mkdir -p "$TMPROOT/$p/$h"
+        chmod 1777 "$TMPROOT/$p/$h"
         echo "$h slots=1" >>"$st/hostfile"
         echo "HOST$i=$h" >>"$env"
         echo "IP$i=$net.$i" >>"$env"
@@ -178,6 +181,20 @@ OMPI_MCA_btl_tcp_if_include=$net.0/24
 OMPI_MCA_oob_tcp_if_include=$net.0/24
 OMPI_MCA_pml=ob1
 EOF
+    # Entering a host: its network and UTS namespaces, and a private mount namespace in
+    # which /etc/hosts is the instance's and /tmp is the host's own (as on real machines:
+    # Slurm's PMIx plugin and Open MPI keep per-node files there under fixed names). Not `ip netns exec`: it remounts /sys for the
+    # namespace, which hides /sys/fs/cgroup (slurmd refuses to start without it).
+    cat >"$st/enter" <<EOF
+#!/bin/sh
+# enter HOST CMD...: runs CMD on emulated host HOST of instance $p (made by emuhosts.sh).
+h=\$1; shift
+case "\$h" in $p-*) ;; *) h="$p-\$h";; esac
+[ -e "$st/\$h.uts" ] || { echo "enter: unknown host \$h" >&2; exit 255; }
+exec nsenter --net="/run/netns/\$h" --uts="$st/\$h.uts" -- unshare --mount --propagation private -- \\
+    sh -c 'mount --bind "\$0" /etc/hosts && mount --bind "\$1" /tmp && shift && exec "\$@"' \\
+    "$st/\$h.hosts" "$TMPROOT/$p/\$h" "\$@"
+EOF
     # The rsh agent. Open MPI calls it as ssh: "agent [ssh options] HOST WORDS...", where
     # the words form one shell command line for the remote shell.
     cat >"$st/agent" <<EOF
@@ -185,10 +202,9 @@ EOF
 # rsh agent of emulated-hosts instance $p (made by emuhosts.sh): enters HOST as ssh would.
 while [ \$# -gt 0 ]; do case "\$1" in -*) shift;; *) break;; esac; done
 h=\$1; shift
-case "\$h" in $p-*) ;; *) h="$p-\$h";; esac
-[ -e "$st/\$h.uts" ] || { echo "agent: unknown host \$1" >&2; exit 255; }
-exec ip netns exec "\$h" nsenter --uts="$st/\$h.uts" -- sh -c "cd / && \$*"
+exec "$st/enter" "\$h" sh -c "cd / && \$*"
 EOF
+    chmod +x "$st/enter"
     chmod +x "$st/agent"
     trap - ERR
     cat "$env"
@@ -200,7 +216,7 @@ cmd_exec() {
     h=$(host_name "$p" "$2")
     shift 2
     [ $# -ge 1 ] || die "exec: no command"
-    exec ip netns exec "$h" nsenter --uts="$ROOT/$p/$h.uts" -- "$@"
+    exec "$ROOT/$p/enter" "$h" "$@"
 }
 
 cmd_shape() {
@@ -268,7 +284,6 @@ cmd_down() {
     done
     for h in $hosts; do
         ip netns del "$h" 2>/dev/null || true
-        rm -rf "/etc/netns/$h"
     done
     if [ -d "$st" ]; then
         for f in "$st"/*.uts; do
@@ -279,7 +294,7 @@ cmd_down() {
     for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^${p}(br|v[0-9]+)$" || true); do
         ip link del "$l" 2>/dev/null || true
     done
-    rm -rf "$st"
+    rm -rf "$st" "${TMPROOT:?}/$p"
 }
 
 cmd_gc() {

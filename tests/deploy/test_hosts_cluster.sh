@@ -15,8 +15,8 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EMU=$HERE/emuhosts.sh
-BIN=${1:?BIN_DIR}
-TBIN=${2:?TEST_BIN_DIR}
+BIN=$(cd "${1:?BIN_DIR}" && pwd)
+TBIN=$(cd "${2:?TEST_BIN_DIR}" && pwd)
 SCENARIO=${3:-golden}
 SHARED=${KVR_SHARED_DIR:-$HERE/../../../shared}
 MODEL=$SHARED/models/stories260K.bin

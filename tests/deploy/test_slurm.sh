@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# test_slurm.sh - deploy/slurm/kvrelay.sbatch under a real Slurm (Debian's 22.05) started
+# by this test: munged, slurmctld and one slurmd per emulated host (emuhosts.sh: each host
+# its own network namespace, hostname and address), config, state, logs and sockets under
+# a temporary directory. The test is the login node: it submits from the machine itself,
+# which reaches the hosts over the bridge.
+#
+#   h1: slurmctld + slurmd   h2, h3, h4: slurmd        (one node each; 4-node allocation)
+#
+# For each launch mode of the script (KVR_LAUNCH=mpirun, srun):
+#   sbatch --nodes=4 --ntasks=4 deploy/slurm/kvrelay.sbatch (1 coordinator, 1 prefill,
+#   2 decode), wait until the coordinator serves, 16 concurrent golden `kvrelay submit`
+#   streams; then
+#   mpirun: a decode rank is SIGKILLed while 16 streams are running: every stream still
+#           returns its exact golden text (the coordinator re-runs the dead node's
+#           requests on the other one), and the cluster keeps serving;
+#   srun:   the same kill ends the job (Slurm's PMIx plugin kills the step on any rank's
+#           death): the test checks that it ends by itself with nothing left, which is
+#           what deploy/README.md promises for that mode;
+#   then `scancel` and no process of the job may be left on any host.
+#
+#   test_slurm.sh BIN_DIR TEST_BIN_DIR [MODES]      (MODES: "mpirun srun", the default)
+# Exit 0 pass, 1 fail, 77 skip (no Slurm/munge installed, or no namespaces: reason printed).
+set -euo pipefail
+# Open MPI refuses root unless told (CI runs as root); sbatch passes the environment on.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+HERE=$(cd "$(dirname "$0")" && pwd)
+SRC=$(cd "$HERE/../.." && pwd)
+EMU=$HERE/emuhosts.sh
+BIN=$(cd "${1:?BIN_DIR}" && pwd)
+TBIN=$(cd "${2:?TEST_BIN_DIR}" && pwd)
+MODES=${3:-mpirun srun}
+SHARED=${KVR_SHARED_DIR:-$SRC/../shared}
+PORT=50051 # inside the first node's own namespace
+
+for c in slurmctld slurmd sbatch squeue scancel munged; do
+    command -v $c >/dev/null || { echo "SKIP: $c not installed (scripts/install-deploy-deps.sh installs Slurm and munge)"; exit 77; }
+done
+if ! why=$("$EMU" check); then
+    echo "SKIP: $why"
+    exit 77
+fi
+
+P="sl$$"
+P=${P:0:11}
+# Not under /tmp: every emulated host has its own /tmp; the daemons need this directory.
+W=$(mktemp -d "/var/tmp/kvr-$P.XXXXXX")
+export EMUHOSTS_OWNER=$$
+DAEMONS=()
+cleanup() {
+    local rc=$?
+    if [ -f "$W/slurm.conf" ]; then
+        SLURM_CONF=$W/slurm.conf timeout 10 scancel --quiet --full "--partition=kvr" 2>/dev/null || true
+    fi
+    for pid in "${DAEMONS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    [ -f "$W/munged.pid" ] && kill -TERM "$(cat "$W/munged.pid")" 2>/dev/null || true
+    "$EMU" down "$P" || true
+    if [ $rc -ne 0 ]; then
+        for f in "$W"/*.log "$W"/*.out; do
+            [ -f "$f" ] || continue
+            echo "--- $f (last 25 lines)"
+            tail -n 25 "$f"
+        done
+    fi
+    # KVR_DEPLOY_KEEP_LOGS=DIR keeps the daemons' and the jobs' logs (for debugging).
+    [ -n "${KVR_DEPLOY_KEEP_LOGS:-}" ] && mkdir -p "$KVR_DEPLOY_KEEP_LOGS" && cp "$W"/*.log "$W"/*.out "$KVR_DEPLOY_KEEP_LOGS"/ 2>/dev/null
+    rm -rf "$W"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+fail() { echo "FAIL: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+# wait_for SECONDS DESCRIPTION CMD...: polls CMD every 0.1 s.
+wait_for() {
+    local limit=$1 what=$2 t
+    shift 2
+    t=$(now)
+    until "$@"; do
+        awk -v a="$t" -v b="$(now)" -v l="$limit" 'BEGIN{exit !(b-a > l)}' && fail "$what: not within $limit s"
+        sleep 0.1
+    done
+}
+
+"$EMU" up "$P" 4 >"$W/env"
+. "$W/env" # not exported: its OMPI_MCA_* (rsh agent) must not reach sbatch
+H=("" "$HOST1" "$HOST2" "$HOST3" "$HOST4")
+IPS=("" "$IP1" "$IP2" "$IP3" "$IP4")
+
+# ---- munge: one daemon, its socket on the shared filesystem (every host sees it) -------
+mkdir -p "$W/state"
+dd if=/dev/urandom of="$W/munge.key" bs=1 count=1024 status=none
+chmod 400 "$W/munge.key"
+munged -f --key-file="$W/munge.key" --socket="$W/munge.sock" --pid-file="$W/munged.pid" \
+    --log-file="$W/munged.log" --seed-file="$W/munge.seed"
+wait_for 10 "munged socket" test -S "$W/munge.sock"
+
+# ---- slurm.conf: the lines that matter without systemd and cgroups (notes/deploy.md) -----
+cat >"$W/slurm.conf" <<EOF
+ClusterName=kvr$P
+SlurmctldHost=${H[1]}(${IPS[1]})
+SlurmctldPort=6817
+SlurmdPort=6818
+AuthType=auth/munge
+AuthInfo=socket=$W/munge.sock
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation=$W/state
+SlurmdSpoolDir=/tmp/kvr-slurmd
+SlurmctldPidFile=$W/slurmctld.pid
+SlurmdPidFile=$W/slurmd.%n.pid
+SlurmctldLogFile=$W/slurmctld.log
+SlurmdLogFile=$W/slurmd.%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+SlurmdParameters=config_overrides
+ReturnToService=2
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+KillWait=5
+MessageTimeout=10
+InactiveLimit=0
+EOF
+for i in 1 2 3 4; do
+    echo "NodeName=${H[$i]} NodeHostname=${H[$i]} NodeAddr=${IPS[$i]} CPUs=2 RealMemory=2000 State=UNKNOWN" >>"$W/slurm.conf"
+done
+echo "PartitionName=kvr Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >>"$W/slurm.conf"
+export SLURM_CONF=$W/slurm.conf
+
+t0=$(now)
+"$EMU" exec "$P" h1 slurmctld -D -i >"$W/slurmctld.out" 2>&1 &
+DAEMONS+=($!)
+for i in 1 2 3 4; do
+    "$EMU" exec "$P" "h$i" sh -c 'mkdir -p /tmp/kvr-slurmd && exec slurmd -D -N "$0"' "${H[$i]}" \
+        >"$W/slurmd.${H[$i]}.out" 2>&1 &
+    DAEMONS+=($!)
+done
+nodes_idle() { [ "$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)" -eq 4 ]; }
+wait_for 60 "four idle Slurm nodes" nodes_idle
+echo "Slurm up in $(elapsed "$t0") s: $(sinfo -h -o '%D nodes %T %N')"
+
+job_state() { squeue -h -j "$1" -o '%T' 2>/dev/null; }
+job_gone() { local s; s=$(job_state "$1"); [ -z "$s" ] || [ "$s" = COMPLETED ] || [ "$s" = CANCELLED ] || [ "$s" = FAILED ]; }
+node_pids() { # host, program: its pids on that host
+    local p
+    for p in $("$EMU" pids "$P" "$1"); do
+        [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] && echo "$p"
+    done
+    return 0
+}
+# Every process on the hosts that is not a Slurm daemon: job steps, mpirun, orted, ranks.
+job_leftovers() {
+    local p c out=""
+    for p in $("$EMU" pids "$P"); do
+        c=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+        case "$c" in slurmctld | slurmscriptd | slurmd) ;; *) out="$out $p:$c" ;; esac
+    done
+    echo "$out"
+}
+no_leftovers() { [ -z "$(job_leftovers)" ]; }
+
+for MODE in $MODES; do
+    echo "=== launch mode: $MODE"
+    t1=$(now)
+    JOB=$(cd "$W" && KVR_LAUNCH=$MODE KVR_BIN=$BIN KVR_MODEL=$SHARED/models/stories260K.bin \
+        KVR_TOKENIZER=$SHARED/models/tok512.bin KVR_PREFILL=1 KVR_DECODE=2 KVR_PORT=$PORT \
+        KVR_KV_MEMORY=64MiB KVR_COORD_ARGS="--node-timeout 3" KVR_DECODE_ARGS="--debug-step-delay-ms 3" \
+        KVR_THREADS=1 KVR_MPI_SUBNET=$SUBNET \
+        sbatch --parsable --nodes=4 --ntasks=4 --output="$W/job-%j.out" "$SRC/deploy/slurm/kvrelay.sbatch")
+    JOB=${JOB%%;*}
+    echo "job $JOB submitted"
+    running() {
+        local s
+        s=$(job_state "$JOB")
+        case "$s" in
+        RUNNING) return 0 ;;
+        "" | COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL) fail "job $JOB ended before it ran (${s:-gone})" ;;
+        esac
+        return 1
+    }
+    wait_for 60 "job $JOB running" running
+    FIRST=$(squeue -h -j "$JOB" -o '%N' | xargs scontrol show hostnames | head -n1)
+    FIRST_IP=$(awk -v h="$FIRST" '$2 == h {print $1}' "$STATE/hosts")
+    ADDR="$FIRST_IP:$PORT"
+    serving() {
+        "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 --json >"$W/status.json" 2>/dev/null &&
+            [ "$(grep -o '"alive":true' "$W/status.json" | wc -l)" -eq 3 ]
+    }
+    wait_for 90 "coordinator of job $JOB serving at $ADDR" serving
+    echo "serving at $ADDR $(elapsed "$t1") s after sbatch"
+    for i in 2 3 4; do
+        grep -q "\"host\":\"${H[$i]}\"" "$W/status.json" || fail "no node on ${H[$i]}: $(cat "$W/status.json")"
+    done
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 16 --timeout 120 ||
+        fail "$MODE: golden streams"
+
+    # A decode rank dies while 16 streams are running.
+    VICTIM_HOST=$(grep -o '"role":"decode","host":"[^"]*"' "$W/status.json" | head -n1 | sed 's/.*"host":"//; s/"$//')
+    rm -f "$W/ready"
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 16 --timeout 120 \
+        --ready-file "$W/ready" >"$W/kill.out" 2>&1 &
+    GS=$!
+    wait_for 60 "streams running" test -e "$W/ready"
+    VICTIM=$(node_pids "$VICTIM_HOST" kvrelay-decode)
+    [ -n "$VICTIM" ] || fail "no kvrelay-decode on $VICTIM_HOST"
+    echo "killing kvrelay-decode (pid $VICTIM) on $VICTIM_HOST mid-stream"
+    kill -KILL $VICTIM
+    wait "$GS" || { cat "$W/kill.out"; fail "$MODE: streams lost when a decode rank died"; }
+    tail -n 1 "$W/kill.out"
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 4 --timeout 60 ||
+        fail "$MODE: the cluster stopped serving after losing a decode rank"
+    [ "$(job_state "$JOB")" = RUNNING ] || fail "$MODE: the job ended when a decode rank died"
+    echo "scancel $JOB"
+    t2=$(now)
+    scancel "$JOB"
+    wait_for 60 "job $JOB gone after scancel" job_gone "$JOB"
+    wait_for 30 "every process of job $JOB gone: $(job_leftovers)" no_leftovers
+    echo "no process of job $JOB left on any host ($(elapsed "$t2") s after the end)"
+done
+echo "PASS ($MODES)"
