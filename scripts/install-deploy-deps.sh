@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # install-deploy-deps.sh - the Debian packages the deploy tests need (tests/deploy/), if any
 # are missing: Slurm and munge (the Slurm test), podman, buildah, runc and debootstrap
-# (the container image test), iproute2 (emulated hosts). Unattended; uses sudo when not
+# (the container image test; catatonit: the pods' infra container), iproute2 (emulated hosts). Unattended; uses sudo when not
 # root; safe to run again. scripts/test.sh calls it and carries on without them when
 # they cannot be installed: the tests that need them then skip with the reason.
 # Node.js and npm (manifest validation) are not installed here: the machine's own are used.
 set -euo pipefail
 
 PKGS=(slurmctld slurmd slurm-client munge
-      podman buildah runc debootstrap
+      podman buildah runc catatonit debootstrap
       iproute2 util-linux)
 
 missing=()

@@ -12,6 +12,11 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 JOBS=$(nproc)
 t0=$(date +%s)
 
+# The deploy tests (tests/deploy/: emulated hosts, Slurm, the container image) need
+# Slurm, munge, podman and debootstrap; without them those tests skip with the reason.
+if ! scripts/install-deploy-deps.sh; then
+  echo "== test.sh: the deploy packages could not be installed; the deploy tests will skip"
+fi
 echo "== build (Release, -Werror)"
 scripts/build.sh
 echo "== tests (Release)"

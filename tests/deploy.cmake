@@ -15,6 +15,13 @@ add_dependencies(golden_submit kvrelay kvrelay-coordinator kvrelay-prefill kvrel
 
 set(KVR_DEPLOY_ENV "KVR_SHARED_DIR=${KVR_SHARED_DIR};OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 
+# Registered in the plain build only: they test launch paths, images and manifests, not
+# the nodes' memory safety (the sanitizer build runs the local cluster tests), and the
+# suite must stay within its time budget.
+if(KVR_SANITIZE)
+  return()
+endif()
+
 add_test(NAME test_hosts_cluster
   COMMAND ${KVR_DEPLOY_TEST_DIR}/test_hosts_cluster.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR} golden)
 set_tests_properties(test_hosts_cluster PROPERTIES TIMEOUT 240 LABELS "deploy;hosts" RUN_SERIAL TRUE
@@ -24,3 +31,12 @@ add_test(NAME test_slurm
   COMMAND ${KVR_DEPLOY_TEST_DIR}/test_slurm.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR})
 set_tests_properties(test_slurm PROPERTIES TIMEOUT 480 LABELS "deploy;slurm" RUN_SERIAL TRUE
   SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV}")
+
+# The image is built from the source tree inside podman (not from this build directory);
+# only the client that talks to it comes from here.
+add_test(NAME test_image COMMAND ${KVR_DEPLOY_TEST_DIR}/test_image.sh ${KVR_TEST_BIN_DIR})
+set_tests_properties(test_image PROPERTIES TIMEOUT 900 LABELS "deploy;image" RUN_SERIAL TRUE
+  SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV};KVR_CLIENT=${CMAKE_BINARY_DIR}/bin/kvrelay")
+
+add_test(NAME test_k8s_manifests COMMAND ${KVR_DEPLOY_TEST_DIR}/test_k8s_manifests.sh)
+set_tests_properties(test_k8s_manifests PROPERTIES TIMEOUT 180 LABELS "deploy;k8s" SKIP_RETURN_CODE 77)

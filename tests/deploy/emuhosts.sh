@@ -18,6 +18,8 @@
 #   emuhosts.sh shape PREFIX HOST RATE    tbf both directions (e.g. 1gbit, 10gbit; none)
 #   emuhosts.sh link PREFIX HOST up|down  plug or unplug the host's cable
 #   emuhosts.sh pids PREFIX [HOST]        pids of processes running in the host(s)
+#   emuhosts.sh podman-net PREFIX   a podman (CNI) network "PREFIX-net" on the instance's
+#                                   bridge: containers get .128-.250, no gateway, no NAT
 #   emuhosts.sh gc                  remove instances whose creating process is gone
 #   emuhosts.sh check               exit 0 if this machine can run emulated hosts, else print why, exit 77
 #
@@ -294,7 +296,37 @@ cmd_down() {
     for l in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^${p}(br|v[0-9]+)$" || true); do
         ip link del "$l" 2>/dev/null || true
     done
-    rm -rf "$st" "${TMPROOT:?}/$p"
+    rm -f "/etc/cni/net.d/$p-net.conflist"
+    rm -rf "$st" "${TMPROOT:?}/$p" "/var/lib/cni/networks/$p-net"
+}
+
+# Containers as hosts: a CNI network on the instance's own bridge, so podman containers
+# and pods (podman kube play cannot join a namespace by path) sit on the same test network
+# as the emulated hosts. Internal: no gateway, no masquerade, no default route.
+cmd_podman_net() {
+    local p=$1
+    check_prefix "$p"
+    local st="$ROOT/$p" net
+    net=$(cat "$st/subnet" 2>/dev/null) || die "no instance $p"
+    mkdir -p /etc/cni/net.d
+    cat >"/etc/cni/net.d/$p-net.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "$p-net",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "${p}br",
+      "isGateway": false,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {"type": "host-local",
+               "ranges": [[{"subnet": "$net.0/24", "rangeStart": "$net.128", "rangeEnd": "$net.250"}]]}
+    }
+  ]
+}
+EOF
+    echo "$p-net"
 }
 
 cmd_gc() {
@@ -319,6 +351,7 @@ exec) [ $# -ge 3 ] || die "usage: exec PREFIX HOST CMD..."; cmd_exec "$@" ;;
 shape) [ $# -eq 3 ] || die "usage: shape PREFIX HOST RATE"; cmd_shape "$@" ;;
 link) [ $# -eq 3 ] || die "usage: link PREFIX HOST up|down"; cmd_link "$@" ;;
 pids) [ $# -ge 1 ] || die "usage: pids PREFIX [HOST]"; cmd_pids "$@" ;;
+podman-net) [ $# -eq 1 ] || die "usage: podman-net PREFIX"; cmd_podman_net "$@" ;;
 gc) cmd_gc ;;
 check) cmd_check ;;
 *) die "unknown subcommand '$sub'" ;;
