@@ -102,7 +102,7 @@ serving() { "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 >/dev/null 2>&1; }
 t0=$(now)
 podman run -d --name "$P-up" --network "$NET" --hostname "$P-up" \
     -v "$SHARED/models:/models:ro" "$IMAGE" \
-    up --model /models/stories260K.bin --tokenizer /models/tok512.bin --port 50051 \
+    up --model /models/stories260K.bin --tokenizer /models/tok512.bin --port 50051 --host 0.0.0.0 \
     --prefill 1 --decode 1 --threads 1 >/dev/null
 ADDR="$(ctr_ip "$P-up"):50051"
 wait_for 60 "the container's cluster serving at $ADDR" serving
