@@ -16,6 +16,11 @@
 #            (`ip link set ... down` on its switch port) once every stream is running:
 #            every stream still returns its exact text, the host is reported dead, the
 #            cluster keeps serving; plugged back in, the job shuts down cleanly.
+#            unplug-prefill: the 16 streams are past their prefill when the cable goes, so
+#            8 more prompts are sent right after it: until the coordinator notices (its
+#            --node-timeout, 3 s) it still places some on the silent host, and those must be
+#            re-run on the other prefill host. Both scenarios check that the coordinator did
+#            re-run requests of the unplugged host's rank (so the fault was really hit).
 # Exit 0 pass, 1 fail, 77 skip (the machine cannot make namespaces: the reason is printed).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -125,8 +130,17 @@ unplug-decode | unplug-prefill)
     t2=$(now)
     "$EMU" link "$P" "h$VICTIM" down
     echo "unplugged ${H[$VICTIM]} mid-stream"
+    if [ "$SCENARIO" = unplug-prefill ]; then
+        "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 8 --timeout 120 \
+            >"$WORK/wave2.log" 2>&1 || { cat "$WORK/wave2.log"; fail "prompts sent after ${H[$VICTIM]} was unplugged were lost"; }
+        tail -n 1 "$WORK/wave2.log"
+    fi
     wait $GS || { cat "$WORK/streams.log"; fail "streams lost when ${H[$VICTIM]} was unplugged"; }
     tail -n 1 "$WORK/streams.log"
+    # Ranks follow the MPMD order: h1 is rank 0, hN rank N-1.
+    reruns=$(grep -c "re-run (attempt [0-9]*) after rank $((VICTIM - 1)) died" "$WORK/mpirun.log" || true)
+    [ "$reruns" -gt 0 ] || fail "no request of ${H[$VICTIM]} (rank $((VICTIM - 1))) was re-run: the unplug hit nothing"
+    echo "$reruns requests of ${H[$VICTIM]} re-run elsewhere"
     echo "every stream exact, $(elapsed "$t2") s after the unplug"
     # Declared dead once silent for --node-timeout (3 s) after the unplug.
     for _ in $(seq 1 150); do
