@@ -373,19 +373,24 @@ int kvr_wire_encode(struct kvr_wire_codec *c, const struct kvr_wire_opts *o,
         return KVR_ERANGE;
     }
     int shuffle = o->transform == KVR_WIRE_TF_SHUFFLE;
-    pack(c->buf, k, 0, n, 2 * n, o->dtype, shuffle);
-    pack(c->buf, v, n, n, 2 * n, o->dtype, shuffle);
-    uint64_t sum = kvr_wire_hash(c->buf, raw, KVR_WIRE_PAYLOAD_SEED);
-
     uint8_t *h = dst;
     uint8_t *payload = h + KVR_WIRE_HEADER_NBYTES;
-    int rc;
-    /* Room for raw - 1 bytes: a frame that does not come out strictly smaller is dropped. */
-    size_t z = compress_payload(c, level, shuffle, raw, (size_t)es, payload, raw - 1, &rc);
-    if (rc != KVR_OK)
-        return rc;
-    if (z == 0)
-        memcpy(payload, c->buf, raw);
+    /* Stored: packed straight into the message (one pass over the values, no copy). */
+    uint8_t *packed = o->store ? payload : c->buf;
+    pack(packed, k, 0, n, 2 * n, o->dtype, shuffle);
+    pack(packed, v, n, n, 2 * n, o->dtype, shuffle);
+    uint64_t sum = kvr_wire_hash(packed, raw, KVR_WIRE_PAYLOAD_SEED);
+
+    size_t z = 0;
+    if (!o->store) {
+        int rc;
+        /* Room for raw - 1 bytes: a frame that does not come out strictly smaller is dropped. */
+        z = compress_payload(c, level, shuffle, raw, (size_t)es, payload, raw - 1, &rc);
+        if (rc != KVR_OK)
+            return rc;
+        if (z == 0)
+            memcpy(payload, c->buf, raw);
+    }
 
     memcpy(h + OFF_MAGIC, wire_magic, 4);
     put16(h + OFF_VERSION, KVR_WIRE_VERSION);

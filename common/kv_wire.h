@@ -61,6 +61,8 @@ struct kvr_wire_opts {
     enum kvr_wire_dtype dtype;
     enum kvr_wire_transform transform;
     int level; /* zstd level in [KVR_WIRE_LEVEL_MIN, KVR_WIRE_LEVEL_MAX]; 0 = the default */
+    int store; /* 1: never compress, the payload is stored raw (for links faster than the
+                * codec: docs/PERFORMANCE.md); the header says so as for any stored block */
 };
 
 /* What a message describes (the header's fields, minus lengths and checksum). */

@@ -21,6 +21,7 @@ struct prefill_cfg {
     int kv_dtype;
     int kv_transform;
     int kv_level;
+    int kv_compress;
     int report_ms;
     float coord_timeout;
     uint64_t fault_corrupt_seed;
@@ -40,6 +41,7 @@ static const struct kvr_opt opts[] = {
     {"kv-dtype", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_dtype), "f32", 0, -1, "f32|f16|bf16", 0, "value type of shipped KV (f16/bf16 are lossy)"},
     {"kv-transform", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_transform), "shuffle", 0, -1, "none|shuffle", 0, "byte transform before zstd"},
     {"kv-level", KVR_OPT_INT, offsetof(struct prefill_cfg, kv_level), "0", -7, 22, NULL, 0, "zstd level (0 = measured default)"},
+    {"kv-compress", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_compress), "zstd", 0, -1, "zstd|none", 0, "none: ship KV values raw (no transform, no zstd), for links faster than the codec"},
     {"report-ms", KVR_OPT_INT, offsetof(struct prefill_cfg, report_ms), "50", 1, 100000, NULL, 0, "status report period"},
     {"coord-timeout", KVR_OPT_FLOAT, offsetof(struct prefill_cfg, coord_timeout), "15", 1, 86400, NULL, 0, "seconds without a word from the coordinator (it pings every second) before leaving"},
 #ifdef KVR_FAULTS
@@ -62,12 +64,14 @@ int main(int argc, char **argv) {
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     int seq_len = kvr_model_config(model)->seq_len;
+    if (cfg.kv_compress == 1) /* stored raw: a byte transform would only cost time */
+        cfg.kv_transform = KVR_WIRE_TF_NONE;
     struct prefill_params p = {
         .model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory, .block_tokens = cfg.block_tokens,
         .n_threads = cfg.threads, .max_batch = cfg.max_batch,
         .max_batch_tokens = cfg.max_batch_tokens ? cfg.max_batch_tokens : (seq_len > 1024 ? seq_len : 1024),
         .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,
-                 .level = cfg.kv_level},
+                 .level = cfg.kv_level, .store = cfg.kv_compress == 1},
         .report_ms = cfg.report_ms, .coord_timeout_s = cfg.coord_timeout, .stop = &kvr_role_stop,
         .faults = {.corrupt_seed = cfg.fault_corrupt_seed, .drop_ready_seed = cfg.fault_drop_ready_seed,
                    .pass_delay_ms = cfg.fault_pass_delay_ms}};

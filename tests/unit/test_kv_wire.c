@@ -285,6 +285,30 @@ static void test_roundtrip(void) {
         }
     }
 
+    /* store: never compressed, even what would shrink to almost nothing (a constant
+     * block); the payload is exactly the packed values and decodes bit-exact, with either
+     * transform and every value type. */
+    for (int tf = 0; tf < 2; tf++) {
+        for (int dt = 0; dt < 3; dt++) {
+            for (size_t i = 0; i < n; i++) {
+                k[i] = dt ? 0.25f : (float)(i % 7) - 3.0f;
+                v[i] = 0.25f;
+            }
+            struct kvr_wire_opts o = {.dtype = dt, .transform = tf, .store = 1};
+            size_t len = 0;
+            CHECK_EQ(kvr_wire_encode(c, &o, &b, k, v, msg, cap, &len), KVR_OK);
+            int es = kvr_wire_dtype_nbytes(dt);
+            CHECK_EQ(len, 64 + 2 * n * (size_t)es);
+            CHECK_EQ(msg[6], 0); /* flags: stored */
+            if (dt == KVR_WIRE_F32 && tf == KVR_WIRE_TF_NONE) /* little-endian f32 as is */
+                CHECK(memcmp(msg + 64, k, n * 4) == 0 && memcmp(msg + 64 + n * 4, v, n * 4) == 0);
+            struct kvr_wire_block d;
+            CHECK_EQ(kvr_wire_decode(c, msg, len, b.fingerprint, &d, k2, v2, n), KVR_OK);
+            CHECK(!d.compressed && d.dtype == (enum kvr_wire_dtype)dt && d.transform == (enum kvr_wire_transform)tf);
+            CHECK(memcmp(k, k2, n * 4) == 0 && memcmp(v, v2, n * 4) == 0); /* exact in every type */
+        }
+    }
+
     /* KV-like values shrink with the shuffle; a constant block shrinks to almost nothing. */
     struct kvr_wire_opts o = {.dtype = KVR_WIRE_F32, .transform = KVR_WIRE_TF_SHUFFLE};
     size_t len = 0;
