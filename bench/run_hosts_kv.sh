@@ -14,11 +14,22 @@
 # whatever layer-wise shipping hides behind the prefill's later layers. Zero latency and
 # no loss on these links (no netem on this kernel): real networks only add to it.
 #
+# Overlap (layer-wise shipping): the prefill node runs with KVR_LOG_LEVEL=debug, which
+# makes it log when each layer's compute ended and when its KV had been encoded and handed
+# to MPI ("kvtrace" lines, CLOCK_MONOTONIC), and bench/netsample.py samples the bytes that
+# reach the decode host's cable every millisecond on the same clock (one machine: the
+# emulated hosts share CLOCK_MONOTONIC). Per request: wire_mb (KV bytes on the wire),
+# hidden = fraction of them that had reached the decode host when the prefill pass ended,
+# tail_ms = last KV byte at the decode host minus the pass's end (the transfer TTFT
+# waits for), encode_pct = time the compute thread spent encoding and posting KV, as a
+# share of the pass. TIMELINE=1 keeps each request's per-layer timeline in the JSON.
+#
 # Knobs (environment): BIN (build/bin), MODELS ("110m 1.1b"), RATES ("1gbit 10gbit
-# 25gbit"), PROMPTS ("128 512 2048"), WIRES ("f32 bf16": the prefill node's --kv-dtype; f32
-# is lossless, shuffle + zstd level 1), REPS (3), THREADS (threads of the prefill node and
-# of the colocated node: 2), TOKENIZER (llama2_tokenizer.bin of ../shared), MODELS_DIR (/tmp/kvrelay-bench-models: synthetic checkpoints,
-# written once), OUT (JSON file; default: a new file under /tmp), PREFILL_ARGS.
+# 25gbit"), PROMPTS ("128 512 2047"), WIRES ("f32 raw bf16": f32 = lossless, shuffle + zstd
+# level 1; raw = f32 with no transform and no compression (--kv-compress none); bf16 =
+# bfloat16, shuffle + zstd), REPS (3), THREADS (threads of the prefill node and
+# of the colocated node: 2), TOKENIZER (llama2_tokenizer.bin of ../shared), MODELS_DIR (/var/tmp/kvrelay-bench-models:
+# synthetic checkpoints, written once; not under /tmp, which each emulated host has its own), OUT (JSON file; default: a new file under /tmp), PREFILL_ARGS.
 # Prints one JSON object per measurement to stderr as it goes and a table at the end.
 # Needs root (namespaces) and jq. Run measured runs under the exclusive CPU lock:
 #   flock -x /tmp/kvr-cpu.lock bench/run_hosts_kv.sh
@@ -28,11 +39,13 @@ EMU=$here/tests/deploy/emuhosts.sh
 BIN=$(cd "${BIN:-$here/build/bin}" && pwd)
 MODELS=${MODELS:-"110m 1.1b"}
 RATES=${RATES:-"1gbit 10gbit 25gbit"}
-PROMPTS=${PROMPTS:-"128 512 2048"}
-WIRES=${WIRES:-"f32 bf16"}
+PROMPTS=${PROMPTS:-"128 512 2047"} # 2047 + the one generated token = the synthetic shapes' 2048 context
+WIRES=${WIRES:-"f32 raw bf16"}
+TIMELINE=${TIMELINE:-0}
+LINKS=${LINKS:-unshaped}
 REPS=${REPS:-3}
 THREADS=${THREADS:-2}
-MODELS_DIR=${MODELS_DIR:-/tmp/kvrelay-bench-models}
+MODELS_DIR=${MODELS_DIR:-/var/tmp/kvrelay-bench-models} # not /tmp: each emulated host has its own
 TOKENIZER_SET=${TOKENIZER:-}
 OUT=${OUT:-$(mktemp /tmp/kvrelay-hosts-kv.XXXXXX.json)}
 PREFILL_ARGS=${PREFILL_ARGS:-}
@@ -53,7 +66,12 @@ stop_job() {
     wait "$JOB" 2>/dev/null || true
     JOB=""
 }
-cleanup() { stop_job; "$EMU" down "$P" || true; rm -rf "$W"; }
+cleanup() {
+    [ -z "$SAMPLER" ] || kill -TERM "$SAMPLER" 2>/dev/null || true
+    stop_job
+    "$EMU" down "$P" || true
+    [ -n "${KEEP:-}" ] && echo "kept $W" >&2 || rm -rf "$W"
+}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -79,6 +97,9 @@ model_path() { # shape -> checkpoint (written once, like kvrelay bench)
     echo "$f"
 }
 
+# --node-timeout 60 / --coord-timeout 600: a node busy in one long pass (a 2047-token
+# prompt on a loaded machine, ~30 s for the colocated node) answers no ping meanwhile; with
+# the defaults (10 s / 15 s) the colocated node left and was declared dead mid-prompt.
 # start_job MODEL "prefill args": the disaggregated cluster (h1-h3) and the colocated
 # reference (h4, its own coordinator on h4) as one MPI job each.
 ADDR="$IP1:$PORT"
@@ -88,24 +109,25 @@ start_jobs() {
 
     "$EMU" exec "$P" h1 "${MPIENV[@]}" mpirun --enable-recovery --bind-to none --oversubscribe \
         -np 1 -host "$HOST1" "$BIN/kvrelay-coordinator" --model "$m" --tokenizer "$TOKENIZER" \
-        --listen "0.0.0.0:$PORT" --queue-timeout 600 \
-        : -np 1 -host "$HOST2" "$BIN/kvrelay-prefill" --model "$m" --threads "$THREADS" --weights mmap $pargs \
-        : -np 1 -host "$HOST3" "$BIN/kvrelay-decode" --model "$m" --threads 1 --weights mmap --kv-memory 2GiB \
+        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 60 \
+        : -np 1 -host "$HOST2" env KVR_LOG_LEVEL=debug "$BIN/kvrelay-prefill" --coord-timeout 600 --model "$m" --threads "$THREADS" \
+        --weights mmap $pargs \
+        : -np 1 -host "$HOST3" "$BIN/kvrelay-decode" --coord-timeout 600 --model "$m" --threads 1 --weights mmap --kv-memory 2GiB \
         >"$W/logs/disagg.log" 2>&1 &
     JOB=$!
-    wait_serving "$ADDR" 2
+    wait_serving "$ADDR" 2 "$JOB"
 }
 REF=""
 start_ref() {
     local m=$1
     "$EMU" exec "$P" h4 "${MPIENV[@]}" mpirun --enable-recovery --bind-to none --oversubscribe \
         -np 1 -host "$HOST4" "$BIN/kvrelay-coordinator" --model "$m" --tokenizer "$TOKENIZER" \
-        --listen "0.0.0.0:$PORT" --queue-timeout 600 \
-        : -np 1 -host "$HOST4" "$BIN/kvrelay-decode" --model "$m" --threads "$THREADS" --weights mmap \
+        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 60 \
+        : -np 1 -host "$HOST4" "$BIN/kvrelay-decode" --coord-timeout 600 --model "$m" --threads "$THREADS" --weights mmap \
         --kv-memory 2GiB --colocated --max-batch-tokens 4096 \
         >"$W/logs/ref.log" 2>&1 &
     REF=$!
-    wait_serving "$REF_ADDR" 1
+    wait_serving "$REF_ADDR" 1 "$REF"
 }
 stop_ref() {
     [ -n "$REF" ] || return 0
@@ -115,8 +137,9 @@ stop_ref() {
     wait "$REF" 2>/dev/null || true
     REF=""
 }
-wait_serving() {
+wait_serving() { # addr n_nodes mpirun_pid
     for _ in $(seq 1 3000); do
+        kill -0 "$3" 2>/dev/null || break
         if "$BIN/kvrelay" status --addr "$1" --timeout 2 --json >"$W/st.json" 2>/dev/null &&
             [ "$(grep -o '"alive":true' "$W/st.json" | wc -l)" -eq "$2" ]; then return 0; fi
         sleep 0.2
@@ -133,6 +156,49 @@ prompt_ids() { # n seed -> "1,id,id,..." (BOS + n-1 ids in 3..VOCAB-1)
 ttft() { # addr n rep -> ms
     "$BIN/kvrelay" submit --addr "$1" --prompt-tokens "$(prompt_ids "$2" "$3")" --max-tokens 1 --temperature 0 \
         --ignore-eos --json --timeout 600 | jq -r 'select(.type=="done") | .ttft_ms'
+}
+# traced n rep -> one JSON object: TTFT and the overlap of the request's one prefill pass
+# (the kvtrace lines it added to the log, the wire samples of its time span).
+SAMPLER=""
+traced() {
+    local from t_ms
+    from=$(wc -l <"$W/logs/disagg.log")
+    t_ms=$(ttft "$ADDR" "$1" "$2")
+    sleep 0.05 # the sampler's last period
+    tail -n +"$((from + 1))" "$W/logs/disagg.log" | grep -a 'kvtrace' | sed 's/.*kvtrace //' >"$W/trace" || true
+    python3 - "$W/trace" "$W/wire" "$t_ms" "$TIMELINE" <<'PY'
+import json, sys
+trace, wire, ttft, timeline = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
+kv = lambda line: dict(f.split("=", 1) for f in line.split() if "=" in f)
+layers, passes = [], []
+for line in open(trace):
+    d = kv(line)
+    (layers if "layer" in d else passes).append(d)
+out = {"ttft_ms": ttft}
+if len(passes) == 1:
+    p = passes[0]
+    t0, t1, nbytes = float(p["start"]), float(p["end"]), int(p["bytes"])
+    ls = [l for l in layers if t0 <= float(l["computed"]) <= t1 + 1e-6]
+    samples = [tuple(map(float, l.split())) for l in open(wire)]
+    base = max([b for t, b in samples if t <= t0] or [samples[0][1]])
+    got = lambda t: max([b for s, b in samples if s <= t] or [base]) - base
+    total = got(float("inf"))
+    # The last KV byte: when the decode host had received the pass's bytes (headers of
+    # the packets and other messages make the wire count a little larger).
+    t_last = next((s for s, b in samples if b - base >= nbytes), samples[-1][0])
+    enc = sum(float(l["shipped"]) - float(l["computed"]) for l in ls)
+    out.update(pass_ms=round((t1 - t0) * 1e3, 3), wire_mb=round(nbytes / 1e6, 3),
+               hidden=round(min(got(t1), nbytes) / nbytes, 3) if nbytes else None,
+               tail_ms=round(max(0.0, t_last - t1) * 1e3, 3), encode_pct=round(100 * enc / (t1 - t0), 2))
+    if timeline:
+        out["timeline"] = [{"layer": int(l["layer"]), "computed_ms": round((float(l["computed"]) - t0) * 1e3, 3),
+                            "shipped_ms": round((float(l["shipped"]) - t0) * 1e3, 3),
+                            "handed_to_mpi_mb": round(int(l["bytes"]) / 1e6, 3),
+                            "at_decode_host_mb": round(got(float(l["computed"])) / 1e6, 3)} for l in ls]
+        out["timeline"].append({"pass_end_ms": round((t1 - t0) * 1e3, 3), "at_decode_host_mb": round(got(t1) / 1e6, 3),
+                                "last_byte_ms": round((t_last - t0) * 1e3, 3)})
+print(json.dumps(out))
+PY
 }
 median() { sort -g | awk '{a[NR]=$1} END{if(NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
 
@@ -163,26 +229,36 @@ for model in $MODELS; do
     for wire in $WIRES; do
         case "$wire" in
         f32 | f16 | bf16) pargs="--kv-dtype $wire $PREFILL_ARGS" ;;
+        raw) pargs="--kv-dtype f32 --kv-compress none $PREFILL_ARGS" ;;
         *) echo "run_hosts_kv.sh: unknown wire option $wire" >&2; exit 2 ;;
         esac
         start_jobs "$m" "$pargs"
-        for rate in unshaped $RATES; do
+        python3 "$here/bench/netsample.py" "${PREFIX}v3" tx "$W/wire" 1 &
+        SAMPLER=$!
+        for _ in $(seq 1 100); do [ -s "$W/wire" ] && break; sleep 0.05; done
+        for rate in $LINKS $RATES; do
             for h in h2 h3; do "$EMU" shape "$P" "$h" "$([ "$rate" = unshaped ] && echo none || echo "$rate")"; done
             for n in $PROMPTS; do
                 ttft "$ADDR" "$n" 0 >/dev/null
-                vals=$(for r in $(seq 1 "$REPS"); do ttft "$ADDR" "$n" "$r"; done)
-                med=$(echo "$vals" | median)
-                emit "$(jq -cn --arg model "$model" --arg wire "$wire" --arg link "$rate" --argjson n "$n" --arg v "$vals" \
-                    --argjson med "$med" --argjson ref "${ref[$n]}" \
+                runs=$(for r in $(seq 1 "$REPS"); do traced "$n" "$r"; done | jq -cs .)
+                med=$(echo "$runs" | jq -r '.[].ttft_ms' | median)
+                # the run whose TTFT is the median (REPS odd) or the one just above it
+                mid=$(echo "$runs" | jq -c --argjson med "$med" 'sort_by(.ttft_ms) | map(select(.ttft_ms >= $med)) | .[0]')
+                emit "$(jq -cn --arg model "$model" --arg wire "$wire" --arg link "$rate" --argjson n "$n" --argjson runs "$runs" \
+                    --argjson med "$med" --argjson ref "${ref[$n]}" --argjson mid "$mid" \
                     '{model:$model, mode:"disaggregated", wire:$wire, link:$link, prompt_tokens:$n,
-                      ttft_ms:($v|split("\n")|map(tonumber)), ttft_ms_median:$med, colocated_ttft_ms:$ref,
-                      transfer_share:((($med-$ref)/$med*1000|round)/1000)}')"
+                      ttft_ms:($runs|map(.ttft_ms)), ttft_ms_median:$med, colocated_ttft_ms:$ref,
+                      transfer_share:((($med-$ref)/$med*1000|round)/1000)} + ($mid|del(.ttft_ms))')"
             done
         done
+        kill -TERM "$SAMPLER" 2>/dev/null || true
+        wait "$SAMPLER" 2>/dev/null || true
+        SAMPLER=""
         stop_job
     done
 done
 echo "]" >>"$OUT"
 echo "results: $OUT" >&2
-jq -r '.[] | select(.mode=="disaggregated") | [.model, .wire, .link, .prompt_tokens, .ttft_ms_median, .colocated_ttft_ms, .transfer_share] | @tsv' "$OUT" |
-    (echo -e "model\twire\tlink\tprompt\tttft_ms\tcoloc_ms\tshare"; cat) | column -t
+jq -r '.[] | select(.mode=="disaggregated") | [.model, .wire, .link, .prompt_tokens, .ttft_ms_median, .colocated_ttft_ms,
+    .transfer_share, .wire_mb, .pass_ms, .hidden, .tail_ms, .encode_pct] | @tsv' "$OUT" |
+    (echo -e "model\twire\tlink\tprompt\tttft_ms\tcoloc_ms\tshare\twire_mb\tpass_ms\thidden\ttail_ms\tencode%"; cat) | column -t

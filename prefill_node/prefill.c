@@ -57,6 +57,7 @@ struct pnode {
     float *logits;           /* (max_batch, vocab) */
     void *sample_scratch;
     uint64_t passes, tokens_done;
+    size_t pass_bytes;       /* KV bytes handed to MPI in this pass (the debug trace) */
 };
 
 static void preq_free(struct preq *r) {
@@ -221,6 +222,7 @@ static void ship_range(struct pnode *n, struct pitem *it, int layer, int t0, int
             return;
         }
         it->n_kv_msgs++;
+        n->pass_bytes += len;
         b0 = b1;
     }
 }
@@ -228,6 +230,7 @@ static void ship_range(struct pnode *n, struct pitem *it, int layer, int t0, int
 static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items, int layer) {
     struct pnode *n = ud;
     (void)items;
+    double t_done = kvr_clock_now();
     for (int i = 0; i < n_items; i++) {
         struct pitem *it = &n->batch[i];
         if (it->r->p.policy.policy == KVR_KV_RECOMPUTE)
@@ -240,6 +243,11 @@ static void on_layer(void *ud, const struct kvr_forward_item *items, int n_items
     if (n->p->faults.pass_delay_ms > 0)
         kvr_sleep_ms(n->p->faults.pass_delay_ms);
 #endif
+    kvr_xfer_progress(n->x);
+    /* The overlap trace (bench/run_hosts_kv.sh): when the layer's compute ended, when its
+     * KV was encoded and handed to MPI, on CLOCK_MONOTONIC. */
+    KVR_LOG_DEBUG("kvtrace layer=%d computed=%.6f shipped=%.6f bytes=%zu", layer, t_done, kvr_clock_now(),
+                  n->pass_bytes);
     /* A long pass must not look like a dead node. */
     kvr_node_tick(&n->node);
 }
@@ -337,9 +345,12 @@ static int run_pass(void *ud) {
     }
     if (n->n_batch == 0)
         return 1;
+    n->pass_bytes = 0;
     double t0 = kvr_clock_now();
     int rc = kvr_engine_forward(n->eng, n->items, n->n_batch);
     double t1 = kvr_clock_now();
+    KVR_LOG_DEBUG("kvtrace pass start=%.6f end=%.6f prompts=%d tokens=%d bytes=%zu", t0, t1, n->n_batch, tokens,
+                  n->pass_bytes);
     n->passes++;
     for (int i = 0; i < n->n_batch; i++) {
         struct pitem *it = &n->batch[i];
