@@ -28,7 +28,7 @@
 # 25gbit"), PROMPTS ("128 512 2047"), WIRES ("f32 raw bf16": f32 = lossless, shuffle + zstd
 # level 1; raw = f32 with no transform and no compression (--kv-compress none); bf16 =
 # bfloat16, shuffle + zstd), REPS (3), THREADS (threads of the prefill node and
-# of the colocated node: 2), TOKENIZER (llama2_tokenizer.bin of ../shared), MODELS_DIR (/var/tmp/kvrelay-bench-models:
+# of the colocated node: 2), MCA (extra Open MPI settings, "name=value ..."), TOKENIZER (llama2_tokenizer.bin of ../shared), MODELS_DIR (/var/tmp/kvrelay-bench-models:
 # synthetic checkpoints, written once; not under /tmp, which each emulated host has its own), OUT (JSON file; default: a new file under /tmp), PREFILL_ARGS.
 # Prints one JSON object per measurement to stderr as it goes and a table at the end.
 # Needs root (namespaces) and jq. Run measured runs under the exclusive CPU lock:
@@ -81,6 +81,7 @@ mkdir -p "$W/logs"
 MPIENV=(env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "OMPI_MCA_plm_rsh_agent=$AGENT"
         OMPI_MCA_btl=tcp,self "OMPI_MCA_btl_tcp_if_include=$SUBNET" "OMPI_MCA_oob_tcp_if_include=$SUBNET"
         OMPI_MCA_pml=ob1)
+for kv in ${MCA:-}; do MPIENV+=("OMPI_MCA_$kv"); done # e.g. MCA="btl_tcp_eager_limit=1048576"
 
 model_path() { # shape -> checkpoint (written once, like kvrelay bench)
     local f
@@ -97,7 +98,7 @@ model_path() { # shape -> checkpoint (written once, like kvrelay bench)
     echo "$f"
 }
 
-# --node-timeout 60 / --coord-timeout 600: a node busy in one long pass (a 2047-token
+# --node-timeout 600 / --coord-timeout 600: a node busy in one long pass (a 2047-token
 # prompt on a loaded machine, ~30 s for the colocated node) answers no ping meanwhile; with
 # the defaults (10 s / 15 s) the colocated node left and was declared dead mid-prompt.
 # start_job MODEL "prefill args": the disaggregated cluster (h1-h3) and the colocated
@@ -109,7 +110,7 @@ start_jobs() {
 
     "$EMU" exec "$P" h1 "${MPIENV[@]}" mpirun --enable-recovery --bind-to none --oversubscribe \
         -np 1 -host "$HOST1" "$BIN/kvrelay-coordinator" --model "$m" --tokenizer "$TOKENIZER" \
-        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 60 \
+        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 600 \
         : -np 1 -host "$HOST2" env KVR_LOG_LEVEL=debug "$BIN/kvrelay-prefill" --coord-timeout 600 --model "$m" --threads "$THREADS" \
         --weights mmap $pargs \
         : -np 1 -host "$HOST3" "$BIN/kvrelay-decode" --coord-timeout 600 --model "$m" --threads 1 --weights mmap --kv-memory 2GiB \
@@ -122,7 +123,7 @@ start_ref() {
     local m=$1
     "$EMU" exec "$P" h4 "${MPIENV[@]}" mpirun --enable-recovery --bind-to none --oversubscribe \
         -np 1 -host "$HOST4" "$BIN/kvrelay-coordinator" --model "$m" --tokenizer "$TOKENIZER" \
-        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 60 \
+        --listen "0.0.0.0:$PORT" --queue-timeout 600 --node-timeout 600 \
         : -np 1 -host "$HOST4" "$BIN/kvrelay-decode" --coord-timeout 600 --model "$m" --threads "$THREADS" --weights mmap \
         --kv-memory 2GiB --colocated --max-batch-tokens 4096 \
         >"$W/logs/ref.log" 2>&1 &
@@ -236,10 +237,11 @@ for model in $MODELS; do
         python3 "$here/bench/netsample.py" "${PREFIX}v3" tx "$W/wire" 1 &
         SAMPLER=$!
         for _ in $(seq 1 100); do [ -s "$W/wire" ] && break; sleep 0.05; done
+        warm=1
         for rate in $LINKS $RATES; do
             for h in h2 h3; do "$EMU" shape "$P" "$h" "$([ "$rate" = unshaped ] && echo none || echo "$rate")"; done
             for n in $PROMPTS; do
-                ttft "$ADDR" "$n" 0 >/dev/null
+                [ $warm -eq 0 ] || ttft "$ADDR" "$n" 0 >/dev/null # once per job and prompt length
                 runs=$(for r in $(seq 1 "$REPS"); do traced "$n" "$r"; done | jq -cs .)
                 med=$(echo "$runs" | jq -r '.[].ttft_ms' | median)
                 # the run whose TTFT is the median (REPS odd) or the one just above it
@@ -250,6 +252,7 @@ for model in $MODELS; do
                       ttft_ms:($runs|map(.ttft_ms)), ttft_ms_median:$med, colocated_ttft_ms:$ref,
                       transfer_share:((($med-$ref)/$med*1000|round)/1000)} + ($mid|del(.ttft_ms))')"
             done
+            warm=0
         done
         kill -TERM "$SAMPLER" 2>/dev/null || true
         wait "$SAMPLER" 2>/dev/null || true
