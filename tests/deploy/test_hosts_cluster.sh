@@ -72,21 +72,29 @@ H=("" "$HOST1" "$HOST2" "$HOST3" "$HOST4" "$HOST5")
 ADDR="$IP1:$PORT"
 echo "hosts: ${H[*]:1} on $SUBNET; coordinator at $ADDR"
 
+# The step delay that keeps streams running while a host is struck is a test-only option:
+# --debug-step-delay-ms of the product's nodes, or (once the fault-injection options moved
+# to the test builds) --fault-step-delay-ms of the nodes built into TEST_BIN_DIR.
+if grep -aq -- "fault-step-delay-ms" "$TBIN/kvrelay-decode" 2>/dev/null; then
+    NODE_BIN=$TBIN STEP_DELAY=--fault-step-delay-ms
+else
+    NODE_BIN=$BIN STEP_DELAY=--debug-step-delay-ms
+fi
 DECODE_ARGS=""
 # Unplugging a host mid-stream needs streams that last: a few ms per decode step.
-case "$SCENARIO" in unplug-*) DECODE_ARGS="--debug-step-delay-ms 3" ;; esac
+case "$SCENARIO" in unplug-*) DECODE_ARGS="$STEP_DELAY 3" ;; esac
 
 # One MPMD job, mapped by host. The MCA settings (OMPI_MCA_* from emuhosts' env): the rsh
 # agent, btl tcp,self, both TCP components restricted to the cluster subnet, pml ob1.
 t0=$(now)
 "$EMU" exec "$P" h1 env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
     mpirun --enable-recovery --bind-to none --oversubscribe \
-    -np 1 -host "${H[1]}" "$BIN/kvrelay-coordinator" --model "$MODEL" --tokenizer "$TOKENIZER" \
+    -np 1 -host "${H[1]}" "$NODE_BIN/kvrelay-coordinator" --model "$MODEL" --tokenizer "$TOKENIZER" \
     --listen "0.0.0.0:$PORT" --node-timeout 3 \
-    : -np 1 -host "${H[2]}" "$BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
-    : -np 1 -host "${H[3]}" "$BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
-    : -np 1 -host "${H[4]}" "$BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB $DECODE_ARGS \
-    : -np 1 -host "${H[5]}" "$BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB $DECODE_ARGS \
+    : -np 1 -host "${H[2]}" "$NODE_BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
+    : -np 1 -host "${H[3]}" "$NODE_BIN/kvrelay-prefill" --model "$MODEL" --threads 1 \
+    : -np 1 -host "${H[4]}" "$NODE_BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB $DECODE_ARGS \
+    : -np 1 -host "${H[5]}" "$NODE_BIN/kvrelay-decode" --model "$MODEL" --threads 1 --kv-memory 64MiB $DECODE_ARGS \
     >"$WORK/mpirun.log" 2>&1 &
 MPIRUN_PID=$!
 

@@ -165,12 +165,20 @@ job_leftovers() {
 }
 no_leftovers() { [ -z "$(job_leftovers)" ]; }
 
+# The step delay that keeps streams running while a host is struck is a test-only option:
+# --debug-step-delay-ms of the product's nodes, or (once the fault-injection options moved
+# to the test builds) --fault-step-delay-ms of the nodes built into TEST_BIN_DIR.
+if grep -aq -- "fault-step-delay-ms" "$TBIN/kvrelay-decode" 2>/dev/null; then
+    NODE_BIN=$TBIN STEP_DELAY=--fault-step-delay-ms
+else
+    NODE_BIN=$BIN STEP_DELAY=--debug-step-delay-ms
+fi
 for MODE in $MODES; do
     echo "=== launch mode: $MODE"
     t1=$(now)
-    JOB=$(cd "$W" && KVR_LAUNCH=$MODE KVR_BIN=$BIN KVR_MODEL=$SHARED/models/stories260K.bin \
+    JOB=$(cd "$W" && KVR_LAUNCH=$MODE KVR_BIN=$NODE_BIN KVR_MODEL=$SHARED/models/stories260K.bin \
         KVR_TOKENIZER=$SHARED/models/tok512.bin KVR_PREFILL=1 KVR_DECODE=2 KVR_PORT=$PORT \
-        KVR_KV_MEMORY=64MiB KVR_COORD_ARGS="--node-timeout 3" KVR_DECODE_ARGS="--debug-step-delay-ms 3" \
+        KVR_KV_MEMORY=64MiB KVR_COORD_ARGS="--node-timeout 3" KVR_DECODE_ARGS="$STEP_DELAY 3" \
         KVR_THREADS=1 KVR_MPI_SUBNET=$SUBNET \
         sbatch --parsable --nodes=4 --ntasks=4 --output="$W/job-%j.out" "$SRC/deploy/slurm/kvrelay.sbatch")
     JOB=${JOB%%;*}
