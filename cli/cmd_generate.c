@@ -10,6 +10,7 @@
 #include "cli.h"
 #include "clock.h"
 #include "kv_cache.h"
+#include "kernels.h"
 #include "log.h"
 #include "model.h"
 #include "options.h"
@@ -33,6 +34,7 @@ struct gen_cfg {
     int threads;
     int weights;
     int context;
+    int verbose;
 };
 
 static const struct kvr_opt gen_opts[] = {
@@ -50,6 +52,7 @@ static const struct kvr_opt gen_opts[] = {
     {"allow-extrapolation", KVR_OPT_FLAG, offsetof(struct gen_cfg, allow_extrapolation), "0", 0, -1, NULL, 0, "dense: run past the trained context"},
     {"threads", KVR_OPT_INT, offsetof(struct gen_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct gen_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "mmap the file, or copy the weights into huge pages (faster decode)"},
+    {"verbose", KVR_OPT_FLAG, offsetof(struct gen_cfg, verbose), "0", 0, -1, NULL, 0, "log what was chosen (model, weight types, kernels) on stderr"},
 };
 
 int kvr_cmd_generate(int argc, char **argv) {
@@ -69,6 +72,12 @@ int kvr_cmd_generate(int argc, char **argv) {
     void *scratch = NULL;
     ex = KVR_EXIT_RUNTIME;
     int rc;
+    if (cfg.verbose) {
+        if (kvr_log_level < KVR_LOG_LEVEL_INFO)
+            kvr_log_set_level(KVR_LOG_LEVEL_INFO);
+        fprintf(stderr, "kvrelay generate: kernels %s (CPU: %s)\n", kvr_kernels()->name,
+                kvr_cpu_features()[0] ? kvr_cpu_features() : "no vector extensions");
+    }
 
     struct kvr_model_params mp = {.mode = (enum kvr_weights_mode)cfg.weights, .n_ctx = cfg.context};
     if ((rc = kvr_model_load_params(cfg.model, &mp, &model)) != KVR_OK) {

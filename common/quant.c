@@ -2,22 +2,17 @@
  * each type and the kernels the engine calls (quant.h). Called by matmul.c (products),
  * model.c and gguf.c (sizes), transformer.c (embedding rows). Owns no memory.
  *
- * The SIMD paths below are compiled only when the compiler targets AVX2+FMA+F16C
- * (KVR_NATIVE on such a machine); every other build runs the portable loops, which give
- * the same results up to float summation order (identical for Q8_0, whose per-block sums
- * are integers). */
+ * The SIMD kernels are in the variant files chosen at run time (kernels.h); this file
+ * keeps the scalar reference and the portable kernel (the scalar variant's). */
 #include "quant.h"
 
 #include <math.h>
 #include <string.h>
 
 #include "half.h"
+#include "kernels.h"
 #include "log.h"
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define Q_AVX2 1
-#endif
 
 /* ---- type table ------------------------------------------------------------------- */
 
@@ -186,27 +181,7 @@ float kvr_vec_dot_ref(enum kvr_dtype w, const void *wrow, const void *xconv, int
     return 0.0f;
 }
 
-/* ---- the engine's kernels ----------------------------------------------------------
- * Correct first (issue 12); fast is issue 13's. A portable version of each type, always
- * compiled (and tested), and an AVX2 one used when the build targets AVX2. */
-
-#ifdef Q_AVX2
-static inline float hsum8(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
-static inline __m256 load_bf16x8(const uint16_t *p) {
-    __m128i h = _mm_loadu_si128((const __m128i *)(const void *)p);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-static inline __m256 load_f16x8(const uint16_t *p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
-}
-#endif
+/* ---- the portable kernel ----------------------------------------------------------- */
 
 /* Portable: eight partial sums the compiler may keep in one vector register. */
 
@@ -267,83 +242,12 @@ float kvr_vec_dot_portable(enum kvr_dtype w, const void *wrow, const void *xconv
     return 0.0f;
 }
 
-#ifdef Q_AVX2
-/* AVX2 + FMA + F16C: one vector of eight partial sums. */
-
-static float dot_f32_avx2(const float *w, const float *x, int64_t n) {
-    int64_t i = 0;
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a);
-    float s = hsum8(a);
-    for (; i < n; i++)
-        s += w[i] * x[i];
-    return s;
-}
-
-static float dot_f16_avx2(const uint16_t *w, const uint16_t *x, int64_t n) {
-    int64_t i = 0;
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load_f16x8(w + i), load_f16x8(x + i), a);
-    float s = hsum8(a);
-    for (; i < n; i++)
-        s += kvr_f16_to_f32(w[i]) * kvr_f16_to_f32(x[i]);
-    return s;
-}
-
-static float dot_bf16_avx2(const uint16_t *w, const uint16_t *x, int64_t n) {
-    int64_t i = 0;
-    __m256 a = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8)
-        a = _mm256_fmadd_ps(load_bf16x8(w + i), load_bf16x8(x + i), a);
-    float s = hsum8(a);
-    for (; i < n; i++)
-        s += kvr_bf16_to_f32(w[i]) * kvr_bf16_to_f32(x[i]);
-    return s;
-}
-
-/* Integer block sums by madd of sign-extended 16-bit lanes; the float part as the
- * reference (bit for bit). */
-static float dot_q8_0_avx2(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_0 *x, int64_t n) {
-    float s = 0.0f;
-    for (int64_t b = 0; b < n / KVR_QK8_0; b++) {
-        __m256i qw = _mm256_loadu_si256((const __m256i *)(const void *)w[b].qs);
-        __m256i qx = _mm256_loadu_si256((const __m256i *)(const void *)x[b].qs);
-        __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(qw)),
-                                       _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qx)));
-        __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(qw, 1)),
-                                       _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qx, 1)));
-        __m256i v = _mm256_add_epi32(lo, hi);
-        __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
-        r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
-        int32_t sumi = _mm_cvtsi128_si32(r);
-        s += (float)sumi * (kvr_f16_to_f32(w[b].d) * kvr_f16_to_f32(x[b].d));
-    }
-    return s;
-}
-#endif
-
+/* The run-time chosen variant's rows kernel (kernels.h) for one value: the same bits as
+ * that kernel gives the value inside any product. */
 float kvr_vec_dot(enum kvr_dtype w, const void *wrow, const void *xconv, int64_t n) {
-#ifdef Q_AVX2
-    switch (w) {
-    case KVR_DTYPE_F32: return dot_f32_avx2(wrow, xconv, n);
-    case KVR_DTYPE_F16: return dot_f16_avx2(wrow, xconv, n);
-    case KVR_DTYPE_BF16: return dot_bf16_avx2(wrow, xconv, n);
-    case KVR_DTYPE_Q8_0: return dot_q8_0_avx2(wrow, xconv, n);
-    }
-    KVR_ASSERT(!"unsupported dtype");
-    return 0.0f;
-#else
-    return kvr_vec_dot_portable(w, wrow, xconv, n);
-#endif
+    float y = 0.0f;
+    kvr_kernels()->rows(w, &y, 1, wrow, 0, 1, xconv, 0, 1, (int)n, 0.0f);
+    return y;
 }
 
-const char *kvr_vec_dot_kernel(void) {
-#ifdef Q_AVX2
-    return "avx2";
-#else
-    return "portable";
-#endif
-}
+const char *kvr_vec_dot_kernel(void) { return kvr_kernels()->name; }

@@ -10,11 +10,8 @@
 #include <unistd.h>
 
 #include <cblas.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define TF_AVX2 1
-#endif
 
+#include "kernels.h"
 #include "kv_cache_impl.h"
 #include "log.h"
 #include "matmul.h"
@@ -76,101 +73,15 @@ struct kvr_engine {
     int gemm_item, gemm_r0, gemm_n, gemm_kb, gemm_nq_tiles;
 };
 
-/* ---- vector helpers: AVX2/FMA with a portable fallback ----------------------------
- * The hot loops below are reductions or call expf, which the compiler may not vectorize
- * without -ffast-math. Summation order differs from llama2.c's by float rounding only. */
-
-#ifdef TF_AVX2
-static inline float hsum8(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
-/* e^x for 8 lanes: x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial
- * (truncation below 1e-8 relative), 2^n through the exponent bits. Inputs are clamped to
- * [-87, 88] so results stay normal floats: below -87 it returns e^-87 (~1.6e-38) where expf
- * gives a smaller or zero value, and a NaN input comes out as e^-87 too. Only used for
- * softmax weights (inputs <= 0) and SiLU, where neither difference is visible. */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln2 high bits */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);       /* ln2 low bits */
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-#endif
-
-/* a . b over n floats. */
-static inline float vdot(const float *a, const float *b, int n) {
-    int i = 0;
-    float s = 0.0f;
-#ifdef TF_AVX2
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    s = hsum8(_mm256_add_ps(s0, s1));
-#endif
-    for (; i < n; i++)
-        s += a[i] * b[i];
-    return s;
-}
-
-/* x[i] = e^(x[i] - max) for i < n; returns their sum. */
-static float exp_shift_sum(float *x, int n, float max) {
-    int i = 0;
-    float sum = 0.0f;
-#ifdef TF_AVX2
-    __m256 vm = _mm256_set1_ps(max), vs = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
-        _mm256_storeu_ps(x + i, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    sum = hsum8(vs);
-#endif
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    return sum;
-}
-
-/* a[i] = silu(a[i]) * b[i] = a[i] / (1 + e^-a[i]) * b[i] for i < n (SwiGLU). */
-static void swiglu(float *a, const float *b, int n) {
-    int i = 0;
-#ifdef TF_AVX2
-    __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= n; i += 8) {
-        __m256 v = _mm256_loadu_ps(a + i);
-        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
-        __m256 sv = _mm256_div_ps(v, _mm256_add_ps(one, e));
-        _mm256_storeu_ps(a + i, _mm256_mul_ps(sv, _mm256_loadu_ps(b + i)));
-    }
-#endif
-    for (; i < n; i++) {
-        float val = a[i];
-        val *= 1.0f / (1.0f + expf(-val));
-        a[i] = val * b[i];
-    }
-}
-
-/* ---- helpers ------------------------------------------------------------------ */
+/* ---- helpers ------------------------------------------------------------------
+ * The vector loops (dot products, e^x, SwiGLU, attention runs) are the run-time chosen
+ * kernels' (kernels.h). */
+#define vdot(a, b, n) (kvr_kernels()->vdot((a), (b), (n)))
+#define exp_shift_sum(x, n, max) (kvr_kernels()->exp_shift_sum((x), (n), (max)))
+#define swiglu(a, b, n) (kvr_kernels()->swiglu((a), (b), (n)))
+#define prefetch_rows(p, n, ld, len) (kvr_kernels()->prefetch_rows((p), (n), (ld), (len)))
+#define qk_run(...) (kvr_kernels()->qk_run(__VA_ARGS__))
+#define av_run(...) (kvr_kernels()->av_run(__VA_ARGS__))
 
 static void rmsnorm(float *o, const float *x, const float *weight, int size, float eps) {
     float ss = vdot(x, x, size);
@@ -261,6 +172,8 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
         e->n_threads = n > 0 ? (int)n : 1;
     }
     kvr_matmul_init();
+    KVR_LOG_INFO("engine: %d threads, kernels %s (CPU: %s)", e->n_threads, kvr_kernels()->name,
+                 kvr_cpu_features()[0] ? kvr_cpu_features() : "no vector extensions");
     int rc = kvr_threadpool_create(e->n_threads, &e->tp);
     if (rc != KVR_OK) {
         free(e);
@@ -455,105 +368,6 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
 }
 
 /* ---- attention: per-query path over cache blocks -------------------------------- */
-
-/* Prefetches up to 4 of the n rows at p (ld floats apart, len floats each) into L1. */
-static inline void prefetch_rows(const float *p, int n, size_t ld, int len) {
-#ifdef TF_AVX2
-    for (int u = 0; u < n && u < 4; u++)
-        for (int j = 0; j < len; j += 16)
-            _mm_prefetch((const char *)(p + (size_t)u * ld + j), _MM_HINT_T0);
-#else
-    (void)p, (void)n, (void)ld, (void)len;
-#endif
-}
-
-/* sc[h * n_keys + u] = (q_h . k_u) / scale for the kv_mul query heads h (q_h at q + h*hd)
- * and n keys k_u at k + u*ldk (hd floats each): one run of keys inside a cache block. */
-static void qk_run(float *sc, int n_keys, const float *q, int kv_mul, int hd, const float *k,
-                   size_t ldk, int n, float scale) {
-    int u = 0;
-#ifdef TF_AVX2
-    if (hd % 8 == 0) {
-        /* Four keys at a time: four independent FMA chains, one combined reduction. */
-        __m128 vs = _mm_set1_ps(scale);
-        for (; u + 4 <= n; u += 4) {
-            const float *k0 = k + (size_t)u * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
-            for (int h = 0; h < kv_mul; h++) {
-                const float *qh = q + (size_t)h * hd;
-                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-                for (int j = 0; j < hd; j += 8) {
-                    __m256 qv = _mm256_loadu_ps(qh + j);
-                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
-                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
-                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
-                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
-                }
-                __m256 s01 = _mm256_hadd_ps(a0, a1), s23 = _mm256_hadd_ps(a2, a3);
-                __m256 s4 = _mm256_hadd_ps(s01, s23);
-                __m128 r = _mm_add_ps(_mm256_castps256_ps128(s4), _mm256_extractf128_ps(s4, 1));
-                _mm_storeu_ps(sc + (size_t)h * n_keys + u, _mm_div_ps(r, vs));
-            }
-        }
-    }
-#endif
-    for (; u < n; u++)
-        for (int h = 0; h < kv_mul; h++)
-            sc[(size_t)h * n_keys + u] = vdot(q + (size_t)h * hd, k + (size_t)u * ldk, hd) / scale;
-}
-
-#ifdef TF_AVX2
-/* oh[0 .. 8*NV) += sum_u ah[u] * v_u[0 .. 8*NV): the NV output vectors stay in registers
- * across the whole run of values (no store-to-load chain from one value to the next).
- * NV is a literal at every call site. */
-static inline __attribute__((always_inline)) void av_cols(int NV, float *oh, const float *ah,
-                                                          const float *v, size_t ldv, int n) {
-    __m256 acc[8];
-    for (int c = 0; c < NV; c++)
-        acc[c] = _mm256_loadu_ps(oh + 8 * c);
-    for (int u = 0; u < n; u++) {
-        __m256 w = _mm256_set1_ps(ah[u]);
-        const float *vu = v + (size_t)u * ldv;
-        for (int c = 0; c < NV; c++)
-            acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vu + 8 * c), acc[c]);
-    }
-    for (int c = 0; c < NV; c++)
-        _mm256_storeu_ps(oh + 8 * c, acc[c]);
-}
-#endif
-
-/* out_h += sum_u a[h * n_keys + u] * v_u for the kv_mul heads (out_h at out + h*hd) and
- * n values v_u at v + u*ldv: one run of values inside a cache block. */
-static void av_run(float *out, const float *a, int n_keys, int kv_mul, int hd, const float *v,
-                   size_t ldv, int n) {
-    for (int h = 0; h < kv_mul; h++) {
-        float *oh = out + (size_t)h * hd;
-        const float *ah = a + (size_t)h * n_keys;
-        int j0 = 0;
-#ifdef TF_AVX2
-        /* 64 columns at a time, then what is left in whole vectors. */
-        for (; j0 + 64 <= hd; j0 += 64)
-            av_cols(8, oh + j0, ah, v + j0, ldv, n);
-        switch ((hd - j0) / 8) {
-        case 7: av_cols(7, oh + j0, ah, v + j0, ldv, n); break;
-        case 6: av_cols(6, oh + j0, ah, v + j0, ldv, n); break;
-        case 5: av_cols(5, oh + j0, ah, v + j0, ldv, n); break;
-        case 4: av_cols(4, oh + j0, ah, v + j0, ldv, n); break;
-        case 3: av_cols(3, oh + j0, ah, v + j0, ldv, n); break;
-        case 2: av_cols(2, oh + j0, ah, v + j0, ldv, n); break;
-        case 1: av_cols(1, oh + j0, ah, v + j0, ldv, n); break;
-        default: break;
-        }
-        j0 += (hd - j0) / 8 * 8;
-#endif
-        for (int u = 0; u < n; u++) {
-            const float *vu = v + (size_t)u * ldv;
-            float w = ah[u];
-            for (int j = j0; j < hd; j++)
-                oh[j] += w * vu[j];
-        }
-    }
-}
 
 /* Attention of one query row for the query heads of KV heads g0 .. g0+att_group-1. Keys
  * are read from the cache where they sit; sink-policy keys are rotated at their cache

@@ -19,6 +19,7 @@
 
 #include "check.h"
 #include "half.h"
+#include "kernels.h"
 #include "matmul.h"
 #include "quant.h"
 #include "ref_forward.h"
@@ -222,6 +223,92 @@ static void test_dot(void) {
     fprintf(stderr, "dot kernels (engine: %s) agree with the double reference\n", kvr_vec_dot_kernel());
 }
 
+/* ---- every kernel variant this CPU runs ------------------------------------------------------ */
+
+/* Each variant (kernels.h) against the double reference, and its own batch independence:
+ * a value computed in a product of m activation rows and n weight rows, at any offset,
+ * equals the same value computed alone, bit for bit. Q8_0: every variant is the scalar
+ * reference bit for bit. Lengths cover whole vectors, a partial last chunk and both
+ * accumulators. */
+static void test_variants(void) {
+    enum { N = 37, M = 7 };
+    const int lens[] = {32, 64, 96, 160, 768 + 32};
+    for (int isa = KVR_ISA_SCALAR; isa <= KVR_ISA_AVX512; isa++) {
+        const struct kvr_kernels *K = kvr_kernels_get((enum kvr_isa)isa);
+        if (!K) {
+            fprintf(stderr, "variant %s: this CPU lacks it (has: %s), not tested here\n",
+                    kvr_isa_name((enum kvr_isa)isa), kvr_cpu_features());
+            continue;
+        }
+        for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+            enum kvr_dtype t = all_types[ti];
+            for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+                int k = lens[li];
+                float *w = malloc((size_t)N * k * sizeof *w), *x = malloc((size_t)M * k * sizeof *x);
+                float *wr = malloc((size_t)k * sizeof *wr), *xr = malloc((size_t)k * sizeof *xr);
+                float *y = malloc((size_t)M * N * sizeof *y), one;
+                double *ref = malloc((size_t)M * N * sizeof *ref);
+                REQUIRE(w && x && wr && xr && y && ref);
+                for (int i = 0; i < N * k; i++)
+                    w[i] = frand(0.05f);
+                for (int i = 0; i < M * k; i++)
+                    x[i] = frand(1.0f);
+                void *wbuf;
+                struct kvr_tensor wt = make_weight(t, w, N, k, &wbuf);
+                size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(t), k);
+                char *xc = malloc(xs * M);
+                REQUIRE(xc);
+                for (int i = 0; i < M; i++)
+                    kvr_act_convert_row(t, x + (size_t)i * k, xc + (size_t)i * xs, k);
+                for (int i = 0; i < M; i++) {
+                    rounded_act(t, x + (size_t)i * k, k, xr);
+                    for (int j = 0; j < N; j++) {
+                        ref_dequant_row(&wt, j, wr);
+                        double d = 0;
+                        for (int q = 0; q < k; q++)
+                            d += (double)wr[q] * (double)xr[q];
+                        ref[(size_t)i * N + j] = d;
+                    }
+                }
+                K->rows(t, y, N, wt.data, wt.row_nbytes, N, xc, xs, M, k, 0.0f);
+                double e = nmse(ref, y, M * N);
+                if (!(e < 1e-11))
+                    fprintf(stderr, "  %s %s k=%d: nmse %.3g\n", K->name, kvr_dtype_name(t), k, e);
+                CHECK(e < 1e-11);
+                int same = 1, same_ref = 1;
+                for (int i = 0; i < M; i++)
+                    for (int j = 0; j < N; j++) {
+                        const char *wrow = (const char *)wt.data + (size_t)j * wt.row_nbytes;
+                        K->rows(t, &one, 1, wrow, 0, 1, xc + (size_t)i * xs, 0, 1, k, 0.0f);
+                        same &= memcmp(&one, &y[(size_t)i * N + j], sizeof one) == 0;
+                        if (t == KVR_DTYPE_Q8_0)
+                            same_ref &= one == kvr_vec_dot_ref(t, wrow, xc + (size_t)i * xs, k);
+                    }
+                if (!same || !same_ref)
+                    fprintf(stderr, "  %s %s k=%d: batch-independent %d, equal to the reference %d\n",
+                            K->name, kvr_dtype_name(t), k, same, same_ref);
+                CHECK(same);
+                CHECK(same_ref);
+                /* An odd slice of rows and columns, with beta: the same values again. */
+                float *y2 = malloc((size_t)M * N * sizeof *y2);
+                REQUIRE(y2);
+                for (int i = 0; i < M * N; i++)
+                    y2[i] = 1.0f;
+                K->rows(t, y2 + N + 3, N, (const char *)wt.data + 3 * wt.row_nbytes, wt.row_nbytes, N - 3,
+                        xc + xs, xs, M - 1, k, 1.0f);
+                int beta_ok = 1;
+                for (int i = 1; i < M; i++)
+                    for (int j = 3; j < N; j++)
+                        beta_ok &= y2[(size_t)i * N + j] == y[(size_t)i * N + j] + 1.0f * 1.0f;
+                CHECK(beta_ok);
+                free(y2);
+                free(w), free(x), free(wr), free(xr), free(y), free(ref), free(xc), free(wbuf);
+            }
+        }
+        fprintf(stderr, "variant %s: all types agree with the double reference, batch-independent\n", K->name);
+    }
+}
+
 /* ---- products -------------------------------------------------------------------------------- */
 
 /* y (m, n) = rounded x . dequantized W^T + beta * y0, in double. */
@@ -377,6 +464,7 @@ int main(void) {
     REQUIRE(kvr_threadpool_create(2, &tp) == KVR_OK);
     test_q8_0_known();
     test_dot();
+    test_variants();
     test_rows();
     test_matmul(tp);
     kvr_threadpool_free(tp);

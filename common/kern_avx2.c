@@ -1,0 +1,183 @@
+/* kern_avx2.c - the AVX2 + FMA + F16C kernel variant (kernels.h), built with those
+ * target flags only (CMake sets them on this file), run where the CPU has them.
+ *
+ * Products over F32, F16 and BF16 weights, per value: k cut into chunks of 8; chunk c is
+ * multiplied (both operands widened to f32, exactly) and added by FMA into accumulator
+ * c % 2; the two accumulators are added, summed horizontally, and the last k % 8 products
+ * added one at a time. Every tile shape below does exactly that per value, so results
+ * do not depend on the batch. Q8_0: integer block sums, then the reference's float
+ * operations in its order (bit for bit the scalar reference). */
+#include "kernels.h"
+
+#include <stdint.h>
+
+#include "half.h"
+#include "kern_ops.inc"
+
+#ifndef KO_SIMD
+#error "kern_avx2.c needs -mavx2 -mfma -mf16c"
+#endif
+
+static inline __attribute__((always_inline)) __m256 ld8(enum kvr_dtype t, const char *p, int i) {
+    if (t == KVR_DTYPE_F32)
+        return _mm256_loadu_ps((const float *)(const void *)p + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)(const void *)((const uint16_t *)(const void *)p + i));
+    if (t == KVR_DTYPE_F16)
+        return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) float ld1(enum kvr_dtype t, const char *p, int i) {
+    if (t == KVR_DTYPE_F32)
+        return ((const float *)(const void *)p)[i];
+    uint16_t h;
+    memcpy(&h, p + 2 * (size_t)i, 2);
+    return t == KVR_DTYPE_F16 ? kvr_f16_to_f32(h) : kvr_bf16_to_f32(h);
+}
+
+/* y[q][j] for q < RM activation rows, j < RN weight rows. RM, RN literals. */
+static inline __attribute__((always_inline)) void
+rtile(enum kvr_dtype t, enum kvr_dtype tx, int RM, int RN, float *y, size_t ldy, const char *w, size_t ws,
+      const char *x, size_t xs, int k, float beta) {
+    __m256 acc[2][2][2];
+    for (int q = 0; q < RM; q++)
+        for (int j = 0; j < RN; j++)
+            acc[q][j][0] = acc[q][j][1] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= k; i += 16) {
+        __m256 w0[2], w1[2];
+        for (int j = 0; j < RN; j++) {
+            w0[j] = ld8(t, w + (size_t)j * ws, i);
+            w1[j] = ld8(t, w + (size_t)j * ws, i + 8);
+        }
+        for (int q = 0; q < RM; q++) {
+            __m256 x0 = ld8(tx, x + (size_t)q * xs, i), x1 = ld8(tx, x + (size_t)q * xs, i + 8);
+            for (int j = 0; j < RN; j++) {
+                acc[q][j][0] = _mm256_fmadd_ps(x0, w0[j], acc[q][j][0]);
+                acc[q][j][1] = _mm256_fmadd_ps(x1, w1[j], acc[q][j][1]);
+            }
+        }
+    }
+    if (i + 8 <= k) { /* chunk i / 8 is even */
+        for (int j = 0; j < RN; j++) {
+            __m256 wv = ld8(t, w + (size_t)j * ws, i);
+            for (int q = 0; q < RM; q++)
+                acc[q][j][0] = _mm256_fmadd_ps(ld8(tx, x + (size_t)q * xs, i), wv, acc[q][j][0]);
+        }
+        i += 8;
+    }
+    for (int q = 0; q < RM; q++) {
+        for (int j = 0; j < RN; j++) {
+            float s = hsum8(_mm256_add_ps(acc[q][j][0], acc[q][j][1]));
+            for (int u = i; u < k; u++)
+                s += ld1(t, w + (size_t)j * ws, u) * ld1(tx, x + (size_t)q * xs, u);
+            float *yq = y + (size_t)q * ldy + j;
+            *yq = beta != 0.0f ? s + beta * *yq : s;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+rows_t(enum kvr_dtype t, enum kvr_dtype tx, float *y, size_t ldy, const char *w, size_t ws, int n, const char *x,
+       size_t xs, int m, int k, float beta) {
+    int j = 0;
+    for (; j + 2 <= n; j += 2) {
+        const char *wj = w + (size_t)j * ws;
+        int i = 0;
+        for (; i + 2 <= m; i += 2)
+            rtile(t, tx, 2, 2, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
+        if (i < m)
+            rtile(t, tx, 1, 2, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
+    }
+    if (j < n) {
+        const char *wj = w + (size_t)j * ws;
+        int i = 0;
+        for (; i + 2 <= m; i += 2)
+            rtile(t, tx, 2, 1, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
+        if (i < m)
+            rtile(t, tx, 1, 1, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
+    }
+}
+
+/* Integer block sums by madd of sign-extended 16-bit lanes; the float part as the
+ * reference (bit for bit). */
+static float dot_q8_0(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_0 *x, int n) {
+    float s = 0.0f;
+    for (int b = 0; b < n / KVR_QK8_0; b++) {
+        __m256i qw = _mm256_loadu_si256((const __m256i *)(const void *)w[b].qs);
+        __m256i qx = _mm256_loadu_si256((const __m256i *)(const void *)x[b].qs);
+        __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(qw)),
+                                       _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qx)));
+        __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(qw, 1)),
+                                       _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qx, 1)));
+        __m256i v = _mm256_add_epi32(lo, hi);
+        __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+        r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+        int32_t sumi = _mm_cvtsi128_si32(r);
+        s += (float)sumi * (kvr_f16_to_f32(w[b].d) * kvr_f16_to_f32(x[b].d));
+    }
+    return s;
+}
+
+/* F16 and BF16 activation rows widened to f32 once per call (exact, so the same bits as
+ * widening them chunk by chunk), XBUF floats at a time on the stack. */
+#define XBUF (16 * 1024)
+
+static void widen(enum kvr_dtype t, const char *x, float *o, int k) {
+    int i = 0;
+    for (; i + 8 <= k; i += 8)
+        _mm256_storeu_ps(o + i, ld8(t, x, i));
+    for (; i < k; i++)
+        o[i] = ld1(t, x, i);
+}
+
+static inline __attribute__((always_inline)) void
+rows_half(enum kvr_dtype t, float *y, size_t ldy, const char *w, size_t ws, int n, const char *x,
+          size_t xs, int m, int k, float beta) {
+    if (k > XBUF) {
+        rows_t(t, t, y, ldy, w, ws, n, x, xs, m, k, beta);
+        return;
+    }
+    _Alignas(32) float xf[XBUF];
+    int mb = XBUF / k;
+    for (int i0 = 0; i0 < m; i0 += mb) {
+        int mi = m - i0 < mb ? m - i0 : mb;
+        for (int i = 0; i < mi; i++)
+            widen(t, x + (size_t)(i0 + i) * xs, xf + (size_t)i * k, k);
+        rows_t(t, KVR_DTYPE_F32, y + (size_t)i0 * ldy, ldy, w, ws, n, (const char *)xf, (size_t)k * 4, mi, k, beta);
+    }
+}
+
+static void rows_avx2(enum kvr_dtype t, float *y, size_t ldy, const void *w, size_t ws, int n,
+                      const void *xc, size_t xs, int m, int k, float beta) {
+    const char *wc = w, *x = xc;
+    switch (t) {
+    case KVR_DTYPE_F32: rows_t(KVR_DTYPE_F32, KVR_DTYPE_F32, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
+    case KVR_DTYPE_F16: rows_half(KVR_DTYPE_F16, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
+    case KVR_DTYPE_BF16: rows_half(KVR_DTYPE_BF16, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
+    case KVR_DTYPE_Q8_0:
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                float d = dot_q8_0((const void *)(wc + (size_t)j * ws), (const void *)(x + (size_t)i * xs), k);
+                float *yij = y + (size_t)i * ldy + j;
+                *yij = beta != 0.0f ? d + beta * *yij : d;
+            }
+        return;
+    }
+}
+
+const struct kvr_kernels kvr_kernels_avx2 = {
+    .name = "avx2",
+    .isa = KVR_ISA_AVX2,
+    .rows = rows_avx2,
+    .f32_rows_max_m = 1,
+    .f32_small = small_m,
+    .vdot = vdot,
+    .exp_shift_sum = exp_shift_sum,
+    .swiglu = swiglu,
+    .qk_run = qk_run,
+    .av_run = av_run,
+    .prefetch_rows = prefetch_rows,
+    .sum_u64 = sum_u64,
+};
