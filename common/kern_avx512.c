@@ -191,6 +191,57 @@ static inline __m512 q8_16rows(const char *w, size_t ws, const struct kvr_block_
     return s;
 }
 
+/* The transposed sums of 16 rows' partial vectors: lane r = sum of p[r]'s 8 lanes. */
+static inline __m512i sum16(const __m256i p[16]) {
+    __m128i s0 = hsum4(p[0], p[1], p[2], p[3]), s1 = hsum4(p[4], p[5], p[6], p[7]);
+    __m128i s2 = hsum4(p[8], p[9], p[10], p[11]), s3 = hsum4(p[12], p[13], p[14], p[15]);
+    __m512i v = _mm512_inserti32x4(_mm512_castsi128_si512(s0), s1, 1);
+    v = _mm512_inserti32x4(v, s2, 2);
+    return _mm512_inserti32x4(v, s3, 3);
+}
+
+/* Many activation rows (prefill, big batches): per 16-row group, each block's 16 scales
+ * and 16 weight sums are found once; then per activation row a block costs one VNNI op
+ * per weight row: x + 128 (unsigned) times w, minus 128 * sum(w), is sum(x * w) exactly.
+ * The float operations are q8_16rows' (the reference's). Up to QNB blocks (k <= 8192). */
+#define QNB 256
+
+static void q8_16rows_many(float *y, size_t ldy, const char *w, size_t ws, const char *x, size_t xs,
+                           int m, int nb, __m512i offs, float beta) {
+    _Alignas(64) float dws[QNB][16];
+    _Alignas(64) int32_t wsum[QNB][16];
+    const __m256i ones = _mm256_set1_epi8(1), bias = _mm256_set1_epi8((char)0x80);
+    for (int b = 0; b < nb; b++) {
+        const char *wb = w + (size_t)b * sizeof(struct kvr_block_q8_0) + 2;
+        __m256i p[16];
+        for (int r = 0; r < 16; r++)
+            p[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones,
+                                       _mm256_loadu_si256((const __m256i *)(const void *)(wb + (size_t)r * ws)));
+        _mm512_store_si512((void *)wsum[b], _mm512_slli_epi32(sum16(p), 7));
+        __m512i dwi = _mm512_i32gather_epi32(offs, (const void *)(wb - 2), 1);
+        _mm512_store_ps(dws[b], _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dwi)));
+    }
+    for (int i = 0; i < m; i++) {
+        const struct kvr_block_q8_0 *xb = (const void *)(x + (size_t)i * xs);
+        __m512 s = _mm512_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m256i xu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(const void *)xb[b].qs), bias);
+            const char *wb = w + (size_t)b * sizeof(struct kvr_block_q8_0) + 2;
+            __m256i p[16];
+            for (int r = 0; r < 16; r++)
+                p[r] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), xu,
+                                           _mm256_loadu_si256((const __m256i *)(const void *)(wb + (size_t)r * ws)));
+            __m512i sumi = _mm512_sub_epi32(sum16(p), _mm512_load_si512((const void *)wsum[b]));
+            __m512 prod = _mm512_mul_ps(_mm512_load_ps(dws[b]), _mm512_set1_ps(kvr_f16_to_f32(xb[b].d)));
+            s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(sumi), prod));
+        }
+        float *yi = y + (size_t)i * ldy;
+        if (beta != 0.0f)
+            s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_loadu_ps(yi)));
+        _mm512_storeu_ps(yi, s);
+    }
+}
+
 static void rows_q8_0(float *y, size_t ldy, const char *w, size_t ws, int n, const char *x,
                       size_t xs, int m, int k, float beta) {
     int nb = k / KVR_QK8_0, j = 0;
@@ -203,6 +254,10 @@ static void rows_q8_0(float *y, size_t ldy, const char *w, size_t ws, int n, con
         for (; j + 16 <= n; j += 16) {
             const char *wj = w + (size_t)j * ws;
             const char *pf = j + 32 <= n ? wj + 16 * ws : NULL;
+            if (m >= 4 && nb <= QNB) {
+                q8_16rows_many(y + j, ldy, wj, ws, x, xs, m, nb, offs, beta);
+                continue;
+            }
             for (int i = 0; i < m; i++) {
                 __m512 s = q8_16rows(wj, ws, (const void *)(x + (size_t)i * xs), nb, offs,
                                      i == 0 ? pf : NULL, pf_step);
