@@ -6,8 +6,8 @@
  * one masked); chunk c is widened to f32 (exactly) and added by FMA into accumulator
  * c % 2; the two accumulators are added and summed horizontally. Every tile shape does
  * exactly that per value, so results do not depend on the batch. A single activation row
- * (batch-1 decode) streams each weight row sequentially, two rows side by side, with a
- * software prefetch running ahead of the loads.
+ * (batch-1 decode) streams the weight rows one after the other, with a software
+ * prefetch running ahead of the loads.
  *
  * Q8_0: 16 weight rows at a time; per 32-value block, VNNI dot products of |x| with the
  * weights signed by x give each row's exact integer sum, and the reference's float
@@ -99,11 +99,10 @@ rows_t(enum kvr_dtype t, enum kvr_dtype tx, float *y, size_t ldy, const char *w,
        size_t xs, int m, int k, float beta) {
     int j = 0;
     if (m == 1) {
-        /* Batch 1: two weight rows side by side (adjacent in memory: one stream), four
-         * FMA chains, the prefetch running ahead. */
-        for (; j + 2 <= n; j += 2)
-            rtile(t, tx, 1, 2, 1, y + j, ldy, w + (size_t)j * ws, ws, x, xs, k, beta);
-        if (j < n)
+        /* Batch 1: one weight row at a time, so each thread reads one sequential stream
+         * (measured faster than two rows side by side), two FMA chains, the prefetch
+         * running ahead into the next row. */
+        for (; j < n; j++)
             rtile(t, tx, 1, 1, 1, y + j, ldy, w + (size_t)j * ws, ws, x, xs, k, beta);
         return;
     }

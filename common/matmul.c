@@ -105,13 +105,18 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
                 wf + (size_t)n0 * (size_t)k, k, beta, y + n0, ldy);
 }
 
-int kvr_matmul_chunk(int m, int n, int k, int n_threads) {
+int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     int c;
     if (m <= KVR_MATMUL_SMALL_M) {
-        /* About 64 KiB of weights per task, whole 16-row panels: small enough that threads
-         * stay balanced when another process takes a core for a while, big enough that
-         * the claim is free. */
-        c = (int)((64L * 1024) / ((long)k * (long)sizeof(float)));
+        /* About 256 KiB of weights per task (in the weights' own type), at least 4 tasks
+         * per thread, whole 16-row groups: long sequential streams (every task start is
+         * a cold stream for the prefetchers; 64 KiB tasks cost Q8_0 decode a third of
+         * its speed), still enough tasks that threads stay balanced when another process
+         * takes a core for a while. */
+        c = (int)((256L * 1024) / (long)row_nbytes);
+        int per = (n + 4 * n_threads - 1) / (4 * n_threads);
+        if (c > per)
+            c = per;
         c = (c + 15) & ~15;
         if (c < 16)
             c = 16;
@@ -174,7 +179,7 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
                 slot_used[slot] = 1;
             kvr_matmul_act_prepare(ws, slot, op->x, op->m, k, op->w->type, &j.act[o]);
         }
-        j.chunk[o] = kvr_matmul_chunk(op->m, n, k, nt);
+        j.chunk[o] = kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
         j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
         work += (long)op->m * n * k;
     }

@@ -96,7 +96,8 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
 void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
                       const struct kvr_tensor *w, int n0, int n1, float beta);
 
-/* Output features per slice that kvr_matmul uses for this shape on n_threads threads. */
-int kvr_matmul_chunk(int m, int n, int k, int n_threads);
+/* Output features per slice that kvr_matmul uses for m activation rows and n weight rows
+ * of row_nbytes bytes each on n_threads threads. */
+int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads);
 
 #endif /* KVR_MATMUL_H */

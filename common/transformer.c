@@ -359,7 +359,7 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
     else
         kvr_matmul_act_prepare(e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type, &j.a3);
     /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
-    j.chunk = kvr_matmul_chunk(T, hid, e->c->dim, e->n_threads);
+    j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
     if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
         j.chunk = ((j.chunk / 2) + 15) & ~15;
     long work = 2L * T * hid * e->c->dim;

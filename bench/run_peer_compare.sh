@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# run_peer_compare.sh - kvrelay against llama.cpp and llama2.c on the same weights, in the
+# same run, interleaved (issue 13's evidence). Never a dependency of the product: the
+# peers are used only when their binaries are present (built from their own sources
+# outside the repo, e.g. under /work/peers; see docs/PERFORMANCE.md), and each missing
+# one is named and skipped.
+#
+# What runs, per round and per weight type (f32 f16 bf16 q8_0 by default), in turn:
+#   kvrelay bench engine --json    prefill 128/512, decode at batch 1/8/32 (context 128),
+#                                  and this run's read-bandwidth and sgemm ceilings
+#   llama-bench                    pp512 and tg64 (llama.cpp's own prompt / generation test)
+#   llama-batched-bench            decode of 1 and 32 parallel sequences after 128-token prompts
+#   llama2.c run (OpenMP build)    256 tokens, f32 only (its own format, the same weights)
+# then a table of medians over the rounds with the ratios, and kvrelay's batch-1 decode as
+# a fraction of the bandwidth ceiling measured in the same round.
+#
+# Weights: the 110M shape from `kvrelay synth-model` (llama2.c format, what llama2.c
+# reads), converted to GGUF by llama.cpp's convert-llama2c-to-ggml and quantized by
+# llama-quantize, so all three read the same numbers. TINYLLAMA=1 adds the TinyLlama
+# 1.1B shape (GQA 32/4; 4.4 GB at f32, slow).
+#
+# Environment: KVR (kvrelay binary, default build/bin/kvrelay), PEERS (/work/peers),
+# MODELS (/tmp/kvrelay-bench-models), OUT (/tmp/kvrelay-peer-compare), ROUNDS (2),
+# TYPES ("f32 f16 bf16 q8_0"), THREADS (2), TINYLLAMA (0).
+# Run it alone on the machine (e.g. `flock -x /tmp/kvr-cpu.lock bench/run_peer_compare.sh`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KVR=${KVR:-build/bin/kvrelay}
+PEERS=${PEERS:-/work/peers}
+MODELS=${MODELS:-/tmp/kvrelay-bench-models}
+OUT=${OUT:-/tmp/kvrelay-peer-compare}
+ROUNDS=${ROUNDS:-2}
+TYPES=${TYPES:-"f32 f16 bf16 q8_0"}
+THREADS=${THREADS:-2}
+TINYLLAMA=${TINYLLAMA:-0}
+SHARED=$(cd .. && pwd)/shared
+TOKENIZER=$SHARED/models/llama2_tokenizer.bin
+LCPP=$PEERS/llama.cpp/build/bin
+L2C=$PEERS/llama2.c
+
+[ -x "$KVR" ] || { echo "run_peer_compare: no kvrelay binary at $KVR (scripts/build.sh)" >&2; exit 1; }
+mkdir -p "$MODELS/gguf" "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.jsonl "$OUT"/*.txt
+
+have_lcpp=1; have_l2c=1
+for b in llama-bench llama-batched-bench llama-convert-llama2c-to-ggml llama-quantize; do
+    [ -x "$LCPP/$b" ] || { echo "run_peer_compare: $LCPP/$b missing: llama.cpp skipped" >&2; have_lcpp=0; }
+done
+[ -x "$L2C/runomp" ] || { echo "run_peer_compare: $L2C/runomp missing (gcc -Ofast -fopenmp -march=native run.c -lm -o runomp): llama2.c skipped" >&2; have_l2c=0; }
+
+# shape name -> synth-model arguments
+declare -A SHAPE=(
+    [110m]="--dim 768 --hidden 2048 --layers 12 --heads 12 --vocab 32000 --seq-len 1024"
+    [1.1b]="--dim 2048 --hidden 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 --seq-len 2048 --shared-classifier 0"
+)
+declare -A FILE=([110m]=synth-110m.bin [1.1b]=synth-tinyllama-1.1b.bin)
+shapes="110m"
+[ "$TINYLLAMA" = 1 ] && shapes="110m 1.1b"
+
+for s in $shapes; do
+    bin=$MODELS/${FILE[$s]}
+    [ -f "$bin" ] || "$KVR" synth-model --out "$bin" ${SHAPE[$s]}
+    if [ $have_lcpp = 1 ]; then
+        g=$MODELS/gguf/$s-f32.gguf
+        [ -f "$g" ] || "$LCPP/llama-convert-llama2c-to-ggml" --copy-vocab-from-model "$TOKENIZER" \
+            --llama2c-model "$bin" --llama2c-output-model "$g" > "$OUT/convert-$s.log" 2>&1
+        for t in $TYPES; do
+            [ "$t" = f32 ] && continue
+            q=$MODELS/gguf/$s-$t.gguf
+            [ -f "$q" ] || "$LCPP/llama-quantize" "$g" "$q" "$(echo "$t" | tr a-z A-Z)" "$THREADS" > "$OUT/quantize-$s-$t.log" 2>&1
+        done
+    fi
+done
+
+for r in $(seq 1 "$ROUNDS"); do
+    for s in $shapes; do
+        for t in $TYPES; do
+            g=$MODELS/gguf/$s-$t.gguf
+            [ -f "$g" ] || { echo "run_peer_compare: $g missing (needs llama.cpp to convert): skipped" >&2; continue; }
+            ctx=$([ "$s" = 110m ] && echo 1024 || echo 2048)
+            echo "round $r: $s $t: kvrelay" >&2
+            "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 1 \
+                --threads "$THREADS" --json > "$OUT/kvr-$s-$t-$r.json"
+            if [ $have_lcpp = 1 ]; then
+                echo "round $r: $s $t: llama-bench" >&2
+                "$LCPP/llama-bench" -m "$g" -p 512 -n 64 -t "$THREADS" -r 2 -o json \
+                    > "$OUT/lb-$s-$t-$r.json" 2> "$OUT/lb-$s-$t-$r.err"
+                echo "round $r: $s $t: llama-batched-bench" >&2
+                "$LCPP/llama-batched-bench" -m "$g" -c 8192 -b 2048 -ub 512 -npp 128 -ntg 32 -npl 1,32 \
+                    -t "$THREADS" --output-format jsonl > "$OUT/bb-$s-$t-$r.jsonl" 2> "$OUT/bb-$s-$t-$r.err"
+            fi
+            if [ $have_l2c = 1 ] && [ "$t" = f32 ]; then
+                echo "round $r: $s $t: llama2.c" >&2
+                OMP_NUM_THREADS=$THREADS "$L2C/runomp" "$MODELS/${FILE[$s]}" -z "$TOKENIZER" -t 0 -n 256 \
+                    -i "Once upon a time" > "$OUT/l2c-$s-$r.txt" 2>&1 || true
+            fi
+        done
+    done
+done
+
+python3 - "$OUT" <<'EOF'
+import glob, json, os, re, statistics, sys
+out = sys.argv[1]
+def med(v): return statistics.median(v) if v else None
+rows = {}
+def add(key, val):
+    if val is not None: rows.setdefault(key, []).append(val)
+bw_all = []
+for f in sorted(glob.glob(os.path.join(out, "kvr-*.json"))):
+    s, t, r = re.match(r".*/kvr-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    j = json.load(open(f))
+    bw_all.append(j["bw_gbs"])
+    add((s, t, "kernel"), j.get("kernel"))
+    for x in j["results"]:
+        if x["phase"] == "prefill" and x["prompt_len"] == 512: add((s, t, "kvr_pp512"), x["prefill_tok_s"])
+        if x["phase"] == "decode":
+            add((s, t, "kvr_tg_b%d" % x["batch"]), x["decode_tok_s"])
+            if x["batch"] == 1: add((s, t, "kvr_bw_frac"), x["decode_bw_fraction"])
+    add((s, t, "bw"), j["bw_gbs"])
+for f in sorted(glob.glob(os.path.join(out, "lb-*.json"))):
+    s, t, r = re.match(r".*/lb-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    try: j = json.load(open(f))
+    except Exception: continue
+    for x in j:
+        if x.get("n_prompt") == 512 and x.get("n_gen") == 0: add((s, t, "lcpp_pp512"), x["avg_ts"])
+        if x.get("n_gen") == 64 and x.get("n_prompt") == 0: add((s, t, "lcpp_tg"), x["avg_ts"])
+for f in sorted(glob.glob(os.path.join(out, "bb-*.jsonl"))):
+    s, t, r = re.match(r".*/bb-(.+?)-(.+)-(\d+)\.jsonl$", f).groups()
+    for line in open(f):
+        line = line.strip()
+        if not line.startswith("{"): continue
+        x = json.loads(line)
+        if "speed_tg" in x: add((s, t, "lcpp_bb_b%d" % x["pl"]), x["speed_tg"])
+for f in sorted(glob.glob(os.path.join(out, "l2c-*.txt"))):
+    s, r = re.match(r".*/l2c-(.+?)-(\d+)\.txt$", f).groups()
+    m = re.search(r"achieved tok/s: ([0-9.]+)", open(f).read())
+    if m: add((s, "f32", "l2c_tg"), float(m.group(1)))
+def g(s, t, k):
+    v = rows.get((s, t, k))
+    if not v: return None
+    return v[0] if isinstance(v[0], str) else med(v)
+def fmt(v, d=1): return "-" if v is None else ("%.*f" % (d, v))
+def ratio(a, b): return None if a is None or b is None or b == 0 else a / b
+print("# kvrelay vs llama.cpp vs llama2.c, medians of %d round(s); read-bandwidth ceiling per round: %s GB/s"
+      % (max(1, len(bw_all) // max(1, len({(k[0], k[1]) for k in rows}))), ", ".join("%.1f" % b for b in bw_all)))
+print("| shape | type | kernel | kvr tg B=1 | llama.cpp tg | llama2.c tg | vs llama.cpp | vs llama2.c | ceiling fraction | kvr pp512 | llama.cpp pp512 | pp ratio | kvr B=32 | llama.cpp B=32 | B=32 ratio |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+for (s, t) in sorted({(k[0], k[1]) for k in rows}):
+    kt, lt, ct = g(s, t, "kvr_tg_b1"), g(s, t, "lcpp_tg"), g(s, t, "l2c_tg")
+    kp, lp = g(s, t, "kvr_pp512"), g(s, t, "lcpp_pp512")
+    k32, l32 = g(s, t, "kvr_tg_b32"), g(s, t, "lcpp_bb_b32")
+    fr = g(s, t, "kvr_bw_frac")
+    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        s, t, g(s, t, "kernel") or "-", fmt(kt), fmt(lt), fmt(ct), fmt(ratio(kt, lt), 2), fmt(ratio(kt, ct), 2),
+        "-" if fr is None else "%.0f%%" % (100 * fr), fmt(kp), fmt(lp), fmt(ratio(kp, lp), 2),
+        fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
+EOF
