@@ -38,6 +38,7 @@ struct up_cfg {
     int prefill;
     int decode;
     int port;
+    int http_port;
     const char *host;
     uint64_t kv_memory;
     int colocated;
@@ -70,6 +71,7 @@ static const struct kvr_opt up_opts[] = {
     {"prefill", KVR_OPT_INT, offsetof(struct up_cfg, prefill), "1", 0, 256, NULL, 0, "prefill nodes (0 needs --colocated)"},
     {"decode", KVR_OPT_INT, offsetof(struct up_cfg, decode), "1", 1, 256, NULL, 0, "decode nodes"},
     {"port", KVR_OPT_INT, offsetof(struct up_cfg, port), "50051", 1, 65535, NULL, 0, "gRPC port of the coordinator"},
+    {"http-port", KVR_OPT_INT, offsetof(struct up_cfg, http_port), "8000", 0, 65535, NULL, 0, "HTTP port of the coordinator (OpenAI API, /health, /metrics) on --host; 0: no HTTP"},
     {"host", KVR_OPT_STRING, offsetof(struct up_cfg, host), "127.0.0.1", 0, -1, NULL, 0, "address the coordinator listens on (0.0.0.0: every interface), prints and checks health on"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct up_cfg, kv_memory), "256MiB", 1, -1, NULL, 0, "KV block pool of each decode node"},
     {"colocated", KVR_OPT_FLAG, offsetof(struct up_cfg, colocated), "0", 0, -1, NULL, 0, "decode nodes also prefill (no KV transfer; needs --prefill 0)"},
@@ -387,6 +389,14 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     arg(a, "--listen");
     arg(a, listen);
+    arg(a, "--http-listen");
+    if (cfg.http_port > 0 && a->n_strs < 64 && strlen(cfg.host) < 48) {
+        char *hl = a->strs[a->n_strs++];
+        snprintf(hl, sizeof a->strs[0], "%s:%d", cfg.host, cfg.http_port);
+        arg(a, hl);
+    } else {
+        arg(a, "off");
+    }
     arg(a, "--queue-timeout");
     arg(a, fmt_s(a, cfg.queue_timeout));
     arg(a, "--node-timeout");
@@ -515,8 +525,11 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     if (!sig && !exited) {
         ready = 1;
-        printf("kvrelay up: ready at %s (%d prefill, %d decode%s) in %.1f s; Ctrl-C stops it\n", addr, cfg.prefill,
-               cfg.decode, cfg.colocated ? ", colocated" : "", kvr_clock_now() - t0);
+        char http[96] = "";
+        if (cfg.http_port > 0)
+            snprintf(http, sizeof http, ", HTTP at http://%s:%d", cfg.host, cfg.http_port);
+        printf("kvrelay up: ready at %s%s (%d prefill, %d decode%s) in %.1f s; Ctrl-C stops it\n", addr, http,
+               cfg.prefill, cfg.decode, cfg.colocated ? ", colocated" : "", kvr_clock_now() - t0);
         fflush(stdout);
         kvr_client_free(client);
         client = NULL;

@@ -28,6 +28,7 @@
 #include "grpc_codes.h"
 #include "kvrelay.pb-c.h"
 #include "log.h"
+#include "metrics.h"
 #include "request.h"
 #include "status.h"
 
@@ -104,6 +105,8 @@ enum rpc_method {
     RPC_GENERATE,
     RPC_CLUSTER_STATUS,
     RPC_HEALTH,
+    RPC_HEALTH_CHECK, /* grpc.health.v1 */
+    RPC_HEALTH_WATCH,
 };
 
 static const struct {
@@ -113,6 +116,8 @@ static const struct {
     {"/kvrelay.v1.Inference/Generate", RPC_GENERATE},
     {"/kvrelay.v1.Inference/ClusterStatus", RPC_CLUSTER_STATUS},
     {"/kvrelay.v1.Inference/Health", RPC_HEALTH},
+    {"/grpc.health.v1.Health/Check", RPC_HEALTH_CHECK},
+    {"/grpc.health.v1.Health/Watch", RPC_HEALTH_WATCH},
 };
 
 enum tag_kind {
@@ -131,8 +136,10 @@ struct tag {
     struct rpc_call *call; /* NULL for server tags */
 };
 
-/* What the router holds: a handle to the call it streams to. */
+/* What the router holds: a handle to the call it streams to (behind the head that
+ * coord_front_ops forwards through). */
 struct coord_stream {
+    struct coord_stream_head head; /* first: coord_front_ops casts to it */
     struct rpc_call *call;
 };
 
@@ -176,6 +183,10 @@ struct rpc_call {
     enum coord_finish fin_reason;
     struct coord_usage fin_usage;
     char fin_msg[KVR_GRPC_MSG_LEN];
+
+    /* grpc.health.v1 Watch only (CQ thread). */
+    int watch_sent;              /* the last status sent (0: none yet) */
+    struct rpc_call *watch_next; /* in g->watchers while the call is open */
 };
 
 struct coord_grpc {
@@ -207,6 +218,9 @@ struct coord_grpc {
     pthread_mutex_t mu; /* guards shutdown_seen */
     pthread_cond_t cv;
     int shutdown_seen;
+
+    struct coord_metrics *metrics; /* borrowed; NULL: nothing counted */
+    struct rpc_call *watchers;     /* open grpc.health.v1 Watch calls (CQ thread only) */
 };
 
 /* protobuf-c string fields are char * even when only read (packing). */
@@ -682,6 +696,7 @@ static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) 
     coord_limits_deinit(&lim);
     kvrelay__v1__generate_request__free_unpacked(pb, NULL);
     if (rc != KVR_OK) {
+        coord_metrics_reject(g->metrics, coord_reject_from_status(rc));
         pthread_mutex_lock(&c->mu);
         call_finish(c, NULL, (grpc_status_code)coord_grpc_code_from_status(rc),
                     err[0] ? err : kvr_status_str(rc));
@@ -694,6 +709,9 @@ static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) 
     req.t_arrival = c->t_arrival;
     req.t_deadline = c->t_deadline;
     req.stream = &c->stream;
+    c->stream.head.ops = &coord_grpc_stream_ops;
+    c->stream.head.metrics = g->metrics;
+    c->stream.head.t_arrival = c->t_arrival;
     c->prev_token = req.tokens[req.n_tokens - 1];
     c->prompt_text = render_prompt(g->tok, req.tokens, req.n_tokens);
     c->q_cap = (req.max_tokens < 256 ? req.max_tokens : 256) + 1;
@@ -720,6 +738,7 @@ static void generate_start(struct rpc_call *c, const uint8_t *data, size_t len) 
     pthread_mutex_lock(&c->mu);
     if (rc != KVR_OK) {
         c->router_holds = 0;
+        coord_metrics_reject(g->metrics, coord_reject_from_status(rc));
         call_finish(c, NULL, (grpc_status_code)coord_grpc_code_from_status(rc),
                     rc == KVR_EFULL      ? "the admission queue is full; retry later"
                     : rc == KVR_EUNAVAIL ? "the cluster is not serving (no nodes, or shutting down)"
@@ -780,35 +799,16 @@ static void cluster_status_reply(struct rpc_call *c) {
     free(ptrs);
 }
 
-/* Serving means a Generate can be placed now: the server is not stopping and at least one
- * live node can prefill and one can decode (a role other than "prefill"/"decode", such as
- * a colocated node, counts as both). */
+/* Serving means a Generate can be placed now (coord_cluster_serving, which /health and
+ * grpc.health.v1 use too). */
 static void health_reply(struct rpc_call *c) {
     struct coord_cluster_status st;
     grpc_byte_buffer *bb = NULL;
     if (coord_router_status(c->g->router, &st) == KVR_OK) {
-        int n_pre = 0, n_dec = 0, n_dead = 0;
-        for (int i = 0; i < st.n_nodes; i++) {
-            const struct coord_node_status *ns = &st.nodes[i];
-            if (!ns->alive) {
-                n_dead++;
-                continue;
-            }
-            int pre = strncmp(ns->role, "decode", sizeof ns->role) != 0;
-            int dec = strncmp(ns->role, "prefill", sizeof ns->role) != 0;
-            n_pre += pre;
-            n_dec += dec;
-        }
-        int stopping = atomic_load(&c->g->stopping);
         char detail[KVR_GRPC_MSG_LEN];
-        snprintf(detail, sizeof detail,
-                 "%s%d prefill and %d decode nodes alive, %d down; %d waiting, "
-                 "%d running requests",
-                 stopping ? "stopping; " : "", n_pre, n_dec, n_dead, st.waiting_requests,
-                 st.running_requests);
         Kvrelay__V1__HealthResponse r;
         kvrelay__v1__health_response__init(&r);
-        r.serving = !stopping && n_pre > 0 && n_dec > 0;
+        r.serving = coord_cluster_serving(&st, atomic_load(&c->g->stopping), detail, sizeof detail);
         r.detail = detail;
         bb = pack_message(&r.base);
     }
@@ -816,6 +816,104 @@ static void health_reply(struct rpc_call *c) {
     call_finish_reply(c, bb);
     pthread_mutex_unlock(&c->mu);
     coord_cluster_status_deinit(&st);
+}
+
+/* ---------------------------------------------------------------------------------------
+ * grpc.health.v1.Health (CQ thread): the standard service Kubernetes' gRPC probes call.
+ * The messages are one field each, so they are read and written by hand:
+ * HealthCheckRequest {string service = 1}, HealthCheckResponse {ServingStatus status = 1}.
+ * ------------------------------------------------------------------------------------- */
+
+enum { HEALTH_SERVING = 1, HEALTH_NOT_SERVING = 2, HEALTH_SERVICE_UNKNOWN = 3 };
+
+/* SERVING exactly when the custom Health RPC says serving (coord_cluster_serving). */
+static int health_v1_status(struct coord_grpc *g) {
+    struct coord_cluster_status st;
+    if (coord_router_status(g->router, &st) != KVR_OK)
+        return HEALTH_NOT_SERVING;
+    char why[KVR_GRPC_MSG_LEN];
+    int serving = coord_cluster_serving(&st, atomic_load(&g->stopping), why, sizeof why);
+    coord_cluster_status_deinit(&st);
+    return serving ? HEALTH_SERVING : HEALTH_NOT_SERVING;
+}
+
+static grpc_byte_buffer *health_v1_message(int status) {
+    char b[2] = {0x08, (char)status};
+    grpc_slice slice = grpc_slice_from_copied_buffer(b, sizeof b);
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    return bb;
+}
+
+/* "" is the server as a whole; kvrelay.v1.Inference is the one service it has. */
+static int health_v1_known(const uint8_t *data, size_t len) {
+    const uint8_t *svc;
+    size_t n;
+    pb_last_bytes(data, len, 1, &svc, &n);
+    static const char inference[] = "kvrelay.v1.Inference";
+    return n == 0 || (n == sizeof inference - 1 && !memcmp(svc, inference, n));
+}
+
+/* With c->mu held: sends the current status on a Watch call if it changed and no send is
+ * in flight (called at the start, after each send and on the CQ thread's periodic turn). */
+static void health_watch_pump(struct rpc_call *c, int status) {
+    if (!c->call || c->closed || c->status_sent || c->send_busy || status == c->watch_sent)
+        return;
+    grpc_byte_buffer *bb = health_v1_message(status);
+    grpc_op ops[2];
+    size_t n = 0;
+    add_initial_md(c, ops, &n);
+    grpc_op *op = &ops[n++];
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_SEND_MESSAGE;
+    op->data.send_message.send_message = bb;
+    if (!call_start(c, ops, n, &c->t_send)) {
+        grpc_byte_buffer_destroy(bb);
+        grpc_call_cancel(c->call, NULL);
+        return;
+    }
+    c->md_sent = c->send_busy = 1;
+    c->send_bb = bb;
+    c->watch_sent = status;
+}
+
+static void health_v1_start(struct rpc_call *c, const uint8_t *data, size_t len) {
+    struct coord_grpc *g = c->g;
+    int known = health_v1_known(data, len);
+    if (c->method == RPC_HEALTH_CHECK) {
+        pthread_mutex_lock(&c->mu);
+        if (!known)
+            call_finish(c, NULL, GRPC_STATUS_NOT_FOUND,
+                        "unknown service (serving \"\" and kvrelay.v1.Inference)");
+        else
+            call_finish_reply(c, health_v1_message(health_v1_status(g)));
+        pthread_mutex_unlock(&c->mu);
+        return;
+    }
+    /* Watch: the status now, then every change until the client leaves or the server
+     * stops (the CQ thread re-checks every watcher each second). */
+    int status = known ? health_v1_status(g) : HEALTH_SERVICE_UNKNOWN;
+    pthread_mutex_lock(&c->mu);
+    health_watch_pump(c, status);
+    if (known && !c->closed && c->call) {
+        c->watch_next = g->watchers;
+        g->watchers = c;
+    } else if (!known) {
+        c->watch_sent = -1; /* SERVICE_UNKNOWN stays; the call stays open as the spec says */
+    }
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* CQ thread: one turn over the watchers. */
+static void health_watch_turn(struct coord_grpc *g) {
+    if (!g->watchers)
+        return;
+    int status = atomic_load(&g->stopping) ? HEALTH_NOT_SERVING : health_v1_status(g);
+    for (struct rpc_call *c = g->watchers; c; c = c->watch_next) {
+        pthread_mutex_lock(&c->mu);
+        health_watch_pump(c, status);
+        pthread_mutex_unlock(&c->mu);
+    }
 }
 
 static void on_recv(struct rpc_call *c, int success) {
@@ -854,6 +952,10 @@ static void on_recv(struct rpc_call *c, int success) {
     switch (c->method) {
     case RPC_GENERATE:
         generate_start(c, data, len);
+        break;
+    case RPC_HEALTH_CHECK:
+    case RPC_HEALTH_WATCH:
+        health_v1_start(c, data, len);
         break;
     case RPC_CLUSTER_STATUS:
     case RPC_HEALTH: {
@@ -902,6 +1004,13 @@ static void on_send(struct rpc_call *c, int success) {
 /* The call is over: status sent, or cancelled, past its deadline or disconnected. */
 static void on_close(struct rpc_call *c, int success) {
     (void)success;
+    if (c->method == RPC_HEALTH_WATCH && c->g) {
+        for (struct rpc_call **pp = &c->g->watchers; *pp; pp = &(*pp)->watch_next)
+            if (*pp == c) {
+                *pp = c->watch_next;
+                break;
+            }
+    }
     pthread_mutex_lock(&c->mu);
     c->n_batches--;
     c->closed = 1;
@@ -1057,14 +1166,22 @@ static void on_new_call(struct coord_grpc *g, int success) {
 
 static void *cq_thread(void *arg) {
     struct coord_grpc *g = arg;
+    double t_watch = 0;
     for (;;) {
         /* While stopping, wake up now and then: the last call may be released by the
-         * router's thread, which posts nothing to this queue. */
+         * router's thread, which posts nothing to this queue. With Watch calls open, wake
+         * up every second to send them changes of the serving status. */
         gpr_timespec deadline =
             atomic_load(&g->stopping)
                 ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(50, GPR_TIMESPAN))
-                : gpr_inf_future(GPR_CLOCK_MONOTONIC);
+            : g->watchers ? gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(1000, GPR_TIMESPAN))
+                          : gpr_inf_future(GPR_CLOCK_MONOTONIC);
         grpc_event ev = grpc_completion_queue_next(g->cq, deadline, NULL);
+        if (g->watchers && kvr_clock_now() - t_watch >= 1.0) {
+            health_watch_turn(g);
+            t_watch = kvr_clock_now();
+        }
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
         if (ev.type == GRPC_OP_COMPLETE) {
@@ -1140,6 +1257,7 @@ int coord_grpc_start(const struct coord_grpc_params *p, struct coord_grpc **out)
     g->seq_len = p->seq_len;
     g->vocab_size = p->vocab_size;
     g->grace_ms = p->shutdown_grace_ms;
+    g->metrics = p->metrics;
     g->tag_new = (struct tag){TAG_NEW_CALL, NULL};
     g->tag_shutdown = (struct tag){TAG_SHUTDOWN, NULL};
     coord_req_ctx_init(&g->req_ctx, p->tok, p->vocab_size);

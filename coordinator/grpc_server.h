@@ -1,4 +1,5 @@
-/* grpc_server.h - the coordinator's gRPC front end (service kvrelay.v1.Inference).
+/* grpc_server.h - the coordinator's gRPC front end (service kvrelay.v1.Inference, and the
+ * standard grpc.health.v1.Health: Check and Watch).
  *
  * One completion-queue thread owns the server: it accepts calls, validates Generate
  * requests at this edge (INVALID_ARGUMENT with a one-line message), hands valid ones to
@@ -49,6 +50,7 @@ struct coord_grpc_stream_stats {
     long long pending_tokens;     /* now, all calls */
     long long pending_tokens_max; /* the most any one call held at once, since start */
     long long overflowed_calls;   /* calls ended for holding more than max_pending_tokens */
+    struct coord_metrics *metrics;   /* borrowed until stop; NULL: nothing counted (metrics.h) */
 };
 
 struct coord_grpc;
@@ -75,7 +77,8 @@ void coord_grpc_stream_stats(const struct coord_grpc *g, struct coord_grpc_strea
 void coord_grpc_stop(struct coord_grpc *g);
 
 /* The callbacks the router uses for streams it got from this server (thread-safe, one
- * router thread or many). */
+ * router thread or many). Every stream starts with a struct coord_stream_head whose ops
+ * point here, so a router may be given coord_front_ops (metrics.h) instead. */
 extern const struct coord_stream_ops coord_grpc_stream_ops;
 
 /* The gRPC status code (grpc_status_code value) a kvr_status maps to at this edge; the

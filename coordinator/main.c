@@ -1,6 +1,7 @@
 /* main.c - kvrelay-coordinator: the cluster's front door (rank of role coordinator in
  * the MPI job). The MPI thread (this one) runs the router; grpc_server.c runs its own
- * completion-queue thread. See docs/ARCHITECTURE.md. */
+ * completion-queue thread, http_server.c its libmicrohttpd threads. See
+ * docs/ARCHITECTURE.md. */
 #include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -11,7 +12,9 @@
 #include "clock.h"
 
 #include "grpc_server.h"
+#include "http_server.h"
 #include "log.h"
+#include "metrics.h"
 #include "model.h"
 #include "options.h"
 #include "role.h"
@@ -41,6 +44,9 @@ struct coord_cfg {
     int max_pending_tokens;
     float max_request_age;
     int context;
+    const char *http_listen;
+    const char *chat_template;
+    const char *served_model_name;
 };
 
 static const struct kvr_opt opts[] = {
@@ -63,6 +69,9 @@ static const struct kvr_opt opts[] = {
     {"max-message-bytes", KVR_OPT_SIZE, offsetof(struct coord_cfg, max_message), "4MiB", 1024, 1 << 30, NULL, 0, "largest gRPC message received or sent"},
     {"max-pending-tokens", KVR_OPT_INT, offsetof(struct coord_cfg, max_pending_tokens), "65536", 1, 1 << 24, NULL, 0, "generated tokens held for a client that reads slowly; past it the call ends with RESOURCE_EXHAUSTED"},
     {"max-request-age", KVR_OPT_FLOAT, offsetof(struct coord_cfg, max_request_age), "3600", 0.1, 31536000, NULL, 0, "seconds after which any request is ended (DEADLINE_EXCEEDED) whatever happened to it"},
+    {"http-listen", KVR_OPT_STRING, offsetof(struct coord_cfg, http_listen), "127.0.0.1:8000", 0, -1, NULL, 0, "OpenAI-compatible HTTP API, /health and /metrics: HOST:PORT, or off"},
+    {"chat-template", KVR_OPT_STRING, offsetof(struct coord_cfg, chat_template), "llama2", 0, -1, NULL, 0, "how /v1/chat/completions turns messages into a prompt: llama2, chatml or plain"},
+    {"served-model-name", KVR_OPT_STRING, offsetof(struct coord_cfg, served_model_name), "", 0, -1, NULL, 0, "the model id of the HTTP API (default: the --model file's name)"},
 };
 
 /* The whole of a small PEM file, NUL-terminated (owned), or NULL with the reason printed. */
@@ -94,6 +103,11 @@ static int loopback(const char *addr) {
            !strncmp(addr, "unix:", 5);
 }
 
+/* The HTTP front end's bearer-token check: the same tokens as gRPC's (--auth-token-file). */
+static int http_authorize(void *ctx, const char *value) {
+    return coord_auth_check(ctx, value, value ? strlen(value) : 0) == COORD_AUTH_OK ? 0 : -1;
+}
+
 int main(int argc, char **argv) {
     struct coord_cfg cfg;
     struct kvr_xfer *x = NULL;
@@ -108,6 +122,19 @@ int main(int argc, char **argv) {
     struct kvr_tokenizer *tok = NULL;
     struct coord_router *router = NULL;
     struct coord_grpc *grpc = NULL;
+    struct coord_http *http = NULL;
+    struct coord_metrics *metrics = NULL;
+    int tpl = coord_chat_template_from_name(cfg.chat_template);
+    if (tpl < 0) {
+        fprintf(stderr, "kvrelay-coordinator: --chat-template must be llama2, chatml or plain (got '%s')\n",
+                cfg.chat_template);
+        kvr_role_exit(x, KVR_EINVAL);
+    }
+    const char *model_name = cfg.served_model_name[0] ? cfg.served_model_name : cfg.model;
+    if (!cfg.served_model_name[0] && strrchr(model_name, '/'))
+        model_name = strrchr(model_name, '/') + 1;
+    if (coord_metrics_create(model_name, &metrics) != KVR_OK)
+        kvr_role_exit(x, KVR_ENOMEM);
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, KVR_WEIGHTS_MMAP, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     const struct kvr_model_config *c = kvr_model_config(model);
@@ -144,7 +171,7 @@ int main(int argc, char **argv) {
     if (!loopback(cfg.listen) && !auth && !client_ca)
         KVR_LOG_WARN("listening on %s without --auth-token-file or --tls-client-ca: anyone who can "
                      "reach it may use the cluster", cfg.listen);
-    struct coord_router_params rtp = {.tp = coord_transport_mpi(x), .ops = &coord_grpc_stream_ops,
+    struct coord_router_params rtp = {.tp = coord_transport_mpi(x), .ops = &coord_front_ops,
                                      .expected_nodes = kvr_xfer_size(x) - 1, .queue_max = cfg.queue_max,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
                                      .max_retries = cfg.max_retries, .max_request_age_s = cfg.max_request_age};
@@ -170,8 +197,22 @@ int main(int argc, char **argv) {
             kvr_sleep_ms(1);
         kvr_role_exit(x, KVR_EIO);
     }
+    /* HTTP first: once gRPC's Health answers (kvrelay up waits for it), HTTP serves too. */
+    int http_on = cfg.http_listen[0] && strcmp(cfg.http_listen, "off") != 0;
+    if (http_on) {
+        struct coord_http_params hp = {.addr = cfg.http_listen, .router = router, .tok = tok, .seq_len = seq_len,
+                                       .vocab_size = vocab, .model_name = model_name,
+                                       .chat_template = (enum coord_chat_template)tpl, .metrics = metrics,
+                                       .authorize = auth ? http_authorize : NULL, .authorize_ctx = auth};
+        if ((rc = coord_http_start(&hp, &http)) != KVR_OK) {
+            fprintf(stderr, "kvrelay-coordinator: cannot serve HTTP on %s: %s\n", cfg.http_listen,
+                    kvr_status_str(rc));
+            coord_router_shutdown(router);
+            kvr_role_exit(x, KVR_EIO);
+        }
+    }
     struct coord_grpc_params gp = {.addr = cfg.listen, .router = router, .tok = tok, .seq_len = seq_len,
-                                   .vocab_size = vocab, .shutdown_grace_ms = 2000,
+                                   .vocab_size = vocab, .shutdown_grace_ms = 2000, .metrics = metrics,
                                    .tls_cert_pem = cert, .tls_key_pem = key, .tls_client_ca_pem = client_ca,
                                    .auth = auth,
                                    .keepalive_time_ms = cfg.keepalive_time > 0 ? (int)(cfg.keepalive_time * 1000.0f) : -1,
@@ -186,18 +227,24 @@ int main(int argc, char **argv) {
     if (rc != KVR_OK) {
         fprintf(stderr, "kvrelay-coordinator: cannot serve gRPC on %s: %s\n", cfg.listen, kvr_status_str(rc));
         coord_router_shutdown(router);
+        coord_http_stop(http);
         kvr_role_exit(x, KVR_EIO);
     }
     fprintf(stderr, "kvrelay-coordinator: serving kvrelay.v1.Inference on %s (port %d)\n", cfg.listen,
             coord_grpc_port(grpc));
+    if (http_on)
+        fprintf(stderr, "kvrelay-coordinator: serving HTTP (OpenAI API, /health, /metrics) on %s (port %d)\n",
+                cfg.http_listen, coord_http_port(http));
     struct kvr_idle idle = {0};
     while (!kvr_role_stop)
         kvr_idle_turn(&idle, coord_router_poll(router));
     KVR_LOG_INFO("stopping: answering every open request, then the gRPC server, then the nodes");
     coord_router_shutdown(router);
     coord_grpc_stop(grpc);
+    coord_http_stop(http);
     coord_router_free(router);
     coord_auth_free(auth);
+    coord_metrics_free(metrics);
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
     kvr_xfer_finalize(x, 2.0, 0);

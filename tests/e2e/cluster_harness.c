@@ -209,10 +209,16 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
     snprintf(tok, sizeof tok, "%s/models/tok512.bin", KVR_SHARED_DIR);
     snprintf(port, sizeof port, "%d", c->port);
     snprintf(ctx, sizeof ctx, "%d", use_context);
+    /* HTTP on a free port too: kvrelay up's default (8000) may be taken by another cluster. */
+    char http_port[16];
+    c->http_port = harness_free_port();
+    snprintf(http_port, sizeof http_port, "%d", c->http_port);
     /* A generous stop timeout: under ASan every rank runs LeakSanitizer at exit, which
      * takes seconds on a loaded machine; a stop that does not finish still fails. */
-    const char *argv[64] = {bin, "up", "--model", use_model ? use_model : model, "--port", port, "--stop-timeout", "90"};
-    int n = 8;
+    const char *argv[64] = {bin,    "up",           "--model",  use_model ? use_model : model,
+                            "--port", port,         "--stop-timeout", "90",
+                            "--http-port", http_port};
+    int n = 10;
     if (!use_model || use_tokenizer) {
         argv[n++] = "--tokenizer";
         argv[n++] = use_model ? use_tokenizer : tok;

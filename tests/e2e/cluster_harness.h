@@ -14,6 +14,7 @@
 struct cluster {
     pid_t pid;         /* `kvrelay up` (also its process group); 0 once reaped */
     int port;
+    int http_port;     /* the coordinator's HTTP port (127.0.0.1) */
     char addr[64];     /* "127.0.0.1:<port>" */
     int out_fd;        /* its stdout (the ready line) */
     char mark[64];     /* the value of KVRTEST_CLUSTER in its processes */
@@ -28,7 +29,8 @@ void cluster_use_model(const char *model, const char *tokenizer, int context);
 /* A TCP port that was free a moment ago. */
 int harness_free_port(void);
 
-/* Starts `kvrelay up --model <model> [--tokenizer <tok>] [--context N] --port <free> <extra...>`
+/* Starts `kvrelay up --model <model> [--tokenizer <tok>] [--context N] --port <free>
+ * --http-port <free> <extra...>`
  * (extra: NULL-terminated) and waits up to timeout_s for its ready line. Returns 0 or -1
  * (the cluster is stopped then). */
 int cluster_start(struct cluster *c, double timeout_s, const char *const *extra);

@@ -39,6 +39,7 @@ enum {
     C_CANCELLED = 1,
     C_INVALID_ARGUMENT = 3,
     C_DEADLINE_EXCEEDED = 4,
+    C_NOT_FOUND = 5,
     C_RESOURCE_EXHAUSTED = 8,
     C_UNIMPLEMENTED = 12,
     C_INTERNAL = 13,
@@ -771,9 +772,44 @@ static void test_unknown_method(void) {
     CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Nope", "", 0, T_OUT, &resp, &len, &st),
              C_UNIMPLEMENTED);
     CHECK(strstr(st.message, "unknown method /kvrelay.v1.Inference/Nope") != NULL);
-    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Check", "", 0, T_OUT, &resp, &len, &st),
+    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Nope", "", 0, T_OUT, &resp, &len, &st),
              C_UNIMPLEMENTED);
     CHECK_EQ(st.reached, 1);
+}
+
+/* grpc.health.v1.Health/Check: SERVING exactly when the custom Health says serving; an
+ * unknown service is NOT_FOUND. (tests/e2e/test_http.py calls it with grpcio, Watch too.) */
+static void test_health_v1(void) {
+    struct kvr_rpc_status st;
+    uint8_t *resp = NULL;
+    size_t len = 0;
+    set_nodes(1);
+    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Check", "", 0, T_OUT, &resp, &len, &st),
+             C_OK);
+    CHECK_EQ(len, 2);
+    CHECK(len == 2 && resp[0] == 0x08 && resp[1] == 1); /* status: SERVING */
+    free(resp);
+    resp = NULL;
+    static const char svc[] = "\x0a\x14kvrelay.v1.Inference";
+    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Check", svc, sizeof svc - 1, T_OUT,
+                              &resp, &len, &st),
+             C_OK);
+    CHECK(len == 2 && resp[0] == 0x08 && resp[1] == 1);
+    free(resp);
+    resp = NULL;
+    set_nodes(0);
+    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Check", "", 0, T_OUT, &resp, &len, &st),
+             C_OK);
+    CHECK(len == 2 && resp[0] == 0x08 && resp[1] == 2); /* NOT_SERVING */
+    free(resp);
+    resp = NULL;
+    set_nodes(1);
+    CHECK_EQ(kvr_client_unary(cli, "/grpc.health.v1.Health/Check",
+                              "\x0a\x03"
+                              "foo",
+                              5, T_OUT, &resp, &len, &st),
+             C_NOT_FOUND);
+    free(resp);
 }
 
 static void test_router_errors(void) {
@@ -1169,6 +1205,7 @@ int main(void) {
     test_request_mapping();
     test_invalid_arguments();
     test_unknown_method();
+    test_health_v1();
     test_router_errors();
     test_raw_extremes();
     test_deadline_and_limits();
