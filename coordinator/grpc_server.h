@@ -43,6 +43,7 @@ struct coord_grpc_params {
     /* Generated tokens a Generate call may hold for a client that reads slower than the
      * cluster writes; past it the call ends with RESOURCE_EXHAUSTED. 0 = default. */
     int max_pending_tokens;
+    struct coord_metrics *metrics;   /* borrowed until stop; NULL: nothing counted (metrics.h) */
 };
 
 /* What the output queues hold (tokens generated, not yet handed to gRPC). */
@@ -50,7 +51,6 @@ struct coord_grpc_stream_stats {
     long long pending_tokens;     /* now, all calls */
     long long pending_tokens_max; /* the most any one call held at once, since start */
     long long overflowed_calls;   /* calls ended for holding more than max_pending_tokens */
-    struct coord_metrics *metrics;   /* borrowed until stop; NULL: nothing counted (metrics.h) */
 };
 
 struct coord_grpc;
