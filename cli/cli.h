@@ -22,6 +22,8 @@ int kvr_cmd_bench(int argc, char **argv);
 int kvr_cmd_up(int argc, char **argv);
 int kvr_cmd_submit(int argc, char **argv);
 int kvr_cmd_status(int argc, char **argv);
+int kvr_cmd_scale(int argc, char **argv);
+int kvr_cmd_drain(int argc, char **argv);
 
 /* How submit and status reach a coordinator that uses TLS or tokens (docs/API.md). */
 struct kvr_cli_conn {

@@ -36,26 +36,32 @@ static void print_json(const struct coord_cluster_status *s) {
         printf(
             ",\"alive\":%s,\"kv_bytes_total\":%llu,\"kv_bytes_used\":%llu,\"kv_bytes_free\":%llu,"
             "\"kv_bytes_reserved\":%llu,\"running\":%d,\"queued\":%d,\"queued_prompt_tokens\":%llu,"
-            "\"report_age_ms\":%.1f}",
+            "\"report_age_ms\":%.1f,\"state\":",
             n->alive ? "true" : "false", (unsigned long long)n->kv_bytes_total,
             (unsigned long long)n->kv_bytes_used, (unsigned long long)n->kv_bytes_free,
             (unsigned long long)n->kv_bytes_reserved, n->running, n->queued,
             (unsigned long long)n->queued_prompt_tokens, n->report_age_ms);
+        kvr_json_write_string(stdout, n->state);
+        fputs("}", stdout);
     }
     printf("],\"waiting_requests\":%d,\"running_requests\":%d,\"finished_requests\":%llu,"
-           "\"seq_len\":%d,\"vocab_size\":%d}\n",
+           "\"seq_len\":%d,\"vocab_size\":%d,\"decode_target\":%d,\"decode_min\":%d,"
+           "\"decode_max\":%d,\"autoscale\":%s,\"last_decision\":",
            s->waiting_requests, s->running_requests, (unsigned long long)s->finished_requests,
-           s->seq_len, s->vocab_size);
+           s->seq_len, s->vocab_size, s->decode_desired, s->decode_min, s->decode_max,
+           s->autoscale ? "true" : "false");
+    kvr_json_write_string(stdout, s->last_decision);
+    fputs("}\n", stdout);
 }
 
 static void print_table(const struct coord_cluster_status *s) {
-    printf("%4s  %-8s %-20s %-5s %10s %10s %10s %10s %7s %6s\n", "RANK", "ROLE", "HOST", "ALIVE",
-           "KV_USED", "KV_FREE", "KV_TOTAL", "RESERVED", "RUNNING", "QUEUED");
+    printf("%4s  %-8s %-20s %-5s %-8s %10s %10s %10s %10s %7s %6s\n", "RANK", "ROLE", "HOST",
+           "ALIVE", "STATE", "KV_USED", "KV_FREE", "KV_TOTAL", "RESERVED", "RUNNING", "QUEUED");
     for (int i = 0; i < s->n_nodes; i++) {
         const struct coord_node_status *n = &s->nodes[i];
         char used[32], freeb[32], total[32], resv[32];
-        printf("%4d  %-8s %-20s %-5s %10s %10s %10s %10s %7d %6d\n", n->rank, n->role, n->host,
-               n->alive ? "yes" : "no", kvr_format_size(n->kv_bytes_used, used, sizeof used),
+        printf("%4d  %-8s %-20s %-5s %-8s %10s %10s %10s %10s %7d %6d\n", n->rank, n->role,
+               n->host, n->alive ? "yes" : "no", n->state, kvr_format_size(n->kv_bytes_used, used, sizeof used),
                kvr_format_size(n->kv_bytes_free, freeb, sizeof freeb),
                kvr_format_size(n->kv_bytes_total, total, sizeof total),
                kvr_format_size(n->kv_bytes_reserved, resv, sizeof resv), n->running, n->queued);
@@ -63,6 +69,13 @@ static void print_table(const struct coord_cluster_status *s) {
     printf("requests: %d waiting, %d running, %llu finished; model context %d, vocab %d\n",
            s->waiting_requests, s->running_requests, (unsigned long long)s->finished_requests,
            s->seq_len, s->vocab_size);
+    if (s->autoscale)
+        printf("decode pool: target %d, autoscaler on [%d, %d]\n", s->decode_desired, s->decode_min,
+               s->decode_max);
+    else
+        printf("decode pool: target %d, autoscaler off\n", s->decode_desired);
+    if (s->last_decision[0])
+        printf("last decision: %s\n", s->last_decision);
 }
 
 int kvr_cmd_status(int argc, char **argv) {

@@ -37,6 +37,8 @@ struct up_cfg {
     const char *tokenizer;
     int prefill;
     int decode;
+    int decode_max;
+    const char *mpirun_args;
     int port;
     int http_port;
     const char *host;
@@ -70,6 +72,8 @@ static const struct kvr_opt up_opts[] = {
     {"context", KVR_OPT_INT, offsetof(struct up_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens for every node (0 = the model file's)"},
     {"prefill", KVR_OPT_INT, offsetof(struct up_cfg, prefill), "1", 0, 256, NULL, 0, "prefill nodes (0 needs --colocated)"},
     {"decode", KVR_OPT_INT, offsetof(struct up_cfg, decode), "1", 1, 256, NULL, 0, "decode nodes"},
+    {"decode-max", KVR_OPT_INT, offsetof(struct up_cfg, decode_max), "0", 0, 256, NULL, 0, "above --decode: the autoscaler grows the decode pool up to this many nodes (spawned into the running job) and shrinks it back to --decode (0 = fixed pool; kvrelay scale can still grow it up to --decode)"},
+    {"mpirun-args", KVR_OPT_STRING, offsetof(struct up_cfg, mpirun_args), "", 0, -1, NULL, 0, "extra options for mpirun (space-separated), e.g. --ompi-server file:URI for nodes that join from jobs of their own"},
     {"port", KVR_OPT_INT, offsetof(struct up_cfg, port), "50051", 1, 65535, NULL, 0, "gRPC port of the coordinator"},
     {"http-port", KVR_OPT_INT, offsetof(struct up_cfg, http_port), "8000", 0, 65535, NULL, 0, "HTTP port of the coordinator (OpenAI API, /health, /metrics) on --host; 0: no HTTP"},
     {"host", KVR_OPT_STRING, offsetof(struct up_cfg, host), "127.0.0.1", 0, -1, NULL, 0, "address the coordinator listens on (0.0.0.0: every interface), prints and checks health on"},
@@ -332,6 +336,10 @@ int kvr_cmd_up(int argc, char **argv) {
     int threads = cfg.threads ? cfg.threads : (int)(ncpu / nodes > 0 ? ncpu / nodes : 1);
     char kv_mem[32];
     snprintf(kv_mem, sizeof kv_mem, "%llu", (unsigned long long)cfg.kv_memory);
+    if (cfg.decode_max && cfg.decode_max < cfg.decode) {
+        fprintf(stderr, "kvrelay up: --decode-max %d is below --decode %d\n", cfg.decode_max, cfg.decode);
+        return KVR_EXIT_USAGE;
+    }
     /* The guards record each rank's end here (see cli/guard.c). */
     const char *tmp = getenv("TMPDIR");
     char status_dir[4096];
@@ -342,11 +350,15 @@ int kvr_cmd_up(int argc, char **argv) {
         return KVR_EXIT_RUNTIME;
     }
     char *extra_p = strdup(cfg.extra_prefill), *extra_d = strdup(cfg.extra_decode);
-    char *extra_c = strdup(cfg.extra_coord);
+    char *extra_c = strdup(cfg.extra_coord), *extra_m = strdup(cfg.mpirun_args);
     char listen[300];
     snprintf(listen, sizeof listen, "%s:%d", cfg.host, cfg.port);
     struct argv_buf *a = calloc(1, sizeof *a);
     const char **names = calloc((size_t)nodes + 1, sizeof *names);
+    /* The decode node the coordinator spawns when the pool grows: the same command line
+     * as the job's own decode nodes (one string, split on spaces by the coordinator),
+     * without a guard (a spawned guard would write rank 0's status file). */
+    char *spawn = malloc(8192);
     struct kvr_client *client = NULL;
     int sfd = -1;
     sigset_t set, old_mask;
@@ -354,10 +366,16 @@ int kvr_cmd_up(int argc, char **argv) {
     for (size_t i = 0; i < sizeof up_signals / sizeof up_signals[0]; i++)
         sigaddset(&set, up_signals[i]);
     sigprocmask(SIG_BLOCK, &set, &old_mask);
-    if (!extra_p || !extra_d || !extra_c || !a || !names) {
+    if (!extra_p || !extra_d || !extra_c || !extra_m || !a || !names || !spawn) {
         ex = KVR_EXIT_RUNTIME;
         goto out;
     }
+    char spawn_ctx[40] = "";
+    if (cfg.context)
+        snprintf(spawn_ctx, sizeof spawn_ctx, " --context %ld", (long)cfg.context);
+    snprintf(spawn, 8192, "%s --model %s%s --threads %d --kv-memory %s --weights %s --max-batch %d%s %s", decode_bin,
+             cfg.model, spawn_ctx, threads, kv_mem, cfg.weights, cfg.max_batch, cfg.colocated ? " --colocated" : "",
+             cfg.extra_decode);
     names[0] = "kvrelay-coordinator";
     for (int r = 1; r <= nodes; r++)
         names[r] = r <= cfg.prefill ? "kvrelay-prefill" : "kvrelay-decode";
@@ -370,6 +388,13 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, "--enable-recovery");
     arg(a, "--bind-to");
     arg(a, "none");
+    /* Debian's Open MPI otherwise opens the cm pml and probes PSM drivers: MPI_Init takes
+     * ~230 ms instead of ~30 (../shared/notes/elastic-mpi.md), most of a spawned decode
+     * node's join. One machine uses ob1 (shared memory) either way. */
+    arg(a, "--mca");
+    arg(a, "pml");
+    arg(a, "ob1");
+    words(a, extra_m);
     arg(a, "-x");
     arg(a, "KVR_LOG_LEVEL");
     arg(a, "-np");
@@ -415,6 +440,14 @@ int kvr_cmd_up(int argc, char **argv) {
         arg(a, "--auth-token-file");
         arg(a, cfg.auth_token_file);
     }
+    arg(a, "--decode-spawn");
+    arg(a, spawn);
+    if (cfg.decode_max > cfg.decode) {
+        arg(a, "--decode-min");
+        arg(a, fmt(a, "%ld", cfg.decode));
+    }
+    arg(a, "--decode-max");
+    arg(a, fmt(a, "%ld", cfg.decode_max > cfg.decode ? cfg.decode_max : cfg.decode));
     words(a, extra_c);
     if (cfg.prefill > 0) {
         arg(a, ":");
@@ -577,6 +610,8 @@ out:
     free(extra_p);
     free(extra_d);
     free(extra_c);
+    free(extra_m);
+    free(spawn);
     free(a);
     return ex;
 }

@@ -552,12 +552,18 @@ int kvr_client_cluster_status(struct kvr_client *c, double timeout_s,
         ns->queued = p->queued;
         ns->queued_prompt_tokens = p->queued_prompt_tokens;
         ns->report_age_ms = p->report_age_ms;
+        copy_str(ns->state, sizeof ns->state, p->state);
     }
     out->waiting_requests = r->waiting_requests;
     out->running_requests = r->running_requests;
     out->finished_requests = r->finished_requests;
     out->seq_len = r->seq_len;
     out->vocab_size = r->vocab_size;
+    out->decode_desired = r->decode_target;
+    out->decode_min = r->decode_min;
+    out->decode_max = r->decode_max;
+    out->autoscale = r->autoscale;
+    copy_str(out->last_decision, sizeof out->last_decision, r->last_decision);
     kvrelay__v1__cluster_status_response__free_unpacked(r, NULL);
     return st->code;
 }

@@ -21,6 +21,8 @@ static const struct {
     {"up", kvr_cmd_up, "start a local cluster (coordinator, prefill and decode nodes)"},
     {"submit", kvr_cmd_submit, "send a prompt to a coordinator and stream the answer"},
     {"status", kvr_cmd_status, "show a cluster's nodes and KV memory"},
+    {"scale", kvr_cmd_scale, "set a running cluster's decode pool size"},
+    {"drain", kvr_cmd_drain, "drain one decode node of a running cluster"},
 };
 
 static void usage(FILE *f) {

@@ -22,6 +22,8 @@ const char *kvr_role_name(int role) {
     return "?";
 }
 
+static int role_known(int role) { return role >= KVR_ROLE_COORD && role <= KVR_ROLE_DECODE; }
+
 const char *kvr_msg_kind_name(int kind) {
     switch (kind) {
     case KVR_MSG_HELLO:
@@ -50,6 +52,24 @@ const char *kvr_msg_kind_name(int kind) {
         return "SEQ_READY";
     case KVR_MSG_SEQ_ABORT:
         return "SEQ_ABORT";
+    case KVR_MSG_LINK_PORT:
+        return "LINK_PORT";
+    case KVR_MSG_LINKED:
+        return "LINKED";
+    case KVR_MSG_BYE:
+        return "BYE";
+    case KVR_MSG_DRAIN_ME:
+        return "DRAIN_ME";
+    case KVR_MSG_LINK:
+        return "LINK";
+    case KVR_MSG_UNLINK:
+        return "UNLINK";
+    case KVR_MSG_LEAVE:
+        return "LEAVE";
+    case KVR_MSG_JOIN_INFO:
+        return "JOIN_INFO";
+    case KVR_MSG_LINK_HELLO:
+        return "LINK_HELLO";
     }
     return NULL;
 }
@@ -196,6 +216,29 @@ void kvr_msg_write_seq_abort(struct kvr_wbuf *w, uint64_t req_id, const struct k
     write_reason(w, a->reason, a->reason_len);
 }
 
+void kvr_msg_write_link(struct kvr_wbuf *w, int kind, const struct kvr_link *l) {
+    size_t n = strnlen(l->port, KVR_PORT_MAX - 1);
+    write_header(w, kind, 0);
+    kvr_w_i32(w, l->peer);
+    kvr_w_i32(w, l->value);
+    kvr_w_u16(w, (uint16_t)n);
+    kvr_w_bytes(w, l->port, n);
+}
+
+void kvr_msg_write_join_info(struct kvr_wbuf *w, const struct kvr_join_info *j) {
+    write_header(w, KVR_MSG_JOIN_INFO, 0);
+    kvr_w_i32(w, j->self);
+    kvr_w_i32(w, j->coord);
+    kvr_w_i32(w, j->n_peers);
+    for (int i = 0; i < j->n_peers; i++) {
+        char host[64] = {0};
+        memcpy(host, j->peers[i].host, strnlen(j->peers[i].host, 63));
+        kvr_w_i32(w, j->peers[i].id);
+        kvr_w_i32(w, j->peers[i].role);
+        kvr_w_bytes(w, host, 64);
+    }
+}
+
 /* ---- parsing ---------------------------------------------------------------------- */
 
 int kvr_msg_parse_header(const unsigned char *bytes, size_t len, struct kvr_msg *m) {
@@ -229,7 +272,10 @@ static int parse_end(const struct kvr_msg *m, struct kvr_rbuf *r) {
     if (r->off != r->len)
         return bad(m, "extra bytes after the body");
     int has_id = m->kind != KVR_MSG_HELLO && m->kind != KVR_MSG_STATUS && m->kind != KVR_MSG_TOKENS &&
-                 m->kind != KVR_MSG_RESET && m->kind != KVR_MSG_PING && m->kind != KVR_MSG_SHUTDOWN;
+                 m->kind != KVR_MSG_RESET && m->kind != KVR_MSG_PING && m->kind != KVR_MSG_SHUTDOWN &&
+                 m->kind != KVR_MSG_LINK_PORT && m->kind != KVR_MSG_LINKED && m->kind != KVR_MSG_BYE &&
+                 m->kind != KVR_MSG_DRAIN_ME && m->kind != KVR_MSG_LINK && m->kind != KVR_MSG_UNLINK &&
+                 m->kind != KVR_MSG_LEAVE && m->kind != KVR_MSG_JOIN_INFO && m->kind != KVR_MSG_LINK_HELLO;
     if (!has_id && m->req_id != 0)
         return bad(m, "a request id on a message that has none");
     return KVR_OK;
@@ -480,6 +526,44 @@ int kvr_msg_parse_seq_abort(const struct kvr_msg *m, struct kvr_seq_abort *a) {
     if (a->begin_no == 0 || a->status >= 0 || !status_ok(a->status))
         return bad(m, "values out of range");
     return KVR_OK;
+}
+
+int kvr_msg_parse_link(const struct kvr_msg *m, struct kvr_link *l) {
+    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
+    memset(l, 0, sizeof *l);
+    l->peer = kvr_r_i32(&r);
+    l->value = kvr_r_i32(&r);
+    uint16_t n = kvr_r_u16(&r);
+    const unsigned char *p = kvr_r_take(&r, n);
+    int rc = parse_end(m, &r);
+    if (rc != KVR_OK)
+        return rc;
+    if (l->peer < 0 || n >= KVR_PORT_MAX || memchr(p, 0, n))
+        return bad(m, "values out of range");
+    memcpy(l->port, p, n);
+    l->port[n] = '\0';
+    return KVR_OK;
+}
+
+int kvr_msg_parse_join_info(const struct kvr_msg *m, struct kvr_join_info *j) {
+    struct kvr_rbuf r = {.p = m->body, .len = m->body_len};
+    j->self = kvr_r_i32(&r);
+    j->coord = kvr_r_i32(&r);
+    j->n_peers = kvr_r_i32(&r);
+    if (r.err || j->self < 0 || j->coord < 0 || j->n_peers < 1 || j->n_peers > KVR_JOIN_MAX_PEERS)
+        return bad(m, "values out of range");
+    for (int i = 0; i < j->n_peers; i++) {
+        j->peers[i].id = kvr_r_i32(&r);
+        j->peers[i].role = kvr_r_i32(&r);
+        const unsigned char *h = kvr_r_take(&r, 64);
+        if (r.err)
+            break;
+        memcpy(j->peers[i].host, h, 64);
+        j->peers[i].host[63] = '\0';
+        if (j->peers[i].id < 0 || j->peers[i].id == j->self || !role_known(j->peers[i].role))
+            return bad(m, "bad peer");
+    }
+    return parse_end(m, &r);
 }
 
 int kvr_msg_parse_empty(const struct kvr_msg *m) {

@@ -129,6 +129,35 @@ struct kvr_prefill_done {
     int reason_len;
 };
 
+/* Links between a node that joins or leaves a running cluster and the others (issue 14,
+ * docs/ARCHITECTURE.md "Elastic decode pool"). One body for LINK_PORT (peer: the joining
+ * node, value: links it will accept), LINK (peer: the joining node, value: its role),
+ * LINKED (peer: the joining node, value: kvr_status of the connect), UNLINK (peer: the
+ * leaving node), LINK_HELLO (peer: the sender, value: its role) and BYE (peer: the
+ * sender). port: an MPI port name (LINK_PORT, LINK), "" otherwise. */
+#define KVR_PORT_MAX 1024 /* MPI_MAX_PORT_NAME of Open MPI */
+struct kvr_link {
+    int32_t peer;
+    int32_t value;
+    char port[KVR_PORT_MAX];
+};
+
+/* What a spawned node learns first: its id in the cluster and the peers it links to. */
+#define KVR_JOIN_MAX_PEERS 4096
+struct kvr_peer_info {
+    int32_t id;
+    int32_t role;
+    char host[64];
+};
+struct kvr_join_info {
+    int32_t self;         /* the node's peer id (its "rank" in every message) */
+    int32_t coord;        /* the coordinator's peer id */
+    int32_t n_peers;      /* peers listed below: the coordinator and the prefill nodes that
+                           * will connect to this node, in the order they will */
+    struct kvr_peer_info *peers; /* (n_peers) writing: borrowed; parsing: caller's array of
+                                  * KVR_JOIN_MAX_PEERS */
+};
+
 /* A received message; body is borrowed from the receive buffer. */
 struct kvr_msg {
     int src;
@@ -158,6 +187,10 @@ void kvr_msg_write_kv(struct kvr_wbuf *w, uint64_t req_id, uint64_t begin_no, co
 void kvr_msg_write_seq_ready(struct kvr_wbuf *w, uint64_t req_id, const struct kvr_seq_ready *r);
 void kvr_msg_write_seq_abort(struct kvr_wbuf *w, uint64_t req_id, const struct kvr_seq_abort *a);
 
+/* kind: LINK_PORT, LINKED, BYE, DRAIN_ME, LINK, UNLINK or LINK_HELLO. */
+void kvr_msg_write_link(struct kvr_wbuf *w, int kind, const struct kvr_link *l);
+void kvr_msg_write_join_info(struct kvr_wbuf *w, const struct kvr_join_info *j);
+
 /* ---- parsing ---------------------------------------------------------------------- */
 
 /* The header of bytes (len of them): KVR_OK with m's kind, req_id, body and body_len
@@ -179,7 +212,10 @@ int kvr_msg_parse_kv(const struct kvr_msg *m, uint64_t *begin_no, const unsigned
                      size_t *wire_len);
 int kvr_msg_parse_seq_ready(const struct kvr_msg *m, struct kvr_seq_ready *r);
 int kvr_msg_parse_seq_abort(const struct kvr_msg *m, struct kvr_seq_abort *a);
-/* CANCEL, SHUTDOWN, PING: the body must be empty. */
+int kvr_msg_parse_link(const struct kvr_msg *m, struct kvr_link *l);
+/* j->peers must hold KVR_JOIN_MAX_PEERS entries. */
+int kvr_msg_parse_join_info(const struct kvr_msg *m, struct kvr_join_info *j);
+/* CANCEL, SHUTDOWN, PING, LEAVE: the body must be empty. */
 int kvr_msg_parse_empty(const struct kvr_msg *m);
 
 #endif /* KVR_MSG_H */

@@ -58,6 +58,9 @@ struct kvr_node {
     struct kvr_node_params p;
     int coord;                      /* the coordinator's rank */
     int shutdown;                   /* SHUTDOWN received */
+    int leave;                      /* LEAVE received (a spawned node that drained) */
+    int left;                       /* it left: every link disconnected, exit 0 */
+    double t_stop;                  /* a joined node told to stop asked to be drained then */
     uint32_t epoch;                 /* of the last RESET (0: none) */
     double last_coord;              /* kvr_clock_now() of the coordinator's last message */
     double last_report;
@@ -76,8 +79,11 @@ void kvr_node_hello_init(struct kvr_hello *h, enum kvr_role role, const struct k
 void kvr_node_init(struct kvr_node *n, const struct kvr_node_params *p);
 
 /* Sends HELLO and runs the loop. Returns KVR_OK after SHUTDOWN or *stop (the role then
- * answers what it still holds and main finalizes MPI), KVR_EUNAVAIL when the coordinator
- * was silent for coord_timeout_s (main leaves without MPI_Finalize). */
+ * answers what it still holds and main finalizes MPI), or after LEAVE with n->left set (a
+ * spawned node that drained: every link is disconnected, main finalizes and exits 0),
+ * KVR_EUNAVAIL when the coordinator was silent for coord_timeout_s (main leaves without
+ * MPI_Finalize). A spawned node first links to the prefill nodes (join): KVR_EINVAL if the
+ * coordinator refused it. */
 int kvr_node_run(struct kvr_node *n);
 
 /* Tries for up to flush_s to send what is still queued, then frees it. */

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 
 #include "kv_cache.h"
 #include "log.h"
@@ -29,6 +30,13 @@ int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, str
         return rc;
     }
     kvr_log_init(kvr_role_name(p->role), kvr_xfer_rank(*x));
+    if (kvr_xfer_joined(*x)) {
+        /* A spawned node's MPI_COMM_WORLD rank is 0 in its own job: name the process after
+         * its id in the cluster so that ps and the tests can tell which node it is. */
+        char name[16];
+        snprintf(name, sizeof name, "kvr-peer-%d", kvr_xfer_rank(*x));
+        prctl(PR_SET_NAME, name, 0, 0, 0);
+    }
     rc = kvr_opts_parse(p->opts, p->n_opts, p->cfg, *argc, *argv, 1, err, sizeof err);
     if (rc == 1) {
         kvr_opts_usage(stdout, p->prog, p->summary, p->opts, p->n_opts);
@@ -46,8 +54,12 @@ int kvr_role_start(const struct kvr_role_params *p, int *argc, char ***argv, str
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     /* mpirun forwards SIGUSR1 and then waits, where after SIGTERM it kills the ranks a
-     * second later: `kill -USR1 <mpirun>` is the clean stop of any mpirun launch. */
+     * second later: `kill -USR1 <mpirun>` is the clean stop (a joined decode node then
+     * drains and leaves, docs/ARCHITECTURE.md). */
     sigaction(SIGUSR1, &sa, NULL);
+    /* A link to a node that left can still see a TCP peer close under it (Open MPI's TCP
+     * BTL then writes to a closed socket): the error is the MPI call's, not a death. */
+    signal(SIGPIPE, SIG_IGN);
     return KVR_OK;
 }
 

@@ -24,12 +24,28 @@ struct send_slot {
     int dst;
 };
 
+/* Peers are ids: the ranks of the job's MPI_COMM_WORLD (0..world-1), then the nodes that
+ * joined later (ids the coordinator hands out, never reused). Each id is reached through
+ * a communicator and a rank in it: the WORLD duplicate for the job's own ranks, one
+ * intercommunicator per link for joined nodes (MPI_Comm_spawn's, or connect/accept's). */
+struct peer {
+    MPI_Comm comm;          /* MPI_COMM_NULL: no link (unknown id, or gone) */
+    int rank;               /* in comm (the remote group's for an intercommunicator) */
+    int role;               /* enum kvr_role, -1 unknown */
+    char host[64];
+    unsigned char dead;     /* 1 once marked dead */
+    unsigned char own;      /* comm is this peer's own intercommunicator */
+};
+
 struct kvr_xfer {
-    MPI_Comm comm;
-    int rank, size, coord_rank;
-    int *roles;             /* (size) enum kvr_role of every rank */
-    char (*hosts)[64];      /* (size) host names */
-    unsigned char *dead;    /* (size) 1 once marked dead */
+    MPI_Comm comm;          /* dup of WORLD */
+    int world_size;
+    int joined;             /* this process was spawned into a running cluster */
+    int rank, size, coord_rank; /* rank: this process's peer id; size: peer ids in use */
+    struct peer *peers;     /* (cap_peers) */
+    int cap_peers;
+    MPI_Comm *polls;        /* (n_polls) communicators polled: WORLD's dup, then links */
+    int n_polls;
     struct send_slot *slots;
     int n_slots;
     unsigned char *rbuf;    /* receive buffer, grown to the largest message seen */
@@ -44,9 +60,195 @@ static int mpi_fail(int rc, const char *what) {
     return KVR_EMPI;
 }
 
+/* Makes ids [0, n) addressable (new ones unknown, unlinked). */
+static int peers_grow(struct kvr_xfer *x, int n) {
+    if (n > x->cap_peers) {
+        int cap = x->cap_peers ? x->cap_peers : 16;
+        while (cap < n)
+            cap *= 2;
+        struct peer *p = realloc(x->peers, (size_t)cap * sizeof *p);
+        if (!p)
+            return KVR_ENOMEM;
+        for (int i = x->cap_peers; i < cap; i++)
+            p[i] = (struct peer){.comm = MPI_COMM_NULL, .role = -1};
+        x->peers = p;
+        x->cap_peers = cap;
+    }
+    if (n > x->size)
+        x->size = n;
+    return KVR_OK;
+}
+
+static int polls_add(struct kvr_xfer *x, MPI_Comm c) {
+    MPI_Comm *p = realloc(x->polls, (size_t)(x->n_polls + 1) * sizeof *p);
+    if (!p)
+        return KVR_ENOMEM;
+    x->polls = p;
+    x->polls[x->n_polls++] = c;
+    return KVR_OK;
+}
+
+static void polls_del(struct kvr_xfer *x, MPI_Comm c) {
+    for (int i = 0; i < x->n_polls; i++)
+        if (x->polls[i] == c) {
+            x->polls[i] = x->polls[--x->n_polls];
+            return;
+        }
+}
+
+/* Peer id `id` is reached over its own intercommunicator ic (remote rank 0). */
+static int link_peer(struct kvr_xfer *x, int id, MPI_Comm ic, int role, const char *host) {
+    int rc = peers_grow(x, id + 1);
+    if (rc == KVR_OK)
+        rc = polls_add(x, ic);
+    if (rc != KVR_OK)
+        return rc;
+    MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
+    struct peer *p = &x->peers[id];
+    *p = (struct peer){.comm = ic, .rank = 0, .role = role, .own = 1};
+    snprintf(p->host, sizeof p->host, "%s", host ? host : "?");
+    return KVR_OK;
+}
+
+/* The peer id of a message's source on comm c. */
+static int peer_of(const struct kvr_xfer *x, MPI_Comm c, int src) {
+    if (c == x->comm)
+        return src;
+    for (int i = 0; i < x->size; i++)
+        if (x->peers[i].own && x->peers[i].comm == c)
+            return i;
+    return -1;
+}
+
+static const char *join_dir; /* kvr_xfer_set_join_dir */
+
+void kvr_xfer_set_join_dir(const char *dir) { join_dir = dir && dir[0] ? dir : NULL; }
+
 /* ---- setup ---------------------------------------------------------------------- */
 
 #define LAYOUT_NBYTES (4 + 64)
+#define JOIN_INFO_WAIT_S 60.0
+
+/* A spawned process: the coordinator's first message on the parent intercommunicator
+ * says who this node is and who its peers are. */
+static int join_init(struct kvr_xfer *x, MPI_Comm parent, enum kvr_role role) {
+    x->joined = 1;
+    x->world_size = 0;
+    struct kvr_join_info j = {.peers = calloc(KVR_JOIN_MAX_PEERS, sizeof *j.peers)};
+    if (!j.peers)
+        return KVR_ENOMEM;
+    MPI_Comm_set_errhandler(parent, MPI_ERRORS_RETURN);
+    double t_end = kvr_clock_now() + JOIN_INFO_WAIT_S;
+    int rc = KVR_ETIMEDOUT;
+    while (kvr_clock_now() < t_end) {
+        int flag = 0;
+        MPI_Message msg;
+        MPI_Status st;
+        if (MPI_Improbe(0, KVR_TAG_CTRL, parent, &flag, &msg, &st) != MPI_SUCCESS) {
+            rc = KVR_EMPI;
+            break;
+        }
+        if (!flag) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        int count = 0;
+        MPI_Get_count(&st, MPI_BYTE, &count);
+        unsigned char *b = malloc(count > 0 ? (size_t)count : 1);
+        if (!b) {
+            rc = KVR_ENOMEM;
+            break;
+        }
+        MPI_Mrecv(b, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+        struct kvr_msg m = {.src = 0, .tag = KVR_TAG_CTRL};
+        rc = kvr_msg_parse_header(b, (size_t)count, &m);
+        if (rc == KVR_OK && m.kind != KVR_MSG_JOIN_INFO)
+            rc = KVR_EFORMAT;
+        if (rc == KVR_OK)
+            rc = kvr_msg_parse_join_info(&m, &j);
+        free(b);
+        break;
+    }
+    if (rc != KVR_OK) {
+        KVR_LOG_ERROR("spawned into a cluster but got no valid JOIN_INFO: %s", kvr_status_str(rc));
+        free(j.peers);
+        return rc;
+    }
+    x->rank = j.self;
+    x->coord_rank = j.coord;
+    int max_id = j.self;
+    for (int i = 0; i < j.n_peers; i++)
+        max_id = j.peers[i].id > max_id ? j.peers[i].id : max_id;
+    if ((rc = peers_grow(x, max_id + 1)) == KVR_OK)
+        rc = link_peer(x, j.coord, parent, KVR_ROLE_COORD, NULL);
+    for (int i = 0; rc == KVR_OK && i < j.n_peers; i++) {
+        struct peer *p = &x->peers[j.peers[i].id];
+        p->role = j.peers[i].role;
+        snprintf(p->host, sizeof p->host, "%s", j.peers[i].host);
+    }
+    x->peers[x->rank].role = role;
+    gethostname(x->peers[x->rank].host, 63);
+    free(j.peers);
+    return rc;
+}
+
+static int join_init(struct kvr_xfer *x, MPI_Comm parent, enum kvr_role role);
+
+/* A node started as its own job (another mpirun, an sbatch): it opens a port, leaves the
+ * port's name in join_dir for the coordinator to find, and accepts the coordinator's
+ * connection (reverse join: the running coordinator never waits in an accept). Needs an
+ * ompi-server both jobs know (mpirun --ompi-server file:URI). */
+static int join_by_port(struct kvr_xfer *x, enum kvr_role role) {
+    int n = 0;
+    MPI_Comm_size(MPI_COMM_WORLD, &n);
+    if (n != 1) {
+        KVR_LOG_ERROR("--join-dir: start one process per joining node (this job has %d)", n);
+        return KVR_EINVAL;
+    }
+    char port[MPI_MAX_PORT_NAME], path[4096], tmp[4200], host[64] = {0};
+    int rc = MPI_Open_port(MPI_INFO_NULL, port);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Open_port");
+    gethostname(host, sizeof host - 1);
+    snprintf(path, sizeof path, "%s/%s-%d.port", join_dir, host, (int)getpid());
+    snprintf(tmp, sizeof tmp, "%s/.%s-%d.tmp", join_dir, host, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f || fputs(port, f) < 0 || fclose(f) != 0 || rename(tmp, path) != 0) {
+        KVR_LOG_ERROR("--join-dir: cannot write %s", path);
+        MPI_Close_port(port);
+        return KVR_EIO;
+    }
+    KVR_LOG_INFO("waiting for the coordinator to connect (port in %s)", path);
+    MPI_Comm ic = MPI_COMM_NULL;
+    rc = MPI_Comm_accept(port, MPI_INFO_NULL, 0, MPI_COMM_SELF, &ic);
+    MPI_Close_port(port);
+    unlink(path);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Comm_accept");
+    MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
+    /* The coordinator says who it is (LINK_HELLO), then JOIN_INFO as for a spawned node. */
+    unsigned char b[64 + KVR_PORT_MAX];
+    MPI_Status st;
+    int count = 0;
+    if ((rc = MPI_Recv(b, (int)sizeof b, MPI_BYTE, 0, KVR_TAG_CTRL, ic, &st)) != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Recv(LINK_HELLO)");
+    MPI_Get_count(&st, MPI_BYTE, &count);
+    struct kvr_msg m = {.src = -1, .tag = KVR_TAG_CTRL};
+    struct kvr_link l;
+    rc = kvr_msg_parse_header(b, (size_t)count, &m);
+    if (rc == KVR_OK && m.kind != KVR_MSG_LINK_HELLO)
+        rc = KVR_EFORMAT;
+    if (rc == KVR_OK)
+        rc = kvr_msg_parse_link(&m, &l);
+    if (rc == KVR_OK && l.value != KVR_ROLE_COORD)
+        rc = KVR_EINVAL;
+    if (rc != KVR_OK) {
+        KVR_LOG_ERROR("--join-dir: the peer that connected is not a coordinator: %s", kvr_status_str(rc));
+        return rc;
+    }
+    return join_init(x, ic, role);
+}
 
 int kvr_xfer_init(int *argc, char ***argv, enum kvr_role role, struct kvr_xfer **out) {
     *out = NULL;
@@ -68,13 +270,19 @@ int kvr_xfer_init(int *argc, char ***argv, enum kvr_role role, struct kvr_xfer *
         return mpi_fail(rc, "MPI_Comm_dup");
     }
     MPI_Comm_set_errhandler(x->comm, MPI_ERRORS_RETURN);
+    MPI_Comm parent = MPI_COMM_NULL;
+    MPI_Comm_get_parent(&parent);
+    if (parent != MPI_COMM_NULL || join_dir) {
+        rc = parent != MPI_COMM_NULL ? join_init(x, parent, role) : join_by_port(x, role);
+        if (rc != KVR_OK)
+            goto fail;
+        *out = x;
+        return KVR_OK;
+    }
     MPI_Comm_rank(x->comm, &x->rank);
-    MPI_Comm_size(x->comm, &x->size);
-    x->roles = calloc((size_t)x->size, sizeof *x->roles);
-    x->hosts = calloc((size_t)x->size, sizeof *x->hosts);
-    x->dead = calloc((size_t)x->size, 1);
-    all = malloc((size_t)x->size * LAYOUT_NBYTES);
-    if (!x->roles || !x->hosts || !x->dead || !all) {
+    MPI_Comm_size(x->comm, &x->world_size);
+    all = malloc((size_t)x->world_size * LAYOUT_NBYTES);
+    if (!all || peers_grow(x, x->world_size) != KVR_OK || polls_add(x, x->comm) != KVR_OK) {
         rc = KVR_ENOMEM;
         goto fail;
     }
@@ -90,12 +298,15 @@ int kvr_xfer_init(int *argc, char ***argv, enum kvr_role role, struct kvr_xfer *
     }
     int n_coord = 0;
     x->coord_rank = -1;
-    for (int r = 0; r < x->size; r++) {
+    for (int r = 0; r < x->world_size; r++) {
         struct kvr_rbuf rd = {.p = all + (size_t)r * LAYOUT_NBYTES, .len = LAYOUT_NBYTES};
-        x->roles[r] = kvr_r_i32(&rd);
-        memcpy(x->hosts[r], kvr_r_take(&rd, 64), 64);
-        x->hosts[r][63] = '\0';
-        if (x->roles[r] == KVR_ROLE_COORD) {
+        struct peer *p = &x->peers[r];
+        p->comm = x->comm;
+        p->rank = r;
+        p->role = kvr_r_i32(&rd);
+        memcpy(p->host, kvr_r_take(&rd, 64), 64);
+        p->host[63] = '\0';
+        if (p->role == KVR_ROLE_COORD) {
             n_coord++;
             x->coord_rank = r;
         }
@@ -110,9 +321,8 @@ int kvr_xfer_init(int *argc, char ***argv, enum kvr_role role, struct kvr_xfer *
     return KVR_OK;
 fail:
     free(all);
-    free(x->roles);
-    free(x->hosts);
-    free(x->dead);
+    free(x->peers);
+    free(x->polls);
     MPI_Comm_free(&x->comm);
     free(x);
     return rc;
@@ -128,9 +338,8 @@ static void xfer_free(struct kvr_xfer *x) {
     }
     free(x->slots);
     free(x->rbuf);
-    free(x->roles);
-    free(x->hosts);
-    free(x->dead);
+    free(x->peers);
+    free(x->polls);
 }
 
 static volatile sig_atomic_t finalize_exit_code;
@@ -195,22 +404,28 @@ int kvr_xfer_size(const struct kvr_xfer *x) { return x->size; }
 int kvr_xfer_coord_rank(const struct kvr_xfer *x) { return x->coord_rank; }
 
 int kvr_xfer_role_of(const struct kvr_xfer *x, int rank) {
-    return rank >= 0 && rank < x->size ? x->roles[rank] : -1;
+    return rank >= 0 && rank < x->size ? x->peers[rank].role : -1;
+}
+
+int kvr_xfer_linked(const struct kvr_xfer *x, int rank) {
+    return rank >= 0 && rank < x->size && x->peers[rank].own && x->peers[rank].comm != MPI_COMM_NULL;
 }
 
 const char *kvr_xfer_host_of(const struct kvr_xfer *x, int rank) {
-    return rank >= 0 && rank < x->size ? x->hosts[rank] : "?";
+    return rank >= 0 && rank < x->size ? x->peers[rank].host : "?";
 }
+
+int kvr_xfer_joined(const struct kvr_xfer *x) { return x->joined; }
 
 void kvr_xfer_mark_alive(struct kvr_xfer *x, int rank) {
     if (rank >= 0 && rank < x->size)
-        x->dead[rank] = 0;
+        x->peers[rank].dead = 0;
 }
 
 void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank) {
     if (rank < 0 || rank >= x->size)
         return;
-    x->dead[rank] = 1;
+    x->peers[rank].dead = 1;
     /* Its sends in flight may never complete: let MPI finish them on its own (or not) and
      * give their buffers up to it, so the slots are free and finalize does not wait. */
     for (int i = 0; i < x->n_slots; i++) {
@@ -287,11 +502,11 @@ static struct send_slot *get_slot(struct kvr_xfer *x, size_t len) {
 
 /* A free slot of len bytes for a message to dst. */
 static struct send_slot *begin(struct kvr_xfer *x, int dst, size_t len, int *rc) {
-    if (dst < 0 || dst >= x->size || dst == x->rank) {
+    if (dst < 0 || dst >= x->size || dst == x->rank || x->peers[dst].comm == MPI_COMM_NULL) {
         *rc = KVR_EINVAL;
         return NULL;
     }
-    if (x->dead[dst]) {
+    if (x->peers[dst].dead) {
         *rc = KVR_EUNAVAIL;
         return NULL;
     }
@@ -310,7 +525,8 @@ static struct send_slot *begin(struct kvr_xfer *x, int dst, size_t len, int *rc)
 }
 
 static int post(struct kvr_xfer *x, struct send_slot *s, size_t len, int dst, int tag) {
-    int rc = MPI_Isend(s->buf, (int)len, MPI_BYTE, dst, tag, x->comm, &s->req);
+    const struct peer *p = &x->peers[dst];
+    int rc = MPI_Isend(s->buf, (int)len, MPI_BYTE, p->rank, tag, p->comm, &s->req);
     if (rc != MPI_SUCCESS)
         return mpi_fail(rc, "MPI_Isend");
     s->busy = 1;
@@ -485,12 +701,12 @@ int kvr_xfer_send_seq_abort(struct kvr_xfer *x, int dst, uint64_t req_id, const 
 
 /* ---- receiving ------------------------------------------------------------------ */
 
-int kvr_xfer_poll(struct kvr_xfer *x, const int *tags, int n_tags, struct kvr_msg *m) {
+static int poll_one(struct kvr_xfer *x, MPI_Comm c, const int *tags, int n_tags, struct kvr_msg *m) {
     for (int t = 0; t < n_tags; t++) {
         int flag = 0;
         MPI_Message msg;
         MPI_Status st;
-        int rc = MPI_Improbe(MPI_ANY_SOURCE, tags[t], x->comm, &flag, &msg, &st);
+        int rc = MPI_Improbe(MPI_ANY_SOURCE, tags[t], c, &flag, &msg, &st);
         if (rc != MPI_SUCCESS)
             return mpi_fail(rc, "MPI_Improbe");
         if (!flag)
@@ -514,11 +730,157 @@ int kvr_xfer_poll(struct kvr_xfer *x, const int *tags, int n_tags, struct kvr_ms
         }
         if ((rc = MPI_Mrecv(x->rbuf, count, MPI_BYTE, &msg, MPI_STATUS_IGNORE)) != MPI_SUCCESS)
             return mpi_fail(rc, "MPI_Mrecv");
-        m->src = st.MPI_SOURCE;
+        m->src = peer_of(x, c, st.MPI_SOURCE);
         m->tag = tags[t];
         if (kvr_msg_parse_header(x->rbuf, (size_t)count, m) != KVR_OK)
             return KVR_EFORMAT;
         return KVR_OK;
     }
     return KVR_EAGAIN;
+}
+
+int kvr_xfer_poll(struct kvr_xfer *x, const int *tags, int n_tags, struct kvr_msg *m) {
+    /* Links are polled from a rotating start so that a busy one cannot starve the others;
+     * each (source, tag) channel stays in order whatever the start. */
+    int n = x->n_polls;
+    static unsigned turn;
+    turn++;
+    for (int i = 0; i < n; i++) {
+        int rc = poll_one(x, x->polls[(turn + (unsigned)i) % (unsigned)n], tags, n_tags, m);
+        if (rc != KVR_EAGAIN)
+            return rc;
+    }
+    return KVR_EAGAIN;
+}
+
+/* ---- joining and leaving -------------------------------------------------------- */
+
+int kvr_xfer_spawn(struct kvr_xfer *x, const char *cmd, char **args, const char *host, int *out_id) {
+    MPI_Info info = MPI_INFO_NULL;
+    MPI_Info_create(&info);
+    /* A spawned child is pinned to one core when slots come from a hostfile or Slurm,
+     * even under --bind-to none (../shared/notes/elastic-mpi.md). */
+    MPI_Info_set(info, "bind_to", "none");
+    if (host && host[0])
+        MPI_Info_set(info, "host", host);
+    MPI_Comm ic = MPI_COMM_NULL;
+    int err = 0;
+    int rc = MPI_Comm_spawn(cmd, args, 1, info, 0, MPI_COMM_SELF, &ic, &err);
+    MPI_Info_free(&info);
+    if (rc != MPI_SUCCESS || err != MPI_SUCCESS)
+        return mpi_fail(rc != MPI_SUCCESS ? rc : err, "MPI_Comm_spawn");
+    int id = x->size;
+    if ((rc = link_peer(x, id, ic, KVR_ROLE_DECODE, host)) != KVR_OK) {
+        MPI_Comm_disconnect(&ic);
+        return rc;
+    }
+    *out_id = id;
+    return KVR_OK;
+}
+
+int kvr_xfer_adopt(struct kvr_xfer *x, const char *port, int *out_id) {
+    int id = x->size;
+    int rc = kvr_xfer_connect(x, port, id, KVR_ROLE_DECODE);
+    if (rc == KVR_OK)
+        *out_id = id;
+    return rc;
+}
+
+int kvr_xfer_open_port(struct kvr_xfer *x, char *port) {
+    (void)x;
+    int rc = MPI_Open_port(MPI_INFO_NULL, port);
+    return rc == MPI_SUCCESS ? KVR_OK : mpi_fail(rc, "MPI_Open_port");
+}
+
+void kvr_xfer_close_port(struct kvr_xfer *x, const char *port) {
+    (void)x;
+    MPI_Close_port(port);
+}
+
+int kvr_xfer_accept(struct kvr_xfer *x, const char *port, int *peer_id) {
+    MPI_Comm ic = MPI_COMM_NULL;
+    int rc = MPI_Comm_accept(port, MPI_INFO_NULL, 0, MPI_COMM_SELF, &ic);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Comm_accept");
+    MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
+    /* The connecting side says who it is first. */
+    unsigned char b[64 + KVR_PORT_MAX];
+    MPI_Status st;
+    int count = 0;
+    if ((rc = MPI_Recv(b, (int)sizeof b, MPI_BYTE, 0, KVR_TAG_CTRL, ic, &st)) != MPI_SUCCESS) {
+        MPI_Comm_disconnect(&ic);
+        return mpi_fail(rc, "MPI_Recv(LINK_HELLO)");
+    }
+    MPI_Get_count(&st, MPI_BYTE, &count);
+    struct kvr_msg m = {.src = -1, .tag = KVR_TAG_CTRL};
+    struct kvr_link l;
+    rc = kvr_msg_parse_header(b, (size_t)count, &m);
+    if (rc == KVR_OK && m.kind != KVR_MSG_LINK_HELLO)
+        rc = KVR_EFORMAT;
+    if (rc == KVR_OK)
+        rc = kvr_msg_parse_link(&m, &l);
+    if (rc == KVR_OK && (l.peer == x->rank || (l.peer < x->size && x->peers[l.peer].own)))
+        rc = KVR_EINVAL;
+    if (rc != KVR_OK) {
+        KVR_LOG_ERROR("a peer connected but did not say who it is: %s", kvr_status_str(rc));
+        MPI_Comm_disconnect(&ic);
+        return rc;
+    }
+    const char *host = l.peer < x->size ? x->peers[l.peer].host : NULL;
+    char h[64];
+    snprintf(h, sizeof h, "%s", host ? host : "?");
+    if ((rc = link_peer(x, l.peer, ic, l.value, h)) != KVR_OK) {
+        MPI_Comm_disconnect(&ic);
+        return rc;
+    }
+    *peer_id = l.peer;
+    return KVR_OK;
+}
+
+int kvr_xfer_connect(struct kvr_xfer *x, const char *port, int peer_id, int role) {
+    if (peer_id < 0 || peer_id == x->rank || (peer_id < x->size && x->peers[peer_id].comm != MPI_COMM_NULL))
+        return KVR_EINVAL;
+    MPI_Comm ic = MPI_COMM_NULL;
+    int rc = MPI_Comm_connect(port, MPI_INFO_NULL, 0, MPI_COMM_SELF, &ic);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Comm_connect");
+    MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
+    struct kvr_link l = {.peer = x->rank, .value = x->peers[x->rank].role};
+    unsigned char b[64];
+    struct kvr_wbuf w = {.p = b, .cap = sizeof b};
+    kvr_msg_write_link(&w, KVR_MSG_LINK_HELLO, &l);
+    if ((rc = MPI_Send(b, (int)w.len, MPI_BYTE, 0, KVR_TAG_CTRL, ic)) != MPI_SUCCESS) {
+        MPI_Comm_disconnect(&ic);
+        return mpi_fail(rc, "MPI_Send(LINK_HELLO)");
+    }
+    if ((rc = link_peer(x, peer_id, ic, role, NULL)) != KVR_OK) {
+        MPI_Comm_disconnect(&ic);
+        return rc;
+    }
+    return KVR_OK;
+}
+
+int kvr_xfer_disconnect(struct kvr_xfer *x, int peer_id) {
+    if (peer_id < 0 || peer_id >= x->size || !x->peers[peer_id].own)
+        return KVR_EINVAL;
+    struct peer *p = &x->peers[peer_id];
+    /* Sends still in flight to it must complete first (MPI_Comm_disconnect waits for
+     * them); the peer reads everything up to our BYE before it disconnects. */
+    double t_end = kvr_clock_now() + 10.0;
+    for (;;) {
+        int busy = 0;
+        kvr_xfer_progress(x);
+        for (int i = 0; i < x->n_slots; i++)
+            busy |= x->slots[i].busy && x->slots[i].dst == peer_id;
+        if (!busy || kvr_clock_now() > t_end)
+            break;
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    polls_del(x, p->comm);
+    int rc = MPI_Comm_disconnect(&p->comm);
+    p->comm = MPI_COMM_NULL;
+    p->own = 0;
+    p->dead = 1;
+    return rc == MPI_SUCCESS ? KVR_OK : mpi_fail(rc, "MPI_Comm_disconnect");
 }

@@ -57,6 +57,49 @@ int kvr_xfer_progress(struct kvr_xfer *x);
 void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank);
 void kvr_xfer_mark_alive(struct kvr_xfer *x, int rank);
 
+/* ---- a cluster that grows and shrinks (issue 14; docs/ARCHITECTURE.md) ----------------
+ * Peer ids past the job's MPI_COMM_WORLD are nodes that joined later, each reached over
+ * its own intercommunicator. A process started by MPI_Comm_spawn learns its id and its
+ * peers from the coordinator's JOIN_INFO inside kvr_xfer_init (kvr_xfer_joined then
+ * returns 1). All of these block the calling thread (MPI has no nonblocking form). */
+
+/* 1 when this process was spawned into a running cluster. */
+int kvr_xfer_joined(const struct kvr_xfer *x);
+
+/* 1 when rank is reached over its own link (a joined peer, or one that joined us). */
+int kvr_xfer_linked(const struct kvr_xfer *x, int rank);
+
+/* Coordinator: spawns one process (cmd with args, NULL-terminated; host: "" or NULL for
+ * anywhere the launcher has a slot) over MPI_COMM_SELF and gives it the next free peer id
+ * (*out_id). The caller then sends it JOIN_INFO on CTRL. KVR_EMPI (logged), KVR_ENOMEM. */
+int kvr_xfer_spawn(struct kvr_xfer *x, const char *cmd, char **args, const char *host, int *out_id);
+
+/* A node started as its own job (not spawned) joins through a directory: call before
+ * kvr_xfer_init (decode main does, for --join-dir). kvr_xfer_init then opens a port,
+ * writes its name to dir/<host>-<pid>.port and waits for the coordinator to connect. */
+void kvr_xfer_set_join_dir(const char *dir);
+
+/* Coordinator: connects to such a node's port (read from its file) and gives it the next
+ * free peer id (*out_id). The caller then sends it JOIN_INFO. Blocks until it accepts. */
+int kvr_xfer_adopt(struct kvr_xfer *x, const char *port, int *out_id);
+
+/* Joining node: opens a port (port: KVR_PORT_MAX bytes) / closes it. */
+int kvr_xfer_open_port(struct kvr_xfer *x, char *port);
+void kvr_xfer_close_port(struct kvr_xfer *x, const char *port);
+
+/* Joining node: accepts one connection on port and links the peer that says who it is
+ * (LINK_HELLO) under its id (*peer_id). Blocks until someone connects. */
+int kvr_xfer_accept(struct kvr_xfer *x, const char *port, int *peer_id);
+
+/* Any node: connects to a joining node's port and links it as peer_id with role. Blocks
+ * until that node accepts. */
+int kvr_xfer_connect(struct kvr_xfer *x, const char *port, int peer_id, int role);
+
+/* Disconnects the link to peer_id (which must be a joined link): waits for this side's
+ * sends to it, then MPI_Comm_disconnect, which returns once the peer disconnects too.
+ * Later sends to it are KVR_EINVAL. */
+int kvr_xfer_disconnect(struct kvr_xfer *x, int peer_id);
+
 /* Senders: each returns KVR_OK once the send is posted (non-blocking), KVR_EMPI,
  * KVR_ENOMEM, KVR_EUNAVAIL (rank marked dead), KVR_EINVAL (bad rank or arguments). A
  * failed send sent nothing: the caller still owns the outcome. */

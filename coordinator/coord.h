@@ -99,6 +99,7 @@ static inline void coord_limits_deinit(struct coord_limits *l) {
 struct coord_node_status {
     int rank;
     char role[16];            /* "prefill" or "decode" */
+    char state[12];           /* "serving", "joining", "draining", "leaving", "parked", "dead" */
     char host[64];
     int alive;                /* 0 once the node stopped reporting or failed */
     uint64_t kv_bytes_total;
@@ -119,6 +120,10 @@ struct coord_cluster_status {
     uint64_t finished_requests;
     int seq_len;              /* model context */
     int vocab_size;
+    int decode_desired;       /* the decode pool's target size */
+    int decode_min, decode_max;
+    int autoscale;            /* the autoscaler is on */
+    char last_decision[256];  /* the elastic pool's last decision and why ("" none) */
 };
 
 struct coord_router;
@@ -133,6 +138,17 @@ int coord_router_submit(struct coord_router *r, struct coord_request *req, uint6
  * its blocks are freed on the decode node and its stream still gets one finish call
  * (CANCELLED), unless it already finished. Unknown ids are ignored. */
 void coord_router_cancel(struct coord_router *r, uint64_t id);
+
+/* Thread-safe. Sets the decode pool's target size (Scale RPC): nodes join (spawned, or
+ * parked ones come back) or drain until it holds. KVR_OK, KVR_EINVAL (outside [1 or
+ * --decode-min, --decode-max]), KVR_ENOTSUP (must grow and cannot start nodes); msg: one
+ * line for the client. */
+int coord_router_scale(struct coord_router *r, int n_decode, char *msg, size_t len);
+
+/* Thread-safe. Drains decode node `rank` (Drain RPC): no new placements, its requests
+ * finish (or re-run elsewhere after the drain timeout), then it leaves (spawned) or parks.
+ * KVR_OK, KVR_EINVAL (not a serving decode node, or the last one), KVR_ENOMEM. */
+int coord_router_drain(struct coord_router *r, int rank, char *msg, size_t len);
 
 static inline void coord_cluster_status_deinit(struct coord_cluster_status *s) {
     free(s->nodes);

@@ -107,6 +107,8 @@ enum rpc_method {
     RPC_HEALTH,
     RPC_HEALTH_CHECK, /* grpc.health.v1 */
     RPC_HEALTH_WATCH,
+    RPC_SCALE,
+    RPC_DRAIN,
 };
 
 static const struct {
@@ -118,6 +120,8 @@ static const struct {
     {"/kvrelay.v1.Inference/Health", RPC_HEALTH},
     {"/grpc.health.v1.Health/Check", RPC_HEALTH_CHECK},
     {"/grpc.health.v1.Health/Watch", RPC_HEALTH_WATCH},
+    {"/kvrelay.v1.Inference/Scale", RPC_SCALE},
+    {"/kvrelay.v1.Inference/Drain", RPC_DRAIN},
 };
 
 enum tag_kind {
@@ -780,6 +784,8 @@ static void cluster_status_reply(struct rpc_call *c) {
             p->queued = ns->queued;
             p->queued_prompt_tokens = ns->queued_prompt_tokens;
             p->report_age_ms = ns->report_age_ms;
+            ns->state[sizeof ns->state - 1] = '\0';
+            p->state = mutable_str(ns->state);
             ptrs[i] = p;
         }
         r.n_nodes = (size_t)n;
@@ -789,6 +795,12 @@ static void cluster_status_reply(struct rpc_call *c) {
         r.finished_requests = st.finished_requests;
         r.seq_len = st.seq_len;
         r.vocab_size = st.vocab_size;
+        r.decode_target = st.decode_desired;
+        r.decode_min = st.autoscale ? st.decode_min : 0;
+        r.decode_max = st.autoscale ? st.decode_max : 0;
+        r.autoscale = st.autoscale != 0;
+        st.last_decision[sizeof st.last_decision - 1] = '\0';
+        r.last_decision = mutable_str(st.last_decision);
         bb = pack_message(&r.base);
     }
     pthread_mutex_lock(&c->mu);
@@ -916,6 +928,54 @@ static void health_watch_turn(struct coord_grpc *g) {
     }
 }
 
+/* Scale and Drain: the router checks and queues them; the reply says what will happen. */
+static void admin_reply(struct rpc_call *c, const uint8_t *data, size_t len) {
+    char detail[256] = "";
+    int rc;
+    grpc_byte_buffer *bb = NULL;
+    if (c->method == RPC_SCALE) {
+        Kvrelay__V1__ScaleRequest *q = kvrelay__v1__scale_request__unpack(NULL, len, data);
+        if (!q) {
+            pthread_mutex_lock(&c->mu);
+            call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "cannot parse ScaleRequest");
+            pthread_mutex_unlock(&c->mu);
+            return;
+        }
+        rc = coord_router_scale(c->g->router, q->decode, detail, sizeof detail);
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        Kvrelay__V1__ScaleResponse r;
+        kvrelay__v1__scale_response__init(&r);
+        r.detail = detail;
+        if (rc == KVR_OK)
+            bb = pack_message(&r.base);
+    } else {
+        Kvrelay__V1__DrainRequest *q = kvrelay__v1__drain_request__unpack(NULL, len, data);
+        if (!q) {
+            pthread_mutex_lock(&c->mu);
+            call_finish(c, NULL, GRPC_STATUS_INVALID_ARGUMENT, "cannot parse DrainRequest");
+            pthread_mutex_unlock(&c->mu);
+            return;
+        }
+        rc = coord_router_drain(c->g->router, q->rank, detail, sizeof detail);
+        protobuf_c_message_free_unpacked(&q->base, NULL);
+        Kvrelay__V1__DrainResponse r;
+        kvrelay__v1__drain_response__init(&r);
+        r.detail = detail;
+        if (rc == KVR_OK)
+            bb = pack_message(&r.base);
+    }
+    pthread_mutex_lock(&c->mu);
+    if (rc == KVR_OK)
+        call_finish_reply(c, bb);
+    else
+        call_finish(c, NULL,
+                    rc == KVR_EINVAL ? GRPC_STATUS_INVALID_ARGUMENT
+                    : rc == KVR_ENOTSUP ? GRPC_STATUS_FAILED_PRECONDITION
+                                        : GRPC_STATUS_RESOURCE_EXHAUSTED,
+                    detail);
+    pthread_mutex_unlock(&c->mu);
+}
+
 static void on_recv(struct rpc_call *c, int success) {
     pthread_mutex_lock(&c->mu);
     c->n_batches--;
@@ -979,6 +1039,10 @@ static void on_recv(struct rpc_call *c, int success) {
             cluster_status_reply(c);
         break;
     }
+    case RPC_SCALE:
+    case RPC_DRAIN:
+        admin_reply(c, data, len);
+        break;
     case RPC_UNKNOWN:
         break;
     }
@@ -1084,7 +1148,7 @@ static void on_new_call(struct coord_grpc *g, int success) {
      * names no host); every other method, unknown ones included, needs a token when the
      * server has any. */
     enum coord_auth_verdict verdict = COORD_AUTH_OK;
-    if (call && g->auth && method != RPC_HEALTH)
+    if (call && g->auth && method != RPC_HEALTH && method != RPC_HEALTH_CHECK && method != RPC_HEALTH_WATCH)
         verdict = call_credentials(g, &g->nc_md);
     /* Re-arm first so that the server always has a request_call outstanding. */
     grpc_call_details_destroy(&g->nc_details);

@@ -47,6 +47,11 @@ struct coord_cfg {
     const char *http_listen;
     const char *chat_template;
     const char *served_model_name;
+    int decode_min, decode_max;
+    const char *decode_spawn;
+    const char *join_dir;
+    float drain_timeout, join_timeout;
+    float up_window, down_window, cooldown, warmup, wait_age, kv_high, kv_low, ttft_target, tpot_target;
 };
 
 static const struct kvr_opt opts[] = {
@@ -72,6 +77,21 @@ static const struct kvr_opt opts[] = {
     {"http-listen", KVR_OPT_STRING, offsetof(struct coord_cfg, http_listen), "127.0.0.1:8000", 0, -1, NULL, 0, "OpenAI-compatible HTTP API, /health and /metrics: HOST:PORT, or off"},
     {"chat-template", KVR_OPT_STRING, offsetof(struct coord_cfg, chat_template), "llama2", 0, -1, NULL, 0, "how /v1/chat/completions turns messages into a prompt: llama2, chatml or plain"},
     {"served-model-name", KVR_OPT_STRING, offsetof(struct coord_cfg, served_model_name), "", 0, -1, NULL, 0, "the model id of the HTTP API (default: the --model file's name)"},
+    {"decode-spawn", KVR_OPT_STRING, offsetof(struct coord_cfg, decode_spawn), "", 0, -1, NULL, 0, "command line (space-separated) of a decode node to start with MPI_Comm_spawn when the pool grows (\"\": the pool cannot grow; kvrelay up sets it)"},
+    {"join-dir", KVR_OPT_STRING, offsetof(struct coord_cfg, join_dir), "", 0, -1, NULL, 0, "directory where decode nodes started as jobs of their own (kvrelay-decode --join-dir) leave their MPI port; the coordinator connects to them (needs mpirun --ompi-server for both jobs; \"\": off)"},
+    {"decode-min", KVR_OPT_INT, offsetof(struct coord_cfg, decode_min), "0", 0, 4096, NULL, 0, "autoscaler: fewest decode nodes (0 = autoscaler off)"},
+    {"decode-max", KVR_OPT_INT, offsetof(struct coord_cfg, decode_max), "0", 0, 4096, NULL, 0, "most decode nodes (autoscaler and Scale; never more than the launcher can place; 0 = the nodes the job starts with, or --decode-min)"},
+    {"scale-up-window", KVR_OPT_FLOAT, offsetof(struct coord_cfg, up_window), "1", 0, 3600, NULL, 0, "autoscaler: seconds the pool must be short (waiting requests, KV, TTFT/TPOT) before it grows by one"},
+    {"scale-down-window", KVR_OPT_FLOAT, offsetof(struct coord_cfg, down_window), "5", 0, 3600, NULL, 0, "autoscaler: seconds the load must fit one node fewer before the pool shrinks by one"},
+    {"scale-cooldown", KVR_OPT_FLOAT, offsetof(struct coord_cfg, cooldown), "2", 0, 3600, NULL, 0, "autoscaler: seconds between two changes"},
+    {"scale-warmup", KVR_OPT_FLOAT, offsetof(struct coord_cfg, warmup), "1", 0, 3600, NULL, 0, "autoscaler: seconds after a node joins during which samples do not count"},
+    {"scale-wait-age", KVR_OPT_FLOAT, offsetof(struct coord_cfg, wait_age), "0.2", 0, 3600, NULL, 0, "autoscaler: a request waiting for decode memory longer than this means the pool is short"},
+    {"scale-kv-high", KVR_OPT_FLOAT, offsetof(struct coord_cfg, kv_high), "0.85", 0.01, 1, NULL, 0, "autoscaler: KV reserved fraction of the pool above which it is short"},
+    {"scale-kv-low", KVR_OPT_FLOAT, offsetof(struct coord_cfg, kv_low), "0.5", 0, 1, NULL, 0, "autoscaler: shrink only if the reservations fit one node fewer below this fraction"},
+    {"ttft-target-ms", KVR_OPT_FLOAT, offsetof(struct coord_cfg, ttft_target), "0", 0, 3.6e6, NULL, 0, "autoscaler: recent mean TTFT above this means the pool is short (0 = not a signal)"},
+    {"tpot-target-ms", KVR_OPT_FLOAT, offsetof(struct coord_cfg, tpot_target), "0", 0, 3.6e6, NULL, 0, "autoscaler: recent mean TPOT above this means the pool is short (0 = not a signal)"},
+    {"drain-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, drain_timeout), "30", 0, 86400, NULL, 0, "seconds a draining decode node's requests may take to finish; then they re-run elsewhere"},
+    {"join-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, join_timeout), "60", 1, 86400, NULL, 0, "seconds a spawned decode node may take to join (or to leave) before it is given up"},
 };
 
 /* The whole of a small PEM file, NUL-terminated (owned), or NULL with the reason printed. */
@@ -106,6 +126,21 @@ static int loopback(const char *addr) {
 /* The HTTP front end's bearer-token check: the same tokens as gRPC's (--auth-token-file). */
 static int http_authorize(void *ctx, const char *value) {
     return coord_auth_check(ctx, value, value ? strlen(value) : 0) == COORD_AUTH_OK ? 0 : -1;
+}
+
+/* The words of s (modified in place) as a NULL-terminated argv, or NULL for "". */
+static char **split_words(char *s) {
+    int n = 0;
+    char **v = calloc(strlen(s) / 2 + 2, sizeof *v);
+    if (!v)
+        return NULL;
+    for (char *t = strtok(s, " "); t; t = strtok(NULL, " "))
+        v[n++] = t;
+    if (n == 0) {
+        free(v);
+        return NULL;
+    }
+    return v;
 }
 
 int main(int argc, char **argv) {
@@ -171,7 +206,29 @@ int main(int argc, char **argv) {
     if (!loopback(cfg.listen) && !auth && !client_ca)
         KVR_LOG_WARN("listening on %s without --auth-token-file or --tls-client-ca: anyone who can "
                      "reach it may use the cluster", cfg.listen);
-    struct coord_router_params rtp = {.tp = coord_transport_mpi(x), .ops = &coord_front_ops,
+    if (cfg.decode_min > 0 && cfg.decode_max < cfg.decode_min)
+        cfg.decode_max = cfg.decode_max ? cfg.decode_max : cfg.decode_min;
+    if (cfg.decode_min > 0 && cfg.decode_max < cfg.decode_min) {
+        fprintf(stderr, "kvrelay-coordinator: --decode-max %d is below --decode-min %d\n", cfg.decode_max,
+                cfg.decode_min);
+        kvr_role_exit(x, KVR_EINVAL);
+    }
+    int n_decode0 = 0;
+    for (int i = 0; i < kvr_xfer_size(x); i++)
+        n_decode0 += kvr_xfer_role_of(x, i) == KVR_ROLE_DECODE;
+    char *spawn_line = strdup(cfg.decode_spawn);
+    char **spawn_argv = spawn_line ? split_words(spawn_line) : NULL;
+    struct coord_router_params rtp = {.tp = coord_transport_mpi(x, spawn_argv), .ops = &coord_front_ops,
+                                      .autoscale = cfg.decode_min > 0, .decode_min = cfg.decode_min,
+                                      .decode_max = cfg.decode_max ? cfg.decode_max
+                                                                   : (cfg.decode_min > n_decode0 ? cfg.decode_min : n_decode0),
+                                      .as = {.min = cfg.decode_min, .max = cfg.decode_max,
+                                             .up_window_s = cfg.up_window, .down_window_s = cfg.down_window,
+                                             .cooldown_s = cfg.cooldown, .warmup_s = cfg.warmup,
+                                             .wait_age_s = cfg.wait_age, .kv_high = cfg.kv_high, .kv_low = cfg.kv_low,
+                                             .ttft_target_ms = cfg.ttft_target, .tpot_target_ms = cfg.tpot_target},
+                                      .drain_timeout_s = cfg.drain_timeout, .join_timeout_s = cfg.join_timeout,
+                                      .can_spawn = spawn_argv != NULL, .join_dir = cfg.join_dir,
                                      .expected_nodes = kvr_xfer_size(x) - 1, .queue_max = cfg.queue_max,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
                                      .max_retries = cfg.max_retries, .max_request_age_s = cfg.max_request_age};
@@ -247,6 +304,8 @@ int main(int argc, char **argv) {
     coord_metrics_free(metrics);
     kvr_tokenizer_free(tok);
     kvr_model_free(model);
+    free(spawn_argv);
+    free(spawn_line);
     kvr_xfer_finalize(x, 2.0, 0);
     return 0;
 }

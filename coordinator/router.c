@@ -12,7 +12,10 @@
  *    blocks a node still holds. */
 #include "router.h"
 
+#include <dirent.h>
 #include <limits.h>
+#include <unistd.h>
+#include <stdarg.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +26,7 @@
 #include "kv_cache.h"
 #include "log.h"
 #include "msg.h"
+#include "autoscale.h"
 #include "request.h"
 #include "status.h"
 
@@ -65,6 +69,23 @@ struct creq {
 
 enum node_state { NODE_UP, NODE_DEAD };
 
+/* Where a node is in the elastic pool's life (orthogonal to liveness). Only SERVING
+ * nodes take placements. Checklist: phase_name() too. */
+enum node_phase {
+    PH_SERVING,  /* takes placements */
+    PH_JOINING,  /* spawned: HELLO, then links to every prefill node */
+    PH_DRAINING, /* no new placements; its requests finish (or re-run after --drain-timeout) */
+    PH_LEAVING,  /* empty: prefill nodes said BYE, waiting for its own BYE */
+    PH_PARKED,   /* drained node of the job's own ranks (cannot leave the job): idle, kept
+                  * for the next scale-up */
+    PH_LEFT,     /* gone for good (disconnected, or its join failed) */
+};
+
+static const char *phase_name(int ph) {
+    static const char *const names[] = {"serving", "joining", "draining", "leaving", "parked", "left"};
+    return ph >= 0 && ph <= PH_LEFT ? names[ph] : "?";
+}
+
 struct cnode {
     int rank;
     int role;
@@ -79,6 +100,13 @@ struct cnode {
     uint32_t epoch;           /* of the last RESET sent */
     int reset_pending;        /* a RESET went out; its HELLO has not come back */
     double t_reset;
+    int phase;                /* enum node_phase */
+    int spawned;              /* joined the running cluster (it can leave the job) */
+    double t_decision;        /* when the scale-up that made it was decided */
+    double t_spawned, t_hello, t_serving, t_drain, t_leave;
+    char *port;               /* joining: its MPI port (LINK_PORT) */
+    int *links;               /* (n_links) prefill ranks that link to it, in order */
+    int n_links, link_i;
 };
 
 /* A CANCEL that could not be sent yet; it holds the blocks it will release. */
@@ -122,6 +150,20 @@ struct coord_router {
     double last_snap, last_ping, last_turn, last_reap;
     struct kvr_tok_event *events; /* (KVR_TOKENS_MAX_EVENTS) parse target */
     struct coord_router_counters cnt;
+
+    /* The elastic pool (issue 14). desired: decode nodes the pool moves to (SERVING +
+     * JOINING), set by the autoscaler or a Scale call. */
+    int desired;
+    struct coord_autoscale as;
+    double last_scale_turn;
+    double ttft_ema_ms, tpot_ema_ms, t_last_finish;
+    char last_decision[256];
+    double t_spawn_retry;
+    double last_join_scan;
+    const char *desired_by;   /* who set desired last: "autoscaler", "Scale", "Drain", "start" */
+    int scale_req;            /* under mu: a Scale call's target, -1 none */
+    int *drain_reqs;          /* under mu: ranks to drain */
+    int n_drain_reqs, cap_drain_reqs;
 };
 
 static double now(const struct coord_router *r) { return r->now(); }
@@ -133,6 +175,9 @@ static struct cnode *node_of(const struct coord_router *r, int rank) {
 static int node_usable(const struct cnode *n) {
     return n && n->state == NODE_UP && !n->bad_hello && n->h.setup_status == KVR_OK;
 }
+
+/* Takes new placements (a decode node that is not joining, draining, leaving or parked). */
+static int node_placeable(const struct cnode *n) { return node_usable(n) && n->phase == PH_SERVING; }
 
 static struct coord_node_limits limits_of(const struct cnode *n) {
     return (struct coord_node_limits){.rank = n->rank, .role = n->h.role, .colocated = n->h.colocated,
@@ -146,13 +191,19 @@ int coord_router_create(const struct coord_router_params *p, struct coord_router
     *out = NULL;
     if (!p->ops || !p->tp.poll || !p->tp.send || !p->tp.mark_dead || !p->tp.mark_alive || p->queue_max < 1 ||
         !(p->node_timeout_s > 0) || !(p->queue_timeout_s > 0) || !(p->max_request_age_s > 0) ||
-        p->max_retries < 0 || p->max_retries >= (1 << ATTEMPT_BITS))
+        p->max_retries < 0 || p->max_retries >= (1 << ATTEMPT_BITS) ||
+        (p->autoscale && (p->decode_min < 1 || p->decode_max < p->decode_min)))
         return KVR_EINVAL;
     struct coord_router *r = calloc(1, sizeof *r);
     if (!r)
         return KVR_ENOMEM;
     r->p = *p;
     r->now = p->now ? p->now : kvr_clock_now;
+    r->scale_req = -1;
+    r->desired = -1;
+    r->desired_by = "start";
+    if (p->autoscale)
+        coord_autoscale_init(&r->as, &p->as);
     r->events = malloc(KVR_TOKENS_MAX_EVENTS * sizeof *r->events);
     if (!r->events) {
         free(r);
@@ -187,8 +238,11 @@ void coord_router_free(struct coord_router *r) {
         r->pcancel = c->next;
         free(c);
     }
-    for (int i = 0; i < r->n_nodes; i++)
+    for (int i = 0; i < r->n_nodes; i++) {
+        free(r->nodes[i]->links);
+        free(r->nodes[i]->port);
         free(r->nodes[i]);
+    }
     free(r->nodes);
     kvr_idmap_deinit(&r->by_rank);
     kvr_idmap_deinit(&r->by_wire);
@@ -196,6 +250,7 @@ void coord_router_free(struct coord_router *r) {
     free(r->waiting);
     free(r->active);
     free(r->cancels);
+    free(r->drain_reqs);
     free(r->events);
     free(r->sbuf);
     coord_cluster_status_deinit(&r->snap);
@@ -484,6 +539,12 @@ static void finish(struct coord_router *r, struct creq *q, int status, enum coor
         .total_ms = (t - q->r.t_arrival) * 1000.0,
         .prefill_rank = q->prefill_rank,
         .decode_rank = q->decode_rank};
+    if (q->t_first > 0) {
+        /* Recent latency for the autoscaler: an exponential mean over finished requests. */
+        r->ttft_ema_ms = r->t_last_finish > 0 ? 0.8 * r->ttft_ema_ms + 0.2 * u.ttft_ms : u.ttft_ms;
+        r->tpot_ema_ms = r->t_last_finish > 0 ? 0.8 * r->tpot_ema_ms + 0.2 * u.tpot_ms : u.tpot_ms;
+        r->t_last_finish = t;
+    }
     if (status != KVR_OK)
         KVR_LOG_WARN("req=%llu ends with %s: %s", (unsigned long long)q->id, kvr_status_name(status), msg);
     else
@@ -565,9 +626,13 @@ static int place_head(struct coord_router *r) {
     int fits_somewhere = 0, any_decode = 0;
     for (int i = 0; i < r->n_nodes; i++) {
         struct cnode *d = r->nodes[i];
-        if (!node_usable(d) || d->h.role != KVR_ROLE_DECODE)
+        if (!node_usable(d) || d->h.role != KVR_ROLE_DECODE || d->phase == PH_LEFT || d->phase == PH_LEAVING)
             continue;
         any_decode = 1;
+        if (!node_placeable(d)) {
+            fits_somewhere = 1; /* a joining or draining node: wait rather than refuse */
+            continue;
+        }
         struct coord_node_limits lim = limits_of(d);
         int64_t need = coord_request_blocks(&q->r, &lim);
         if (need_min < 0 || need < need_min)
@@ -879,6 +944,8 @@ static void on_hello(struct coord_router *r, struct cnode *n, const struct kvr_m
         n->state = NODE_UP;
         if (r->ready)
             KVR_LOG_WARN("rank %d (%s on %s) joined", n->rank, kvr_role_name(h.role), h.host);
+        if (r->ready && h.role == KVR_ROLE_DECODE && r->desired >= 0)
+            r->desired++; /* a node someone added: the pool's target grows with it */
         set_dirty(r);
         return;
     }
@@ -899,6 +966,8 @@ static void on_hello(struct coord_router *r, struct cnode *n, const struct kvr_m
         n->inflight_tokens = 0;
         memset(&n->rep, 0, sizeof n->rep);
         r->cnt.nodes_rejoined++;
+        if (!r->p.autoscale && n->h.role == KVR_ROLE_DECODE && n->phase == PH_SERVING && r->desired >= 0)
+            r->desired++;
         KVR_LOG_WARN("rank %d (%s on %s) is back after RESET epoch %u", n->rank, kvr_role_name(n->role), h.host,
                      h.epoch);
         set_dirty(r);
@@ -933,8 +1002,25 @@ static void spoke_again(struct coord_router *r, struct cnode *n) {
                  n->epoch);
 }
 
+static void on_link_msg(struct coord_router *r, struct cnode *n, const struct kvr_msg *m);
+static void pool_counts(const struct coord_router *r, int *serving, int *joining, int *changing);
+static void begin_drain(struct coord_router *r, struct cnode *n, const char *reason);
+static int joining_hello(struct coord_router *r, struct cnode *n, const struct kvr_msg *m);
+
 static void on_msg(struct coord_router *r, const struct kvr_msg *m) {
     struct cnode *n = node_of(r, m->src);
+    if (n && n->phase == PH_LEFT)
+        return;
+    if (m->kind == KVR_MSG_HELLO && n && n->phase == PH_JOINING) {
+        joining_hello(r, n, m);
+        return;
+    }
+    if (n && !n->bad_hello && (m->kind == KVR_MSG_LINK_PORT || m->kind == KVR_MSG_LINKED || m->kind == KVR_MSG_BYE ||
+                               m->kind == KVR_MSG_DRAIN_ME)) {
+        n->last_seen = now(r);
+        on_link_msg(r, n, m);
+        return;
+    }
     if (m->kind == KVR_MSG_HELLO) {
         on_hello(r, n, m);
         return;
@@ -1043,6 +1129,10 @@ static void take_inbox(struct coord_router *r, int *did) {
 }
 
 static void node_died(struct coord_router *r, struct cnode *n, double silent) {
+    /* A fixed pool (no autoscaler) stays what it is: its target follows the nodes, so a
+     * death does not start a replacement (the autoscaler's --decode-min does). */
+    if (!r->p.autoscale && n->h.role == KVR_ROLE_DECODE && n->phase == PH_SERVING && r->desired > 0)
+        r->desired--;
     n->state = NODE_DEAD;
     n->reset_pending = 0;
     r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
@@ -1100,6 +1190,21 @@ static void check_liveness(struct coord_router *r) {
     double t = r->last_turn;
     for (int i = 0; i < r->n_nodes; i++) {
         struct cnode *n = r->nodes[i];
+        if (n->phase == PH_LEFT)
+            continue;
+        if (n->phase == PH_JOINING || n->phase == PH_LEAVING) {
+            double since = n->phase == PH_JOINING ? n->t_spawned : n->t_drain;
+            if (t - since > r->p.join_timeout_s) {
+                KVR_LOG_ERROR("rank %d stayed %s for %.1f s: given up (its own timeout ends it)", n->rank,
+                              phase_name(n->phase), t - since);
+                n->phase = PH_LEFT;
+                n->state = NODE_DEAD;
+                r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+                snprintf(r->last_decision, sizeof r->last_decision, "rank %d failed to join or leave", n->rank);
+                set_dirty(r);
+            }
+            continue;
+        }
         if (n->state == NODE_UP && !n->bad_hello && t - n->last_seen > r->p.node_timeout_s)
             node_died(r, n, t - n->last_seen);
         else if (n->state == NODE_DEAD && n->reset_pending && t - n->t_reset > r->p.node_timeout_s) {
@@ -1108,6 +1213,446 @@ static void check_liveness(struct coord_router *r) {
             r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
         }
     }
+}
+
+/* ---- the elastic pool: join, drain, leave, autoscale (issue 14) ------------------------ */
+
+#define SCALE_EVERY_S 0.1
+
+static int tx_link(struct coord_router *r, int dst, int kind, int peer, int value, const char *port) {
+    struct kvr_link l = {.peer = peer, .value = value};
+    snprintf(l.port, sizeof l.port, "%s", port ? port : "");
+    struct kvr_wbuf w = {0};
+    kvr_msg_write_link(&w, kind, &l);
+    unsigned char *b = scratch(r, w.len);
+    if (!b)
+        return KVR_ENOMEM;
+    w = (struct kvr_wbuf){.p = b, .cap = w.len};
+    kvr_msg_write_link(&w, kind, &l);
+    return tx(r, dst, b, w.len);
+}
+
+static void decided(struct coord_router *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void decided(struct coord_router *r, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(r->last_decision, sizeof r->last_decision, fmt, ap);
+    va_end(ap);
+    KVR_LOG_WARN("elastic: %s", r->last_decision);
+    set_dirty(r);
+}
+
+/* Its join failed: it is no node of ours (a spawned node that cannot link ends itself). */
+static void join_failed(struct coord_router *r, struct cnode *n, const char *why) {
+    n->phase = PH_LEFT;
+    n->state = NODE_DEAD;
+    r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+    decided(r, "rank %d did not join: %s", n->rank, why);
+}
+
+static void now_serving(struct coord_router *r, struct cnode *n) {
+    double t = now(r);
+    n->phase = PH_SERVING;
+    n->t_serving = t;
+    n->last_seen = t;
+    r->cnt.joins++;
+    decided(r, "rank %d serving %.3f s after the decision (spawn %.0f ms, model and HELLO %.0f ms, %d links %.0f ms)",
+            n->rank, t - n->t_decision, (n->t_spawned - n->t_decision) * 1000.0,
+            (n->t_hello - n->t_spawned) * 1000.0, n->n_links, (t - n->t_hello) * 1000.0);
+}
+
+static int joining_hello(struct coord_router *r, struct cnode *n, const struct kvr_msg *m) {
+    struct kvr_hello h;
+    char why[160];
+    if (kvr_msg_parse_hello(m, &h) != KVR_OK) {
+        tx_empty(r, n->rank, KVR_MSG_LEAVE, 0);
+        join_failed(r, n, "malformed HELLO");
+        return -1;
+    }
+    if (!node_consistent(r, &h, why, sizeof why) || h.role != KVR_ROLE_DECODE) {
+        tx_empty(r, n->rank, KVR_MSG_LEAVE, 0);
+        join_failed(r, n, h.role != KVR_ROLE_DECODE ? "not a decode node" : why);
+        return -1;
+    }
+    n->h = h;
+    n->t_hello = now(r);
+    n->last_seen = n->t_hello;
+    /* The model checked out: tell it how many prefill nodes will connect. */
+    tx_link(r, n->rank, KVR_MSG_LINK, n->rank, n->n_links, NULL);
+    return 0;
+}
+
+static void on_link_msg(struct coord_router *r, struct cnode *n, const struct kvr_msg *m) {
+    struct kvr_link l;
+    if (kvr_msg_parse_link(m, &l) != KVR_OK)
+        return;
+    if (m->kind == KVR_MSG_LINK_PORT) {
+        if (n->phase != PH_JOINING || l.peer != n->rank)
+            return;
+        if (n->n_links == 0) {
+            now_serving(r, n);
+            return;
+        }
+        n->link_i = 0;
+        free(n->port);
+        n->port = strdup(l.port);
+        if (!n->port || tx_link(r, n->links[0], KVR_MSG_LINK, n->rank, KVR_ROLE_DECODE, l.port) != KVR_OK)
+            join_failed(r, n, "cannot ask a prefill node to link");
+        return;
+    }
+    if (m->kind == KVR_MSG_LINKED) {
+        struct cnode *j = node_of(r, l.peer);
+        if (!j || j->phase != PH_JOINING || j->link_i >= j->n_links || j->links[j->link_i] != n->rank)
+            return;
+        if (l.value != KVR_OK) {
+            char why[128];
+            snprintf(why, sizeof why, "prefill rank %d could not connect: %s", n->rank, kvr_status_str(l.value));
+            join_failed(r, j, why);
+            return;
+        }
+        if (++j->link_i == j->n_links) {
+            now_serving(r, j);
+            return;
+        }
+        if (tx_link(r, j->links[j->link_i], KVR_MSG_LINK, j->rank, KVR_ROLE_DECODE, j->port) != KVR_OK)
+            join_failed(r, j, "cannot ask a prefill node to link");
+        return;
+    }
+    if (m->kind == KVR_MSG_DRAIN_ME) {
+        if (n->phase != PH_SERVING || n->state != NODE_UP || n->h.role != KVR_ROLE_DECODE)
+            return;
+        int serving, joining, changing;
+        pool_counts(r, &serving, &joining, &changing);
+        begin_drain(r, n, "the node was told to stop (SIGTERM or SIGUSR1)");
+        int lo = r->p.autoscale ? r->p.decode_min : 0;
+        r->desired = serving - 1 > lo ? serving - 1 : lo;
+        r->desired_by = "a node's stop";
+        return;
+    }
+    /* BYE: the leaving node read everything and disconnects from us now. */
+    if (n->phase != PH_LEAVING)
+        return;
+    double t0 = now(r);
+    int rc = r->p.tp.disconnect ? r->p.tp.disconnect(r->p.tp.ctx, n->rank) : KVR_OK;
+    n->phase = PH_LEFT;
+    n->state = NODE_DEAD;
+    r->p.tp.mark_dead(r->p.tp.ctx, n->rank);
+    r->cnt.leaves++;
+    decided(r, "rank %d left: drained in %.3f s, links closed in %.0f ms (disconnect %s)", n->rank,
+            n->t_leave - n->t_drain, (now(r) - n->t_leave) * 1000.0, kvr_status_str(rc));
+    (void)t0;
+}
+
+static int add_joiner(struct coord_router *r, const char *port, const char *reason);
+
+/* Grows the pool by one: a parked node comes back, or a new one is spawned. */
+static int scale_up(struct coord_router *r, const char *reason) {
+    double t = now(r);
+    for (int i = 0; i < r->n_nodes; i++) {
+        struct cnode *n = r->nodes[i];
+        if (n->phase == PH_PARKED && node_usable(n)) {
+            n->phase = PH_SERVING;
+            n->t_serving = t;
+            decided(r, "+1 (%s): rank %d un-parked, serving at once", reason, n->rank);
+            return 0;
+        }
+    }
+    if (!r->p.tp.spawn || !r->p.can_spawn)
+        return KVR_ENOTSUP;
+    return add_joiner(r, NULL, reason);
+}
+
+/* A node that joins: spawned (port NULL) or started elsewhere and reached at port. It
+ * links to every usable prefill node. */
+static int add_joiner(struct coord_router *r, const char *port, const char *reason) {
+    double t = now(r);
+    struct kvr_peer_info *peers = calloc((size_t)r->n_nodes + 1, sizeof *peers);
+    int *links = calloc((size_t)r->n_nodes + 1, sizeof *links);
+    if (!peers || !links) {
+        free(peers);
+        free(links);
+        return KVR_ENOMEM;
+    }
+    int n_peers = 0;
+    for (int i = 0; i < r->n_nodes; i++) {
+        struct cnode *n = r->nodes[i];
+        if (!node_usable(n) || n->h.role != KVR_ROLE_PREFILL)
+            continue;
+        links[n_peers] = n->rank;
+        peers[n_peers] = (struct kvr_peer_info){.id = n->rank, .role = KVR_ROLE_PREFILL};
+        snprintf(peers[n_peers].host, sizeof peers[n_peers].host, "%s", n->h.host);
+        n_peers++;
+    }
+    int id = -1;
+    int rc = port ? r->p.tp.adopt(r->p.tp.ctx, port, peers, n_peers, &id)
+                  : r->p.tp.spawn(r->p.tp.ctx, peers, n_peers, &id);
+    free(peers);
+    double t1 = now(r);
+    struct cnode *n = rc == KVR_OK ? node_add(r, id) : NULL;
+    if (!n) {
+        free(links);
+        decided(r, "+1 (%s) failed: cannot %s a decode node: %s", reason, port ? "connect to" : "spawn",
+                kvr_status_str(rc ? rc : KVR_ENOMEM));
+        return rc ? rc : KVR_ENOMEM;
+    }
+    n->role = KVR_ROLE_DECODE;
+    n->h.role = KVR_ROLE_DECODE;
+    n->h.setup_status = KVR_EAGAIN; /* nothing is known until its HELLO */
+    n->state = NODE_UP;
+    n->phase = PH_JOINING;
+    n->spawned = 1;
+    n->t_decision = t;
+    n->t_spawned = t1;
+    n->last_seen = t1;
+    n->links = links;
+    n->n_links = n_peers;
+    decided(r, "+1 (%s): %s rank %d in %.0f ms; it links to %d prefill nodes", reason,
+            port ? "connected to" : "spawned", id, (t1 - t) * 1000.0, n_peers);
+    return 0;
+}
+
+/* Nodes started as jobs of their own leave their port in --join-dir. */
+static int scan_join_dir(struct coord_router *r) {
+    DIR *d = opendir(r->p.join_dir);
+    if (!d)
+        return 0;
+    int did = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (e->d_name[0] == '.' || len < 6 || strcmp(e->d_name + len - 5, ".port") != 0)
+            continue;
+        char path[4096], port[KVR_PORT_MAX] = "";
+        snprintf(path, sizeof path, "%s/%s", r->p.join_dir, e->d_name);
+        FILE *f = fopen(path, "r");
+        size_t k = f ? fread(port, 1, sizeof port - 1, f) : 0;
+        if (f)
+            fclose(f);
+        unlink(path);
+        port[k] = '\0';
+        if (!k)
+            continue;
+        did = 1;
+        if (add_joiner(r, port, "a node started elsewhere left its port") == 0)
+            r->desired++; /* someone added a node: the target grows with it */
+    }
+    closedir(d);
+    return did;
+}
+
+static void begin_drain(struct coord_router *r, struct cnode *n, const char *reason) {
+    n->phase = PH_DRAINING;
+    n->t_drain = now(r);
+    decided(r, "-1 (%s): draining rank %d (%lld blocks reserved)", reason, n->rank, (long long)n->reserved_blocks);
+}
+
+/* Runs q again from its prompt on another node (its tokens already streamed are skipped:
+ * a re-run is deterministic for the same seed), or fails it once it ran out of tries. */
+static void rerun_elsewhere(struct coord_router *r, struct creq *q, const char *why) {
+    if (q->attempt >= r->p.max_retries) {
+        finish_active(r, q, KVR_EUNAVAIL, COORD_FINISH_ERROR, why);
+        return;
+    }
+    active_remove(r, q);
+    abandon(r, q);
+    q->attempt++;
+    new_wire_id(q);
+    q->n_skip = q->n_sent;
+    q->n_seen = 0;
+    q->t_queued = now(r);
+    q->prefill_rank = q->decode_rank = -1;
+    r->cnt.reruns++;
+    KVR_LOG_WARN("req=%llu re-run (attempt %d): %s; %d tokens already sent", (unsigned long long)q->id, q->attempt,
+                 why, q->n_sent);
+    if (waiting_push(r, q, 1) != KVR_OK)
+        finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
+}
+
+static int drain_progress(struct coord_router *r) {
+    int did = 0;
+    double t = now(r);
+    for (int i = 0; i < r->n_nodes; i++) {
+        struct cnode *n = r->nodes[i];
+        if (n->phase != PH_DRAINING || n->state != NODE_UP)
+            continue;
+        int busy = 0;
+        for (int k = 0; k < r->n_active; k++)
+            busy += r->active[k]->decode_rank == n->rank;
+        for (struct pending_cancel *c = r->pcancel; c; c = c->next)
+            busy += c->rank == n->rank;
+        if (busy && t - n->t_drain > r->p.drain_timeout_s) {
+            char why[96];
+            snprintf(why, sizeof why, "its decode node rank %d drained for %.1f s", n->rank, r->p.drain_timeout_s);
+            for (int k = 0; k < r->n_active;) {
+                struct creq *q = r->active[k];
+                if (q->decode_rank == n->rank)
+                    rerun_elsewhere(r, q, why);
+                else
+                    k++;
+            }
+            did = 1;
+            continue;
+        }
+        if (busy)
+            continue;
+        did = 1;
+        n->t_leave = t;
+        if (!n->spawned || !r->p.tp.disconnect) {
+            n->phase = PH_PARKED;
+            decided(r, "rank %d drained in %.3f s and parked (a rank of the job itself cannot leave it)", n->rank,
+                    t - n->t_drain);
+            continue;
+        }
+        /* Every prefill node says BYE on its SEQ channel to it (after whatever it still
+         * sends there) and disconnects; the node disconnects from each, then from us. */
+        n->phase = PH_LEAVING;
+        for (int k = 0; k < n->n_links; k++) {
+            struct cnode *pf = node_of(r, n->links[k]);
+            if (pf && pf->state == NODE_UP)
+                tx_link(r, pf->rank, KVR_MSG_UNLINK, n->rank, 0, NULL);
+        }
+        tx_empty(r, n->rank, KVR_MSG_LEAVE, 0);
+        set_dirty(r);
+    }
+    return did;
+}
+
+static void pool_counts(const struct coord_router *r, int *serving, int *joining, int *changing) {
+    *serving = *joining = *changing = 0;
+    for (int i = 0; i < r->n_nodes; i++) {
+        const struct cnode *n = r->nodes[i];
+        if (n->role != KVR_ROLE_DECODE || n->state != NODE_UP)
+            continue;
+        *serving += node_placeable(n);
+        *joining += n->phase == PH_JOINING;
+        *changing += n->phase == PH_JOINING || n->phase == PH_DRAINING || n->phase == PH_LEAVING;
+    }
+}
+
+/* The drain victim: a spawned node before one of the job's own (those can only park),
+ * then the fewest blocks reserved, then the newest. */
+static struct cnode *victim(struct coord_router *r) {
+    struct cnode *best = NULL;
+    for (int i = 0; i < r->n_nodes; i++) {
+        struct cnode *n = r->nodes[i];
+        if (!node_placeable(n) || n->h.role != KVR_ROLE_DECODE)
+            continue;
+        if (!best || n->spawned > best->spawned ||
+            (n->spawned == best->spawned && n->reserved_blocks <= best->reserved_blocks))
+            best = n;
+    }
+    return best;
+}
+
+static int autoscale_turn(struct coord_router *r) {
+    int serving, joining, changing;
+    pool_counts(r, &serving, &joining, &changing);
+    struct coord_autoscale_sample sm = {.t = now(r), .n_serving = serving, .n_changing = changing,
+                                        .waiting = r->n_waiting, .ttft_ms = -1, .tpot_ms = -1,
+                                        .t_last_join = -1e300};
+    if (r->n_waiting > 0)
+        sm.oldest_wait_s = sm.t - r->waiting[0]->t_queued;
+    for (int i = 0; i < r->n_nodes; i++) {
+        const struct cnode *n = r->nodes[i];
+        if (!node_placeable(n) || n->h.role != KVR_ROLE_DECODE)
+            continue;
+        sm.kv_reserved += (double)n->reserved_blocks;
+        sm.kv_total += n->h.n_blocks_total;
+        if (sm.kv_node_min == 0 || n->h.n_blocks_total < sm.kv_node_min)
+            sm.kv_node_min = n->h.n_blocks_total;
+        if (n->spawned && n->t_serving > sm.t_last_join)
+            sm.t_last_join = n->t_serving;
+    }
+    if (r->t_last_finish > 0 && sm.t - r->t_last_finish < 10.0) {
+        sm.ttft_ms = r->ttft_ema_ms;
+        sm.tpot_ms = r->tpot_ema_ms;
+    }
+    char why[200];
+    int d = coord_autoscale_decide(&r->as, &sm, why, sizeof why);
+    if (d != 0)
+        r->desired_by = "autoscaler";
+    if (d > 0) {
+        r->desired = serving + joining + 1;
+        snprintf(r->last_decision, sizeof r->last_decision, "autoscaler: +1 to %d: %s", r->desired, why);
+        KVR_LOG_WARN("elastic: %s", r->last_decision);
+    } else if (d < 0) {
+        r->desired = serving - 1;
+        snprintf(r->last_decision, sizeof r->last_decision, "autoscaler: -1 to %d: %s", r->desired, why);
+        KVR_LOG_WARN("elastic: %s", r->last_decision);
+    }
+    return d != 0;
+}
+
+static void take_scale_requests(struct coord_router *r) {
+    pthread_mutex_lock(&r->mu);
+    int target = r->scale_req;
+    r->scale_req = -1;
+    int n_d = r->n_drain_reqs;
+    int drains[64];
+    if (n_d > 64)
+        n_d = 64;
+    if (n_d > 0)
+        memcpy(drains, r->drain_reqs, (size_t)n_d * sizeof *drains);
+    r->n_drain_reqs = 0;
+    pthread_mutex_unlock(&r->mu);
+    if (target >= 0) {
+        r->desired = target;
+        r->desired_by = "Scale";
+        decided(r, "Scale: decode pool target %d", target);
+    }
+    for (int i = 0; i < n_d; i++) {
+        struct cnode *n = node_of(r, drains[i]);
+        if (!node_placeable(n) || n->h.role != KVR_ROLE_DECODE)
+            continue;
+        int serving, joining, changing;
+        pool_counts(r, &serving, &joining, &changing);
+        begin_drain(r, n, "Drain");
+        r->desired_by = "Drain";
+        /* The node goes; the pool's size stays what the autoscaler or Scale asked for,
+         * within the bounds (a replacement joins if that is still above what remains). */
+        int lo = r->p.autoscale ? r->p.decode_min : 1;
+        r->desired = serving - 1 > lo ? serving - 1 : lo;
+        if (!r->p.autoscale)
+            r->desired = serving - 1 > 0 ? serving - 1 : 0;
+    }
+}
+
+static int elastic_turn(struct coord_router *r) {
+    int did = 0;
+    double t = now(r);
+    take_scale_requests(r);
+    if (drain_progress(r))
+        did = 1;
+    if (r->p.join_dir && r->p.join_dir[0] && r->p.tp.adopt && t - r->last_join_scan >= 0.2) {
+        r->last_join_scan = t;
+        if (scan_join_dir(r))
+            did = 1;
+    }
+    if (t - r->last_scale_turn < SCALE_EVERY_S)
+        return did;
+    r->last_scale_turn = t;
+    if (r->p.autoscale)
+        autoscale_turn(r);
+    int serving, joining, changing;
+    pool_counts(r, &serving, &joining, &changing);
+    if (joining == 0 && serving < r->desired && t >= r->t_spawn_retry) {
+        /* One join at a time: its links to the prefill nodes go one after the other. */
+        int rc = scale_up(r, r->desired_by);
+        if (rc == KVR_ENOTSUP) {
+            r->desired = serving; /* nothing can be started: the pool is what it is */
+            decided(r, "the decode pool cannot grow (no --decode-spawn): target back to %d", serving);
+        } else if (rc != 0) {
+            r->t_spawn_retry = t + 5.0; /* the launcher refused: do not hammer it */
+        }
+        did = 1;
+    } else if (serving > r->desired && serving > 1) {
+        struct cnode *v = victim(r);
+        if (v) {
+            begin_drain(r, v, r->desired_by);
+            did = 1;
+        }
+    }
+    return did;
 }
 
 /* ---- snapshots ---------------------------------------------------------------------------- */
@@ -1124,7 +1669,11 @@ static void update_snapshot(struct coord_router *r) {
     int n_rows = 0, n_lims = 0;
     for (int i = 0; i < r->n_nodes; i++) {
         const struct cnode *n = r->nodes[i];
+        if (n->phase == PH_LEFT)
+            continue;
         struct coord_node_status *o = &rows[n_rows++];
+        snprintf(o->state, sizeof o->state, "%s",
+                 n->state == NODE_DEAD || n->bad_hello ? "dead" : phase_name(n->phase));
         uint64_t block_nbytes = n->h.n_blocks_total > 0 ? n->h.kv_bytes_total / (uint64_t)n->h.n_blocks_total : 0;
         o->rank = n->rank;
         snprintf(o->role, sizeof o->role, "%s",
@@ -1140,7 +1689,7 @@ static void update_snapshot(struct coord_router *r) {
         o->queued_prompt_tokens =
             n->h.role == KVR_ROLE_PREFILL ? n->inflight_tokens : n->rep.queued_prompt_tokens;
         o->report_age_ms = n->last_seen > 0 ? (t - n->last_seen) * 1000.0 : -1.0;
-        if (node_usable(n))
+        if (node_placeable(n))
             lims[n_lims++] = limits_of(n);
     }
     pthread_mutex_lock(&r->mu);
@@ -1152,6 +1701,11 @@ static void update_snapshot(struct coord_router *r) {
     r->snap.finished_requests = r->cnt.finished;
     r->snap.seq_len = r->seq_len;
     r->snap.vocab_size = r->vocab;
+    r->snap.decode_desired = r->desired;
+    r->snap.decode_min = r->p.decode_min;
+    r->snap.decode_max = r->p.decode_max;
+    r->snap.autoscale = r->p.autoscale;
+    snprintf(r->snap.last_decision, sizeof r->snap.last_decision, "%s", r->last_decision);
     free(r->limits.nodes);
     r->limits.nodes = lims;
     r->limits.n_nodes = n_lims;
@@ -1215,6 +1769,9 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
     r->vocab = *vocab = r->nodes[0]->h.vocab_size;
     r->fingerprint = fingerprint;
     r->ready = 1;
+    r->desired = n_decode;
+    if (r->p.autoscale)
+        r->desired = n_decode < r->p.decode_min ? r->p.decode_min : n_decode > r->p.decode_max ? r->p.decode_max : n_decode;
     double t = now(r);
     for (int i = 0; i < r->n_nodes; i++)
         r->nodes[i]->last_seen = t;
@@ -1271,10 +1828,14 @@ int coord_router_poll(struct coord_router *r) {
     }
     if (dispatch(r))
         did = 1;
+    if (r->ready && elastic_turn(r))
+        did = 1;
     /* Nodes leave on their own if the coordinator goes silent (it crashed). */
     if (now(r) - r->last_ping >= 1.0) {
         for (int i = 0; i < r->n_nodes; i++)
-            if (r->nodes[i]->state == NODE_UP && !r->nodes[i]->bad_hello)
+            if (r->nodes[i]->state == NODE_UP && !r->nodes[i]->bad_hello &&
+                (r->nodes[i]->phase == PH_SERVING || r->nodes[i]->phase == PH_DRAINING ||
+                 r->nodes[i]->phase == PH_PARKED))
                 tx_empty(r, r->nodes[i]->rank, KVR_MSG_PING, 0);
         r->last_ping = now(r);
     }
@@ -1283,6 +1844,64 @@ int coord_router_poll(struct coord_router *r) {
     if (did || now(r) - r->last_snap > 0.05)
         update_snapshot(r);
     return did;
+}
+
+int coord_router_scale(struct coord_router *r, int n_decode, char *msg, size_t len) {
+    int rc = KVR_OK;
+    pthread_mutex_lock(&r->mu);
+    int lo = r->p.autoscale ? r->p.decode_min : 1, hi = r->p.autoscale ? r->p.decode_max : r->p.decode_max;
+    if ((!r->p.tp.spawn || !r->p.can_spawn) && n_decode > r->snap.decode_desired) {
+        snprintf(msg, len, "this cluster cannot start decode nodes (the coordinator has no --decode-spawn)");
+        rc = KVR_ENOTSUP;
+    } else if (n_decode < lo || n_decode > hi) {
+        snprintf(msg, len, "decode target %d is outside [%d, %d]", n_decode, lo, hi);
+        rc = KVR_EINVAL;
+    } else {
+        r->scale_req = n_decode;
+        snprintf(msg, len, "decode pool target %d (was %d)", n_decode, r->snap.decode_desired);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+int coord_router_drain(struct coord_router *r, int rank, char *msg, size_t len) {
+    int rc = KVR_EINVAL, n_serving = 0;
+    pthread_mutex_lock(&r->mu);
+    const struct coord_node_status *row = NULL;
+    for (int i = 0; i < r->snap.n_nodes; i++) {
+        const struct coord_node_status *o = &r->snap.nodes[i];
+        n_serving += !strcmp(o->role, "decode") && !strcmp(o->state, "serving");
+        if (o->rank == rank)
+            row = o;
+    }
+    if (!row || strcmp(row->role, "decode") != 0)
+        snprintf(msg, len, "rank %d is not a decode node of this cluster", rank);
+    else if (strcmp(row->state, "serving") != 0)
+        snprintf(msg, len, "rank %d is %s, not serving", rank, row->state);
+    else if (n_serving < 2 && (!r->p.tp.spawn || !r->p.can_spawn))
+        snprintf(msg, len, "rank %d is the last serving decode node and no other can be started", rank);
+    else if (r->n_drain_reqs >= 64)
+        snprintf(msg, len, "too many drains pending");
+    else {
+        int *a = r->drain_reqs;
+        if (r->n_drain_reqs == r->cap_drain_reqs) {
+            a = realloc(r->drain_reqs, 64 * sizeof *a);
+            if (a) {
+                r->drain_reqs = a;
+                r->cap_drain_reqs = 64;
+            }
+        }
+        if (!a) {
+            rc = KVR_ENOMEM;
+            snprintf(msg, len, "out of memory");
+        } else {
+            r->drain_reqs[r->n_drain_reqs++] = rank;
+            snprintf(msg, len, "draining rank %d", rank);
+            rc = KVR_OK;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    return rc;
 }
 
 void coord_router_shutdown(struct coord_router *r) {
@@ -1295,8 +1914,34 @@ void coord_router_shutdown(struct coord_router *r) {
         finish_waiting(r, 0, KVR_EUNAVAIL, COORD_FINISH_ERROR, "the cluster is shutting down");
     while (r->n_active > 0)
         finish_active(r, r->active[0], KVR_EUNAVAIL, COORD_FINISH_ERROR, "the cluster is shutting down");
+    /* Spawned nodes leave the way a drained one does (their links closed, exit 0), so that
+     * the job ends cleanly; then everyone else gets SHUTDOWN. */
+    int n_leaving = 0;
+    for (int i = 0; i < r->n_nodes; i++) {
+        struct cnode *n = r->nodes[i];
+        if (n->spawned && n->state == NODE_UP && (n->phase == PH_SERVING || n->phase == PH_DRAINING)) {
+            n->phase = PH_DRAINING;
+            n->t_drain = now(r);
+            n_leaving++;
+        }
+    }
+    if (n_leaving) {
+        drain_progress(r);
+        double t_end = now(r) + 10.0;
+        for (;;) {
+            int empty, left = 0;
+            drain(r, &empty);
+            for (int i = 0; i < r->n_nodes; i++)
+                left += r->nodes[i]->phase == PH_LEAVING && r->nodes[i]->state == NODE_UP;
+            if (!left || now(r) > t_end)
+                break;
+            if (r->p.tp.progress)
+                r->p.tp.progress(r->p.tp.ctx);
+            kvr_sleep_ms(1);
+        }
+    }
     for (int i = 0; i < r->n_nodes; i++)
-        if (r->nodes[i]->state == NODE_UP)
+        if (r->nodes[i]->state == NODE_UP && r->nodes[i]->phase != PH_LEFT && r->nodes[i]->phase != PH_JOINING)
             tx_empty(r, r->nodes[i]->rank, KVR_MSG_SHUTDOWN, 0);
     update_snapshot(r);
 }

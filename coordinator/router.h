@@ -11,6 +11,7 @@
 
 #include <stdint.h>
 
+#include "autoscale.h"
 #include "coord.h"
 #include "transport.h"
 
@@ -25,6 +26,14 @@ struct coord_router_params {
     int max_retries;                     /* re-runs of a request whose node died */
     double max_request_age_s;            /* every request ends by then (KVR_EDEADLINE); > 0 */
     double (*now)(void);                 /* the clock (seconds); NULL: kvr_clock_now */
+    /* The elastic decode pool (issue 14; docs/ARCHITECTURE.md). */
+    int autoscale;                       /* 1: the autoscaler sets the pool's size in [min, max] */
+    int decode_min, decode_max;          /* bounds of the pool (max also bounds Scale) */
+    int can_spawn;                       /* tp.spawn can start decode nodes (--decode-spawn) */
+    const char *join_dir;                /* nodes started elsewhere leave their port here (borrowed) */
+    struct coord_autoscale_params as;    /* the autoscaler's thresholds and windows */
+    double drain_timeout_s;              /* a draining node's requests re-run elsewhere after this */
+    double join_timeout_s;               /* a node that has not joined (or left) by then is given up */
 };
 
 /* Creates the router. KVR_EINVAL, KVR_ENOMEM. Returns owned *out, free with
@@ -60,6 +69,7 @@ struct coord_router_counters {
     uint64_t nodes_died, nodes_rejoined, resets_sent;
     uint64_t stalls;            /* turns that came after the loop itself stalled */
     uint64_t cancels_pending;   /* cancels waiting for a retry now */
+    uint64_t joins, leaves;     /* decode nodes that joined and left the running cluster */
 };
 void coord_router_counters(const struct coord_router *r, struct coord_router_counters *out);
 

@@ -29,11 +29,22 @@ struct coord_transport {
     void (*mark_alive)(void *ctx, int peer);
     /* Completes finished sends. */
     void (*progress)(void *ctx);
+    /* Elastic pool (may be NULL: the pool is fixed). spawn starts one decode node, gives it
+     * the next free peer id (*peer) and sends it JOIN_INFO listing peers (n_peers: the
+     * prefill nodes that will link to it); it blocks for the launch (tens of ms). */
+    int (*spawn)(void *ctx, const struct kvr_peer_info *peers, int n_peers, int *peer);
+    /* Connects to a node started elsewhere that left its port (read from --join-dir),
+     * gives it the next free peer id and sends it JOIN_INFO, as spawn does. */
+    int (*adopt)(void *ctx, const char *port, const struct kvr_peer_info *peers, int n_peers, int *peer);
+    /* Disconnects a spawned node that said BYE (blocks until it disconnects too). */
+    int (*disconnect)(void *ctx, int peer);
 };
 
 struct kvr_xfer;
 
-/* The product's transport over x (borrowed; used from the router's thread only). */
-struct coord_transport coord_transport_mpi(struct kvr_xfer *x);
+/* The product's transport over x (borrowed; used from the router's thread only). spawn_argv:
+ * the decode node's command line (NULL-terminated, borrowed for the transport's life), or
+ * NULL for a fixed pool (spawn then fails with KVR_ENOTSUP). */
+struct coord_transport coord_transport_mpi(struct kvr_xfer *x, char **spawn_argv);
 
 #endif /* KVR_COORD_TRANSPORT_H */

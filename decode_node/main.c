@@ -2,6 +2,7 @@
  * the same sources: the product (build/bin) and, with -DKVR_FAULTS, the test build
  * (build/tests/bin) whose extra options inject faults; the product has none of them. */
 #include <stddef.h>
+#include <string.h>
 #include <stdint.h>
 
 #include "decode.h"
@@ -9,6 +10,7 @@
 #include "options.h"
 #include "role.h"
 #include "status.h"
+#include "xfer.h"
 
 struct decode_cfg {
     const char *model;
@@ -22,6 +24,7 @@ struct decode_cfg {
     int colocated;
     int report_ms;
     float coord_timeout;
+    const char *join_dir;
     int fault_step_delay_ms;
     uint64_t fault_step_fail_seed;
 };
@@ -38,6 +41,7 @@ static const struct kvr_opt opts[] = {
     {"colocated", KVR_OPT_FLAG, offsetof(struct decode_cfg, colocated), "0", 0, -1, NULL, 0, "also prefill prompts (no prefill nodes)"},
     {"report-ms", KVR_OPT_INT, offsetof(struct decode_cfg, report_ms), "50", 1, 100000, NULL, 0, "status report period"},
     {"coord-timeout", KVR_OPT_FLOAT, offsetof(struct decode_cfg, coord_timeout), "15", 1, 86400, NULL, 0, "seconds without a word from the coordinator (it pings every second) before leaving"},
+    {"join-dir", KVR_OPT_STRING, offsetof(struct decode_cfg, join_dir), "", 0, -1, NULL, 0, "join a running cluster from a job of its own: leave this node's MPI port in DIR (the coordinator's --join-dir) and wait for the coordinator; both jobs need mpirun --ompi-server file:URI"},
 #ifdef KVR_FAULTS
     {"fault-step-delay-ms", KVR_OPT_INT, offsetof(struct decode_cfg, fault_step_delay_ms), "0", 0, 10000, NULL, 0, "TEST BUILD: sleep after every decode step"},
     {"fault-step-fail-seed", KVR_OPT_U64, offsetof(struct decode_cfg, fault_step_fail_seed), "0", 0, -1, NULL, 0, "TEST BUILD: a request with this seed feeds a bad token id to its 4th step (0 = off)"},
@@ -50,6 +54,11 @@ int main(int argc, char **argv) {
     struct kvr_role_params rp = {.role = KVR_ROLE_DECODE, .prog = "kvrelay-decode",
                                  .summary = "A decode node (started by mpirun; see kvrelay up).", .opts = opts,
                                  .n_opts = (int)(sizeof opts / sizeof opts[0]), .cfg = &cfg};
+    /* --join-dir decides how MPI comes up, so it is read before the option table is (the
+     * table reads it again, with every other option). */
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--join-dir"))
+            kvr_xfer_set_join_dir(argv[i + 1]);
     int rc = kvr_role_start(&rp, &argc, &argv, &x);
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);

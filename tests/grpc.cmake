@@ -18,6 +18,12 @@ kvr_unit_test(test_request
   LIBS kvr_coord_request
   TIMEOUT 60 LABELS unit protocol)
 
+# The elastic pool's scaling policy on invented samples (issue 14).
+kvr_unit_test(test_autoscale
+  SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_autoscale.c
+  LIBS kvr_coord_router
+  TIMEOUT 30 LABELS unit)
+
 # The router against a fake transport and clock (issue 15): no MPI, any number of nodes.
 kvr_unit_test(test_router
   SOURCES ${KVR_GRPC_TEST_DIR}/unit/test_router.c

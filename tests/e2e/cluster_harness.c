@@ -367,6 +367,18 @@ int cluster_pids(const struct cluster *c, const char *prog, pid_t *pids, int max
 
 int harness_rank_of(pid_t pid) {
     char path[64];
+    /* A decode node spawned into the running cluster names itself kvr-peer-<id>. */
+    snprintf(path, sizeof path, "/proc/%d/comm", (int)pid);
+    FILE *fc = fopen(path, "r");
+    if (fc) {
+        char comm[32] = "";
+        int id = -1;
+        if (fgets(comm, sizeof comm, fc) && sscanf(comm, "kvr-peer-%d", &id) == 1) {
+            fclose(fc);
+            return id;
+        }
+        fclose(fc);
+    }
     snprintf(path, sizeof path, "/proc/%d/environ", (int)pid);
     FILE *f = fopen(path, "r");
     if (!f)

@@ -58,6 +58,7 @@
 #include <pthread.h>
 #include <sys/wait.h>
 #include <signal.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1415,6 +1416,293 @@ static void scenario_mismatch(void) {
                    "the nodes run the model at context 512, the coordinator at 256", NULL);
 }
 
+/* ---- the elastic decode pool (issue 14) ------------------------------------------------ */
+
+/* Decode nodes by state in the last status; *rank_spawned: a serving decode node above
+ * the job's own ranks (ranks 0-2 here), or -1. */
+static int n_decode_in(const char *state, int *rank_spawned) {
+    struct coord_cluster_status s = {0};
+    if (status(&s) != GRPC_OK)
+        return -1;
+    int n = 0;
+    if (rank_spawned)
+        *rank_spawned = -1;
+    for (int i = 0; i < s.n_nodes; i++) {
+        if (strcmp(s.nodes[i].role, "decode") != 0 || strcmp(s.nodes[i].state, state) != 0)
+            continue;
+        n++;
+        if (rank_spawned && s.nodes[i].rank > 2 && (*rank_spawned < 0 || s.nodes[i].running > 0))
+            *rank_spawned = s.nodes[i].rank;
+    }
+    return n;
+}
+
+static int wait_decode_serving(int want, double timeout_s) {
+    double t_end = now_s() + timeout_s;
+    while (now_s() < t_end) {
+        if (n_decode_in("serving", NULL) == want && n_decode_in("joining", NULL) == 0 &&
+            n_decode_in("draining", NULL) == 0 && n_decode_in("leaving", NULL) == 0)
+            return 1;
+        sleep_ms(50);
+    }
+    return 0;
+}
+
+static int admin(const char *method, int value, char *detail, size_t len) {
+    struct kvr_client *c = NULL;
+    REQUIRE(kvr_client_create(cl.addr, &c) == 0);
+    uint8_t buf[32], *resp = NULL;
+    size_t n, resp_len = 0;
+    if (!strcmp(method, "Scale")) {
+        Kvrelay__V1__ScaleRequest q;
+        kvrelay__v1__scale_request__init(&q);
+        q.decode = value;
+        n = kvrelay__v1__scale_request__pack(&q, buf);
+    } else {
+        Kvrelay__V1__DrainRequest q;
+        kvrelay__v1__drain_request__init(&q);
+        q.rank = value;
+        n = kvrelay__v1__drain_request__pack(&q, buf);
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/kvrelay.v1.Inference/%s", method);
+    struct kvr_rpc_status st;
+    int code = kvr_client_unary(c, path, buf, n, 5.0, &resp, &resp_len, &st);
+    snprintf(detail, len, "%s", st.message);
+    free(resp);
+    kvr_client_free(c);
+    return code;
+}
+
+struct load {
+    int n;
+    struct job *jobs;
+};
+
+static void load_start(struct load *l, int n) {
+    l->n = n;
+    l->jobs = calloc((size_t)n, sizeof *l->jobs);
+    REQUIRE(l->jobs);
+    for (int i = 0; i < n; i++) {
+        l->jobs[i].g = i % n_golden;
+        REQUIRE(pthread_create(&l->jobs[i].th, NULL, job_main, &l->jobs[i]) == 0);
+    }
+}
+
+/* Joins the load; returns how many answers were golden; *max_rank: highest decode rank seen. */
+static int load_end(struct load *l, const char *what, int *max_rank) {
+    int ok = 0;
+    for (int i = 0; i < l->n; i++) {
+        pthread_join(l->jobs[i].th, NULL);
+        ok += check_golden(l->jobs[i].g, &l->jobs[i].r, what);
+        if (max_rank && l->jobs[i].r.usage.decode_rank > *max_rank)
+            *max_rank = l->jobs[i].r.usage.decode_rank;
+        free(l->jobs[i].r.text);
+    }
+    free(l->jobs);
+    fprintf(stderr, "%s: %d/%d golden\n", what, ok, l->n);
+    return ok;
+}
+
+static void scenario_elastic(void) {
+    /* KV memory is the scarce resource: 19 blocks per decode node hold one golden request
+     * (up to 17 blocks) at a time, and a 2 ms step makes one take about 0.5 s. The pool
+     * starts at 1 decode node and may grow to 2. */
+    const char *args[] = {"--prefill", "1", "--decode", "1", "--decode-max", "2", "--kv-memory", "400000",
+                          "--queue-timeout", "120", "--node-timeout", "1", "--decode-args",
+                          "--fault-step-delay-ms 2",
+                          "--coordinator-args",
+                          "--scale-up-window 0.3 --scale-down-window 1 --scale-cooldown 0.5 --scale-warmup 0.2 "
+                          "--scale-wait-age 0.1 --drain-timeout 0.3",
+                          NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    CHECK_EQ(n_decode_in("serving", NULL), 1);
+    char detail[256];
+    CHECK_EQ(admin("Scale", 3, detail, sizeof detail), GRPC_INVALID_ARGUMENT); /* above --decode-max */
+    CHECK_EQ(admin("Drain", 1, detail, sizeof detail), GRPC_INVALID_ARGUMENT); /* the prefill node */
+
+    /* Load step up: requests wait for KV memory, the autoscaler spawns a node, it joins
+     * and serves some of them; every answer is golden. */
+    struct load l;
+    double t0 = now_s();
+    load_start(&l, 10);
+    int grew = 0;
+    while (!grew && now_s() - t0 < 30) {
+        grew = n_decode_in("serving", NULL) == 2;
+        sleep_ms(20);
+    }
+    fprintf(stderr, "elastic: pool grew to 2 after %.2f s of load\n", now_s() - t0);
+    CHECK(grew);
+    int max_rank = -1;
+    CHECK_EQ(load_end(&l, "elastic step up", &max_rank), 10);
+    CHECK(max_rank > 2); /* the spawned node served */
+    pid_t pids[16];
+    CHECK_EQ(cluster_pids(&cl, "kvrelay-decode", pids, 16), 2);
+
+    /* Load step down: the pool shrinks back to min; the spawned process exits. */
+    t0 = now_s();
+    CHECK(wait_decode_serving(1, 20));
+    fprintf(stderr, "elastic: pool shrank to 1 %.2f s after the load ended\n", now_s() - t0);
+    int n_left = 2;
+    for (int k = 0; k < 100 && n_left > 1; k++) {
+        n_left = cluster_pids(&cl, "kvrelay-decode", pids, 16);
+        sleep_ms(50);
+    }
+    CHECK_EQ(n_left, 1);
+
+    /* Drain in the middle of a request: load again; once a spawned node runs one, drain
+     * it. Its request re-runs elsewhere after --drain-timeout; every answer is golden. */
+    CHECK_EQ(admin("Scale", 2, detail, sizeof detail), GRPC_OK);
+    CHECK(wait_decode_serving(2, 20));
+    load_start(&l, 6);
+    int victim = -1;
+    t0 = now_s();
+    while (victim < 0 && now_s() - t0 < 20) {
+        struct coord_cluster_status s = {0};
+        if (status(&s) == GRPC_OK)
+            for (int i = 0; i < s.n_nodes; i++)
+                if (s.nodes[i].rank > 2 && !strcmp(s.nodes[i].state, "serving") && s.nodes[i].running > 0)
+                    victim = s.nodes[i].rank;
+        if (victim < 0)
+            sleep_ms(5);
+    }
+    CHECK(victim > 2);
+    CHECK_EQ(admin("Drain", victim, detail, sizeof detail), GRPC_OK);
+    fprintf(stderr, "elastic: %s\n", detail);
+    CHECK_EQ(load_end(&l, "elastic drain", NULL), 6);
+    CHECK(cluster_pid_of_rank(&cl, victim) < 0 || wait_decode_serving(1, 20));
+
+    /* SIGKILL a spawned node in the middle of a request: it is declared dead, its
+     * requests re-run on the others, every answer is golden. */
+    CHECK_EQ(admin("Scale", 2, detail, sizeof detail), GRPC_OK);
+    CHECK(wait_decode_serving(2, 20));
+    load_start(&l, 6);
+    int killed = -1;
+    t0 = now_s();
+    while (killed < 0 && now_s() - t0 < 20) {
+        struct coord_cluster_status s = {0};
+        if (status(&s) == GRPC_OK)
+            for (int i = 0; i < s.n_nodes && killed < 0; i++)
+                if (s.nodes[i].rank > 2 && !strcmp(s.nodes[i].state, "serving") && s.nodes[i].running > 0) {
+                    pid_t pid = cluster_pid_of_rank(&cl, s.nodes[i].rank);
+                    if (pid > 0 && kill(pid, SIGKILL) == 0)
+                        killed = s.nodes[i].rank;
+                }
+        if (killed < 0)
+            sleep_ms(5);
+    }
+    fprintf(stderr, "elastic: SIGKILLed spawned decode rank %d\n", killed);
+    CHECK(killed > 2);
+    CHECK_EQ(load_end(&l, "elastic sigkill", NULL), 6);
+    CHECK(wait_pool_empty(10.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+    CHECK_EQ(cluster_pids(&cl, NULL, pids, 16), 0);
+}
+
+/* A decode node started as a job of its own (a second mpirun, as an sbatch or a pod would
+ * start it) joins through an ompi-server and a --join-dir, serves golden text, and on
+ * SIGUSR1 to its mpirun drains and leaves: its mpirun exits 0, the cluster keeps serving. */
+static pid_t spawn_argv(const char *const *argv, const char *out_path) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(out_path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            close(fd);
+        }
+        setpgid(0, 0);
+        execvp(argv[0], (char *const *)(uintptr_t)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+static int wait_exit(pid_t pid, double timeout_s) {
+    double t_end = now_s() + timeout_s;
+    int st = 0;
+    while (now_s() < t_end) {
+        if (waitpid(pid, &st, WNOHANG) == pid)
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        sleep_ms(50);
+    }
+    kill(-pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    return -1;
+}
+
+static void scenario_join_port(void) {
+    if (system("command -v ompi-server > /dev/null") != 0) {
+        fprintf(stderr, "join_port: SKIPPED: no ompi-server on PATH (Open MPI 4.1's openmpi-bin has it; Open MPI "
+                        "5 has none)\n");
+        return;
+    }
+    char dir[] = "/tmp/elastic-join-test.XXXXXX";
+    REQUIRE(mkdtemp(dir));
+    char uri[256], srv_log[256], join_log[256], uri_arg[300], mpi_args[320], coord_args[320], decode[1024],
+        model[1024];
+    snprintf(uri, sizeof uri, "%s/uri", dir);
+    snprintf(srv_log, sizeof srv_log, "%s/ompi-server.log", dir);
+    snprintf(join_log, sizeof join_log, "%s/joiner.log", dir);
+    snprintf(uri_arg, sizeof uri_arg, "file:%s", uri);
+    snprintf(mpi_args, sizeof mpi_args, "--ompi-server file:%s", uri);
+    snprintf(coord_args, sizeof coord_args, "--join-dir %s", dir);
+    snprintf(decode, sizeof decode, "%s/kvrelay-decode", KVR_TEST_BIN_DIR);
+    snprintf(model, sizeof model, "%s/models/stories260K.bin", KVR_SHARED_DIR);
+    const char *srv_argv[] = {"ompi-server", "--no-daemonize", "-r", uri, NULL};
+    pid_t srv = spawn_argv(srv_argv, srv_log);
+    REQUIRE(srv > 0);
+    for (int k = 0; k < 100 && access(uri, R_OK) != 0; k++)
+        sleep_ms(50);
+    REQUIRE(access(uri, R_OK) == 0);
+    const char *args[] = {"--prefill", "1", "--decode", "1", "--kv-memory", "400000", "--mpirun-args", mpi_args,
+                          "--coordinator-args", coord_args, NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    const char *join_argv[] = {"mpirun", "--ompi-server", uri_arg, "--bind-to", "none", "--mca", "pml", "ob1",
+                               "-np", "1", decode, "--model", model, "--kv-memory", "400000", "--join-dir", dir,
+                               NULL};
+    double t0 = now_s();
+    /* Under ASan, the joiner's Open MPI (a singleton job talking to ompi-server through
+     * PMIx) leaves allocations LeakSanitizer reports at exit and its mpirun then exits 1;
+     * the decode node's own code is leak-checked in every other cluster test (spawned
+     * nodes included), so leak detection is off for this one process only. */
+    const char *asan = getenv("ASAN_OPTIONS");
+    char *asan_saved = asan ? strdup(asan) : NULL;
+    char asan_join[1024];
+    snprintf(asan_join, sizeof asan_join, "%s%sdetect_leaks=0", asan ? asan : "", asan && asan[0] ? ":" : "");
+    setenv("ASAN_OPTIONS", asan_join, 1);
+    pid_t joiner = spawn_argv(join_argv, join_log);
+    if (asan_saved)
+        setenv("ASAN_OPTIONS", asan_saved, 1);
+    else
+        unsetenv("ASAN_OPTIONS");
+    free(asan_saved);
+    REQUIRE(joiner > 0);
+    CHECK(wait_decode_serving(2, 60));
+    fprintf(stderr, "join_port: a separately started decode node serves %.2f s after its mpirun started\n",
+            now_s() - t0);
+    struct load l;
+    int max_rank = -1;
+    load_start(&l, 6);
+    CHECK_EQ(load_end(&l, "join_port", &max_rank), 6);
+    CHECK(max_rank > 2); /* the joined node (id 3) served */
+    /* SIGUSR1 to its mpirun (the clean stop of an mpirun launch: mpirun forwards it and
+     * waits, where after SIGTERM it kills its ranks a second later): the node asks to be
+     * drained, leaves, and its job ends with 0. */
+    kill(joiner, SIGUSR1);
+    CHECK_EQ(wait_exit(joiner, 30), 0);
+    CHECK(wait_decode_serving(1, 10));
+    load_start(&l, 2);
+    CHECK_EQ(load_end(&l, "join_port after leave", NULL), 2);
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+    kill(srv, SIGTERM);
+    wait_exit(srv, 10);
+    unlink(uri);
+    unlink(srv_log);
+    unlink(join_log);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     /* "gguf=TYPE" anywhere after the scenario: GGUF mode; it is taken out of argv, so a
@@ -1461,6 +1749,10 @@ int main(int argc, char **argv) {
         scenario_cancel();
     else if (!strcmp(which, "mismatch"))
         scenario_mismatch();
+    else if (!strcmp(which, "elastic"))
+        scenario_elastic();
+    else if (!strcmp(which, "join_port"))
+        scenario_join_port();
     else
         REQUIRE(!"unknown scenario");
     if (cl.pid > 0)

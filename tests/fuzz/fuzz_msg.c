@@ -125,6 +125,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             SAME(kvr_msg_write_seq_abort(w, m.req_id, &a));
         break;
     }
+    case KVR_MSG_LINK:
+    case KVR_MSG_LINKED:
+    case KVR_MSG_LINK_PORT:
+    case KVR_MSG_UNLINK:
+    case KVR_MSG_LINK_HELLO:
+    case KVR_MSG_BYE:
+    case KVR_MSG_DRAIN_ME: {
+        static struct kvr_link l;
+        if (kvr_msg_parse_link(&m, &l) == KVR_OK)
+            SAME(kvr_msg_write_link(w, m.kind, &l));
+        break;
+    }
+    case KVR_MSG_JOIN_INFO: {
+        static struct kvr_peer_info peers[KVR_JOIN_MAX_PEERS];
+        struct kvr_join_info j = {.peers = peers};
+        /* Parsed only: host names are fixed 64-byte fields whose bytes after a NUL do
+         * not survive a round trip. */
+        kvr_msg_parse_join_info(&m, &j);
+        break;
+    }
     default:
         if (kvr_msg_parse_empty(&m) == KVR_OK)
             SAME(kvr_msg_write_empty(w, m.kind, m.req_id));

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -299,4 +300,26 @@ void fake_router_reset(void) {
     F.last_tokens = NULL;
     memset(&F.last, 0, sizeof F.last);
     pthread_mutex_unlock(&F.mu);
+}
+
+/* The elastic pool's calls: accept a target in [1, 8] and a drain of rank 2 only, so the
+ * gRPC tests can check both answers and both status mappings. */
+int coord_router_scale(struct coord_router *r, int n_decode, char *msg, size_t len) {
+    (void)r;
+    if (n_decode < 1 || n_decode > 8) {
+        snprintf(msg, len, "decode target %d is outside [1, 8]", n_decode);
+        return KVR_EINVAL;
+    }
+    snprintf(msg, len, "decode pool target %d", n_decode);
+    return KVR_OK;
+}
+
+int coord_router_drain(struct coord_router *r, int rank, char *msg, size_t len) {
+    (void)r;
+    if (rank != 2) {
+        snprintf(msg, len, "rank %d is not a decode node of this cluster", rank);
+        return KVR_EINVAL;
+    }
+    snprintf(msg, len, "draining rank %d", rank);
+    return KVR_OK;
 }

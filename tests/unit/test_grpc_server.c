@@ -812,6 +812,51 @@ static void test_health_v1(void) {
     free(resp);
 }
 
+/* Scale and Drain reach the router's calls with the request's value and map their
+ * statuses (the fake router accepts targets 1-8 and a drain of rank 2). */
+static void test_scale_and_drain(void) {
+    struct kvr_rpc_status st;
+    uint8_t buf[32], *resp = NULL;
+    size_t len = 0;
+    Kvrelay__V1__ScaleRequest sq;
+    kvrelay__v1__scale_request__init(&sq);
+    sq.decode = 4;
+    size_t n = kvrelay__v1__scale_request__pack(&sq, buf);
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Scale", buf, n, T_OUT, &resp, &len, &st), C_OK);
+    Kvrelay__V1__ScaleResponse *sr = resp ? kvrelay__v1__scale_response__unpack(NULL, len, resp) : NULL;
+    CHECK(sr && !strcmp(sr->detail, "decode pool target 4"));
+    if (sr)
+        protobuf_c_message_free_unpacked(&sr->base, NULL);
+    free(resp);
+    resp = NULL;
+    sq.decode = 9;
+    n = kvrelay__v1__scale_request__pack(&sq, buf);
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Scale", buf, n, T_OUT, &resp, &len, &st),
+             C_INVALID_ARGUMENT);
+    CHECK(strstr(st.message, "outside [1, 8]") != NULL);
+    Kvrelay__V1__DrainRequest dq;
+    kvrelay__v1__drain_request__init(&dq);
+    dq.rank = 2;
+    n = kvrelay__v1__drain_request__pack(&dq, buf);
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Drain", buf, n, T_OUT, &resp, &len, &st), C_OK);
+    Kvrelay__V1__DrainResponse *dr = resp ? kvrelay__v1__drain_response__unpack(NULL, len, resp) : NULL;
+    CHECK(dr && !strcmp(dr->detail, "draining rank 2"));
+    if (dr)
+        protobuf_c_message_free_unpacked(&dr->base, NULL);
+    free(resp);
+    resp = NULL;
+    dq.rank = 1;
+    n = kvrelay__v1__drain_request__pack(&dq, buf);
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Drain", buf, n, T_OUT, &resp, &len, &st),
+             C_INVALID_ARGUMENT);
+    static const uint8_t garbage[] = {0xff, 0xff, 0xff};
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Drain", garbage, sizeof garbage, T_OUT, &resp, &len, &st),
+             C_INVALID_ARGUMENT);
+    CHECK_EQ(kvr_client_unary(cli, "/kvrelay.v1.Inference/Scale", garbage, sizeof garbage, T_OUT, &resp, &len, &st),
+             C_INVALID_ARGUMENT);
+    free(resp);
+}
+
 static void test_router_errors(void) {
     struct kvr_rpc_status st;
     struct kvr_gen_params p = greedy("Once upon a time", 10);
@@ -1206,6 +1251,7 @@ int main(void) {
     test_invalid_arguments();
     test_unknown_method();
     test_health_v1();
+    test_scale_and_drain();
     test_router_errors();
     test_raw_extremes();
     test_deadline_and_limits();

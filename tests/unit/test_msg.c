@@ -110,6 +110,12 @@ static int all_samples(struct buf *out, int max) {
     WRITE(&out[n++], kvr_msg_write_kv(w, 9, 42, wire, sizeof wire));
     WRITE(&out[n++], kvr_msg_write_seq_ready(w, 9, &ready));
     WRITE(&out[n++], kvr_msg_write_seq_abort(w, 9, &ab));
+    static const struct kvr_link lk = {.peer = 5, .value = 2, .port = "1234.0:567#tcp://127.0.0.1:4000"};
+    WRITE(&out[n++], kvr_msg_write_link(w, KVR_MSG_LINK, &lk));
+    static struct kvr_peer_info peers[2] = {{.id = 0, .role = KVR_ROLE_COORD, .host = "a"},
+                                            {.id = 1, .role = KVR_ROLE_PREFILL, .host = "b"}};
+    struct kvr_join_info ji = {.self = 5, .coord = 0, .n_peers = 2, .peers = peers};
+    WRITE(&out[n++], kvr_msg_write_join_info(w, &ji));
     REQUIRE(n <= max);
     return n;
 }
@@ -148,6 +154,21 @@ static int parse_any(const struct kvr_msg *m) {
         return kvr_msg_parse_seq_ready(m, &sr);
     case KVR_MSG_SEQ_ABORT:
         return kvr_msg_parse_seq_abort(m, &sa);
+    case KVR_MSG_LINK:
+    case KVR_MSG_LINKED:
+    case KVR_MSG_LINK_PORT:
+    case KVR_MSG_UNLINK:
+    case KVR_MSG_LINK_HELLO:
+    case KVR_MSG_BYE:
+    case KVR_MSG_DRAIN_ME: {
+        static struct kvr_link l;
+        return kvr_msg_parse_link(m, &l);
+    }
+    case KVR_MSG_JOIN_INFO: {
+        static struct kvr_peer_info peers[KVR_JOIN_MAX_PEERS];
+        struct kvr_join_info j = {.peers = peers};
+        return kvr_msg_parse_join_info(m, &j);
+    }
     default:
         return kvr_msg_parse_empty(m);
     }
@@ -247,6 +268,36 @@ static void test_round_trips(void) {
     REQUIRE(header(&b, &m) == KVR_OK);
     CHECK_EQ(kvr_msg_parse_kv(&m, &bn, &wire, &wl), KVR_OK);
     CHECK(bn == 6 && wl == 3 && wire[2] == 7);
+
+    /* The elastic pool's messages (issue 14). */
+    struct kvr_link l = {.peer = 7, .value = KVR_ROLE_DECODE, .port = "port-name"}, l2;
+    WRITE(&b, kvr_msg_write_link(w, KVR_MSG_LINK, &l));
+    REQUIRE(header(&b, &m) == KVR_OK);
+    CHECK_EQ(m.kind, KVR_MSG_LINK);
+    CHECK_EQ(kvr_msg_parse_link(&m, &l2), KVR_OK);
+    CHECK(l2.peer == 7 && l2.value == KVR_ROLE_DECODE && !strcmp(l2.port, "port-name"));
+    l.peer = -1;
+    WRITE(&b, kvr_msg_write_link(w, KVR_MSG_BYE, &l));
+    REQUIRE(header(&b, &m) == KVR_OK);
+    CHECK_EQ(kvr_msg_parse_link(&m, &l2), KVR_EFORMAT); /* no negative peer id */
+    static struct kvr_peer_info pi[KVR_JOIN_MAX_PEERS];
+    struct kvr_peer_info in[2] = {{.id = 0, .role = KVR_ROLE_COORD, .host = "c"},
+                                  {.id = 3, .role = KVR_ROLE_PREFILL, .host = "node7"}};
+    struct kvr_join_info j = {.self = 9, .coord = 0, .n_peers = 2, .peers = in}, j2 = {.peers = pi};
+    WRITE(&b, kvr_msg_write_join_info(w, &j));
+    REQUIRE(header(&b, &m) == KVR_OK);
+    CHECK_EQ(kvr_msg_parse_join_info(&m, &j2), KVR_OK);
+    CHECK(j2.self == 9 && j2.coord == 0 && j2.n_peers == 2 && pi[1].id == 3 && pi[1].role == KVR_ROLE_PREFILL &&
+          !strcmp(pi[1].host, "node7"));
+    in[1].id = 9; /* a peer with the node's own id */
+    WRITE(&b, kvr_msg_write_join_info(w, &j));
+    REQUIRE(header(&b, &m) == KVR_OK);
+    CHECK_EQ(kvr_msg_parse_join_info(&m, &j2), KVR_EFORMAT);
+    in[1].id = 3;
+    in[1].role = 7; /* no such role */
+    WRITE(&b, kvr_msg_write_join_info(w, &j));
+    REQUIRE(header(&b, &m) == KVR_OK);
+    CHECK_EQ(kvr_msg_parse_join_info(&m, &j2), KVR_EFORMAT);
 }
 
 /* Every valid message parses; every strict prefix and every one-byte-longer copy does not. */
