@@ -118,6 +118,8 @@ struct coord_cluster_status {
     int waiting_requests;     /* admitted, waiting for decode memory */
     int running_requests;
     uint64_t finished_requests;
+    uint64_t node_deaths;     /* nodes declared dead since start */
+    uint64_t reruns;          /* attempts started again after a node died or a drain timed out */
     int seq_len;              /* model context */
     int vocab_size;
     int decode_desired;       /* the decode pool's target size */

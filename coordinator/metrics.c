@@ -317,6 +317,12 @@ int coord_metrics_render(struct coord_metrics *m, const struct coord_cluster_sta
     put_help(f, "kvrelay_requests_finished_total", "counter",
              "Requests the router finished, any way.");
     fprintf(f, "kvrelay_requests_finished_total %llu\n", (unsigned long long)st->finished_requests);
+    put_help(f, "kvrelay_node_deaths_total", "counter",
+             "Nodes the coordinator declared dead (silent past --node-timeout, or MPI errors).");
+    fprintf(f, "kvrelay_node_deaths_total %llu\n", (unsigned long long)st->node_deaths);
+    put_help(f, "kvrelay_request_reruns_total", "counter",
+             "Request attempts started again from the prompt after their node died or their drain timed out.");
+    fprintf(f, "kvrelay_request_reruns_total %llu\n", (unsigned long long)st->reruns);
 
     static const struct {
         const char *name, *help;

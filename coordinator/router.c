@@ -1699,6 +1699,8 @@ static void update_snapshot(struct coord_router *r) {
     r->snap.waiting_requests = r->n_waiting;
     r->snap.running_requests = r->n_active;
     r->snap.finished_requests = r->cnt.finished;
+    r->snap.node_deaths = r->cnt.nodes_died;
+    r->snap.reruns = r->cnt.reruns;
     r->snap.seq_len = r->seq_len;
     r->snap.vocab_size = r->vocab;
     r->snap.decode_desired = r->desired;

@@ -300,6 +300,9 @@ def run_all(base, grpc_port):
           (d("vllm:inter_token_latency_seconds_count{}"), itl))
     check(d("vllm:request_queue_time_seconds_count{}") == 3, "queue time histogram counted 3")
     check(d("kvrelay_requests_rejected_total{reason=invalid}") == 1, "the refused request counted as invalid")
+    check("kvrelay_node_deaths_total{}" in m1 and "kvrelay_request_reruns_total{}" in m1 and
+          d("kvrelay_node_deaths_total{}") == 0 and d("kvrelay_request_reruns_total{}") == 0,
+          "node deaths and re-runs exported, none while every node lives")
     buckets = sorted((float(k.split("le=")[1].rstrip("}")), v) for k, v in m1.items()
                      if k.startswith("vllm:time_to_first_token_seconds_bucket"))
     check([b for b, _ in buckets][:3] == [0.001, 0.005, 0.01] and buckets[-1][0] == float("inf") and

@@ -111,7 +111,7 @@ int main(void) {
                                       .nodes = nodes,
                                       .waiting_requests = 2,
                                       .running_requests = 3,
-                                      .finished_requests = 7};
+                                      .finished_requests = 7, .node_deaths = 1, .reruns = 3};
     char *text = NULL;
     size_t len = 0;
     CHECK_EQ(coord_metrics_render(m, &st, &text, &len), KVR_OK);
@@ -157,6 +157,8 @@ int main(void) {
     CHECK_NEAR(sample(text, "kvrelay_requests_rejected_total{reason=\"unavailable\"}"), 1, 0);
     CHECK_NEAR(sample(text, "kvrelay_requests_failed_total"), 1, 0);
     CHECK_NEAR(sample(text, "kvrelay_requests_finished_total"), 7, 0);
+    CHECK_NEAR(sample(text, "kvrelay_node_deaths_total"), 1, 0);
+    CHECK_NEAR(sample(text, "kvrelay_request_reruns_total"), 3, 0);
     CHECK_NEAR(sample(text, "kvrelay_node_alive{rank=\"1\",role=\"prefill\",host=\"a\\\"b\"}"), 1,
                0);
     CHECK_NEAR(sample(text, "kvrelay_node_alive{rank=\"3\",role=\"decode\",host=\"h\"}"), 0, 0);
