@@ -330,10 +330,22 @@ fail:
 
 /* Frees everything of x that MPI no longer uses (sends still in flight keep their buffers:
  * MPI may read them until process exit). */
+/* Buffers of sends still in flight when the transport is freed (a peer left or died with
+ * messages unread). MPI may still read them, so they are never freed; they stay reachable
+ * from here until the process exits instead of leaking. */
+static unsigned char **inflight_bufs;
+static int n_inflight_bufs;
+
 static void xfer_free(struct kvr_xfer *x) {
     for (int i = 0; i < x->n_slots; i++) {
-        if (x->slots[i].busy)
+        if (x->slots[i].busy) {
+            unsigned char **v = realloc(inflight_bufs, (size_t)(n_inflight_bufs + 1) * sizeof *v);
+            if (v) {
+                inflight_bufs = v;
+                inflight_bufs[n_inflight_bufs++] = x->slots[i].buf;
+            }
             continue;
+        }
         free(x->slots[i].buf);
     }
     free(x->slots);

@@ -61,6 +61,20 @@ def curl(args, body=None, timeout=60):
     return status, rest, head.decode("latin-1")
 
 
+def cluster_env():
+    """The environment of `kvrelay up`, as tests/e2e/cluster_harness.c gives it: under ASan
+    every rank is leak-checked at exit and up's stop fails on a leak; the MPI stack's own
+    leaks are suppressed (tests/lsan_mpi.supp), which needs full unwinding and plugins kept
+    loaded so that every frame has a name."""
+    env = dict(os.environ)
+    asan = env.get("ASAN_OPTIONS", "")
+    env["ASAN_OPTIONS"] = asan + (":" if asan else "") + "fast_unwind_on_malloc=0:malloc_context_size=16"
+    env["LSAN_OPTIONS"] = "suppressions=%s:print_suppressions=0" % os.path.join(SRC, "tests", "lsan_mpi.supp")
+    env["OMPI_MCA_mca_base_component_disable_dlclose"] = "1"
+    env["PMIX_MCA_mca_base_component_disable_dlclose"] = "1"
+    return env
+
+
 def start_cluster():
     """`kvrelay up` on free ports; returns (process, grpc port, http port). Another program
     may take a port between the choice and the bind (the machine is shared): then the
@@ -71,7 +85,8 @@ def start_cluster():
         port, hport = free_ports(2)
         up = subprocess.Popen([os.path.join(BIN, "kvrelay"), "up", "--model", model, "--tokenizer", tok, "--port",
                                str(port), "--http-port", str(hport), "--decode-args",
-                               "--fault-step-fail-seed %d" % FAIL_SEED], stdout=subprocess.PIPE)
+                               "--fault-step-fail-seed %d" % FAIL_SEED], stdout=subprocess.PIPE,
+                              env=cluster_env())
         out = b""
         deadline = time.monotonic() + 120
         while b"ready at" not in out:
