@@ -336,14 +336,18 @@ fail:
 static unsigned char **inflight_bufs;
 static int n_inflight_bufs;
 
+static void keep_inflight(unsigned char *buf) {
+    unsigned char **v = realloc(inflight_bufs, (size_t)(n_inflight_bufs + 1) * sizeof *v);
+    if (v) {
+        inflight_bufs = v;
+        inflight_bufs[n_inflight_bufs++] = buf;
+    }
+}
+
 static void xfer_free(struct kvr_xfer *x) {
     for (int i = 0; i < x->n_slots; i++) {
         if (x->slots[i].busy) {
-            unsigned char **v = realloc(inflight_bufs, (size_t)(n_inflight_bufs + 1) * sizeof *v);
-            if (v) {
-                inflight_bufs = v;
-                inflight_bufs[n_inflight_bufs++] = x->slots[i].buf;
-            }
+            keep_inflight(x->slots[i].buf);
             continue;
         }
         free(x->slots[i].buf);
@@ -445,7 +449,8 @@ void kvr_xfer_mark_dead(struct kvr_xfer *x, int rank) {
         if (!s->busy || s->dst != rank)
             continue;
         MPI_Request_free(&s->req);
-        s->buf = NULL; /* still MPI's to read: never reused, never freed */
+        keep_inflight(s->buf); /* still MPI's to read: never reused, never freed */
+        s->buf = NULL;
         s->cap = 0;
         s->busy = 0;
     }
