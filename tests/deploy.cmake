@@ -37,6 +37,12 @@ add_test(NAME test_slurm
   COMMAND ${KVR_DEPLOY_TEST_DIR}/test_slurm.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR})
 set_tests_properties(test_slurm PROPERTIES TIMEOUT 480 LABELS "deploy;slurm" RUN_SERIAL TRUE
   SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV}")
+# The elastic decode pool under Slurm (issue 14): a decode node joining as a second job,
+# serving, and leaving on scancel (test_slurm.sh, mode "join").
+add_test(NAME test_slurm_join
+  COMMAND ${KVR_DEPLOY_TEST_DIR}/test_slurm.sh ${CMAKE_BINARY_DIR}/bin ${KVR_TEST_BIN_DIR} join)
+set_tests_properties(test_slurm_join PROPERTIES TIMEOUT 300 LABELS "deploy;slurm" RUN_SERIAL TRUE
+  SKIP_RETURN_CODE 77 ENVIRONMENT "${KVR_DEPLOY_ENV}")
 
 # The image is built from the source tree inside podman (not from this build directory);
 # only the client that talks to it comes from here.

@@ -9,7 +9,9 @@
  *
  * --ready-file F: F is created once every stream has printed its prompt and at least a
  * few tokens, so a test can break something mid-stream (unplug a host, kill a rank) and
- * still demand every text exact. The prompts' token counts (to ask for exactly llama2.c's
+ * still demand every text exact. --decode-ranks F: F gets the decode rank that served each
+ * stream (from `submit`'s usage line), one per line, so a test can tell which node served
+ * (a node that joined later has a higher rank). The prompts' token counts (to ask for exactly llama2.c's
  * number of steps) come from the bundled tokenizer. */
 #include <errno.h>
 #include <stdint.h>
@@ -85,12 +87,12 @@ static off_t file_size(const char *path) {
 
 static void usage(void) {
     fprintf(stderr, "usage: golden_submit --addr HOST:PORT --kvrelay PATH [--streams N] [--timeout S]\n"
-                    "                     [--ready-file F] [--model M --tokenizer T]\n");
+                    "                     [--ready-file F] [--decode-ranks F] [--model M --tokenizer T]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
-    const char *addr = NULL, *kvrelay = NULL, *ready_file = NULL;
+    const char *addr = NULL, *kvrelay = NULL, *ready_file = NULL, *ranks_file = NULL;
     const char *model_path = KVR_SHARED_DIR "/models/stories260K.bin";
     const char *tok_path = KVR_SHARED_DIR "/models/tok512.bin";
     int n_streams = 16;
@@ -109,6 +111,8 @@ int main(int argc, char **argv) {
             timeout_s = atof(argv[++i]);
         else if (!strcmp(a, "--ready-file"))
             ready_file = argv[++i];
+        else if (!strcmp(a, "--decode-ranks"))
+            ranks_file = argv[++i];
         else if (!strcmp(a, "--model"))
             model_path = argv[++i];
         else if (!strcmp(a, "--tokenizer"))
@@ -215,6 +219,11 @@ int main(int argc, char **argv) {
             sleep_ms(5);
     }
     int ok = 0;
+    FILE *ranks = NULL;
+    if (ranks_file && !(ranks = fopen(ranks_file, "w"))) {
+        fprintf(stderr, "golden_submit: %s: %s\n", ranks_file, strerror(errno));
+        return 1;
+    }
     for (int i = 0; i < n_streams; i++) {
         size_t n_out = 0, n_err = 0;
         char *out = read_file(s[i].out, &n_out);
@@ -223,6 +232,9 @@ int main(int argc, char **argv) {
         size_t want = strlen(g->text);
         int exit_ok = WIFEXITED(s[i].status) && WEXITSTATUS(s[i].status) == 0;
         int text_ok = out && n_out == want + 1 && memcmp(out, g->text, want) == 0 && out[want] == '\n';
+        const char *dr = err ? strstr(err, "decode_rank=") : NULL;
+        if (ranks)
+            fprintf(ranks, "%d\n", dr ? atoi(dr + strlen("decode_rank=")) : -1);
         if (exit_ok && text_ok) {
             ok++;
         } else {
@@ -242,6 +254,8 @@ int main(int argc, char **argv) {
         unlink(s[i].err);
     }
     rmdir(dir);
+    if (ranks)
+        fclose(ranks);
     for (int g = 0; g < n_golden; g++)
         golden_run_free(&golden[g]);
     fprintf(stderr, "golden_submit: %d/%d streams returned the golden text (%.2f s)\n", ok, n_streams,

@@ -16,7 +16,16 @@
 #   and no process of the job may be left on any host.
 # (srun with two ranks on one node behaves differently: Slurm's PMIx plugin kills the
 # step when one of them dies; measured by hand, documented in deploy/README.md.)
-#   test_slurm.sh BIN_DIR TEST_BIN_DIR [MODES]      (MODES: "mpirun srun", the default)
+# Mode "join" (the elastic decode pool, issue 14): the cluster job (1 prefill, 1 decode)
+#   with KVR_JOIN_DIR on ONE node (all its ranks under its mpirun: with ranks on other
+#   nodes, Open MPI 4.1.4's cross-job connect fails, deploy/README.md; KVR_TEST_JOIN_LAYOUT
+#   ="--nodes=3 --ntasks=3" with KVR_JOIN_ANY_LAYOUT=1 reproduces that), then deploy/slurm/kvrelay-decode-join.sbatch
+#   as a second job on another node: it joins (2 serving decode nodes in `kvrelay status --json`),
+#   serves golden streams (some on its rank, above the cluster job's), then leaves on
+#   `scancel --batch --signal=USR1` while it runs streams: every stream exact, the join job
+#   COMPLETED with exit 0, the node gone from the pool, the cluster still serving; then
+#   `scancel` of the cluster, and no process left on any host.
+#   test_slurm.sh BIN_DIR TEST_BIN_DIR [MODES]      (MODES: "mpirun srun", the default; "join")
 # Exit 0 pass, 1 fail, 77 skip (no Slurm/munge installed, or no namespaces: reason printed).
 set -euo pipefail
 # Open MPI refuses root unless told (CI runs as root); sbatch passes the environment on.
@@ -173,8 +182,135 @@ if grep -aq -- "fault-step-delay-ms" "$TBIN/kvrelay-decode" 2>/dev/null; then
 else
     NODE_BIN=$BIN STEP_DELAY=--debug-step-delay-ms
 fi
+job_info() { scontrol -o show job "$1" 2>/dev/null; }
+# decode_ranks STATE: the ranks of the decode nodes in that state in $W/status.json.
+decode_ranks() {
+    grep -o '{"rank":[0-9]*,"role":"decode"[^}]*"state":"'"$1"'"' "$W/status.json" |
+        sed 's/^{"rank":\([0-9]*\).*/\1/'
+}
+run_join() {
+    local t1 JOB JJOB FIRST FIRST_IP ADDR JR s
+    t1=$(now)
+    mkdir -p "$W/join"
+    JOB=$(cd "$W" && KVR_BIN=$NODE_BIN KVR_MODEL=$SHARED/models/stories260K.bin \
+        KVR_TOKENIZER=$SHARED/models/tok512.bin KVR_PREFILL=1 KVR_DECODE=1 KVR_PORT=$PORT \
+        KVR_KV_MEMORY=64MiB KVR_COORD_ARGS="--node-timeout 3" KVR_THREADS=1 KVR_MPI_SUBNET=$SUBNET \
+        KVR_JOIN_DIR=$W/join sbatch --parsable ${KVR_TEST_JOIN_LAYOUT:---nodes=1 --ntasks=3 --overcommit} --output="$W/job-%j.out" \
+        "$SRC/deploy/slurm/kvrelay.sbatch")
+    JOB=${JOB%%;*}
+    echo "cluster job $JOB submitted (KVR_JOIN_DIR=$W/join)"
+    running() {
+        local s
+        s=$(job_state "$1")
+        case "$s" in
+        RUNNING) return 0 ;;
+        "" | COMPLETED | FAILED | CANCELLED | TIMEOUT | NODE_FAIL) fail "job $1 ended before it ran (${s:-gone})" ;;
+        esac
+        return 1
+    }
+    wait_for 60 "job $JOB running" running "$JOB"
+    FIRST=$(squeue -h -j "$JOB" -o '%N' | xargs scontrol show hostnames | head -n1)
+    FIRST_IP=$(awk -v h="$FIRST" '$2 == h {print $1}' "$STATE/hosts")
+    ADDR="$FIRST_IP:$PORT"
+    serving() {
+        "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 --json >"$W/status.json" 2>/dev/null &&
+            [ "$(decode_ranks serving | wc -l)" -eq "$1" ]
+    }
+    wait_for 90 "coordinator of job $JOB serving at $ADDR" serving 1
+    local OWN_MAX
+    OWN_MAX=$(grep -o '"rank":[0-9]*' "$W/status.json" | sed 's/.*://' | sort -n | tail -n1)
+    echo "serving at $ADDR $(elapsed "$t1") s after sbatch (ranks 0-$OWN_MAX)"
+
+    # The second job: one decode node that joins. Its steps are slowed (test builds'
+    # step delay) so that streams are still running on it when it is told to leave.
+    local t2
+    t2=$(now)
+    JJOB=$(cd "$W" && KVR_BIN=$NODE_BIN KVR_MODEL=$SHARED/models/stories260K.bin KVR_KV_MEMORY=64MiB \
+        KVR_THREADS=1 KVR_MPI_SUBNET=$SUBNET KVR_JOIN_DIR=$W/join KVR_DECODE_ARGS="$STEP_DELAY 3" \
+        sbatch --parsable --nodes=1 --ntasks=1 --output="$W/join-%j.out" \
+        "$SRC/deploy/slurm/kvrelay-decode-join.sbatch")
+    JJOB=${JJOB%%;*}
+    wait_for 60 "join job $JJOB running" running "$JJOB"
+    local JNODE
+    JNODE=$(squeue -h -j "$JJOB" -o '%N')
+    joined() { running "$JJOB" && serving 2; }
+    wait_for 60 "the node of job $JJOB serving beside the cluster's own" joined
+    JR=$(decode_ranks serving | sort -n | tail -n1)
+    [ "$JR" -gt "$OWN_MAX" ] || fail "no decode rank above $OWN_MAX serving: $(cat "$W/status.json")"
+    grep -q "\"rank\":$JR,\"role\":\"decode\",\"host\":\"$JNODE\"" "$W/status.json" ||
+        fail "rank $JR is not on the join job's node $JNODE: $(cat "$W/status.json")"
+    echo "join job $JJOB: decode rank $JR serving $(elapsed "$t2") s after its sbatch"
+
+    # Golden streams until one is served by the joined node (placement spreads them over
+    # both; a few rounds at most).
+    local round served=0
+    for round in 1 2 3 4 5; do
+        "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 8 --timeout 60 \
+            --decode-ranks "$W/ranks" || fail "join: golden streams with the joined node"
+        if grep -qx "$JR" "$W/ranks"; then served=1; break; fi
+    done
+    [ $served -eq 1 ] || fail "the joined node (rank $JR) served none of $round rounds of streams"
+    echo "rank $JR served $(grep -cx "$JR" "$W/ranks") of the 8 streams of round $round"
+
+    # Leave while streams run on it: the documented clean stop of the join job.
+    rm -f "$W/ready"
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 16 --timeout 120 \
+        --ready-file "$W/ready" --decode-ranks "$W/ranks" >"$W/leave.out" 2>&1 &
+    local GS=$!
+    wait_for 60 "streams running" test -e "$W/ready"
+    busy() {
+        "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 --json >"$W/status.json" 2>/dev/null &&
+            grep -q "{\"rank\":$JR,\"role\":\"decode\"[^}]*\"running\":[1-9]" "$W/status.json"
+    }
+    wait_for 60 "streams running on rank $JR" busy
+    echo "scancel --batch --signal=USR1 $JJOB (rank $JR busy)"
+    local t3
+    t3=$(now)
+    scancel --batch --signal=USR1 "$JJOB"
+    wait_for 60 "join job $JJOB ended after scancel" job_gone "$JJOB"
+    echo "join job $JJOB ended $(elapsed "$t3") s after scancel"
+    wait "$GS" || { cat "$W/leave.out"; fail "join: streams lost when the joined node left"; }
+    tail -n 1 "$W/leave.out"
+    echo "rank $JR served $(grep -cx "$JR" "$W/ranks") of the 16 streams it was leaving under"
+    s=$(job_info "$JJOB")
+    echo "$s" | grep -q "JobState=COMPLETED" || fail "join job $JJOB not COMPLETED: $s"
+    echo "$s" | grep -q "ExitCode=0:0" || fail "join job $JJOB did not exit 0: $s"
+    grep -q "mpirun exited 0" "$W/join-$JJOB.out" || fail "join job's mpirun did not exit 0: $(cat "$W/join-$JJOB.out")"
+    gone() {
+        "$BIN/kvrelay" status --addr "$ADDR" --timeout 2 --json >"$W/status.json" 2>/dev/null &&
+            [ "$(decode_ranks serving)" != "" ] && ! decode_ranks serving | grep -qx "$JR"
+    }
+    wait_for 30 "rank $JR out of the serving pool" gone
+    "$TBIN/golden_submit" --addr "$ADDR" --kvrelay "$BIN/kvrelay" --streams 4 --timeout 60 --decode-ranks "$W/ranks" ||
+        fail "join: the cluster stopped serving after the joined node left"
+    ! grep -qx "$JR" "$W/ranks" || fail "a request went to rank $JR after it left"
+    [ "$(job_state "$JOB")" = RUNNING ] || fail "join: the cluster job ended when the joined node left"
+    host_leftovers() {
+        local p c out=""
+        for p in $("$EMU" pids "$P" "$1"); do
+            c=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+            [ "$c" = slurmd ] || out="$out $p:$c"
+        done
+        echo "$out"
+    }
+    for _ in $(seq 1 100); do [ -z "$(host_leftovers "$JNODE")" ] && break; sleep 0.1; done
+    [ -z "$(host_leftovers "$JNODE")" ] || fail "processes left on $JNODE 10 s after the join job ended:$(host_leftovers "$JNODE")"
+    echo "scancel $JOB"
+    local t4
+    t4=$(now)
+    scancel "$JOB"
+    wait_for 60 "job $JOB gone after scancel" job_gone "$JOB"
+    for _ in $(seq 1 300); do no_leftovers && break; sleep 0.1; done
+    no_leftovers || fail "processes of job $JOB left on the hosts 30 s after it ended:$(job_leftovers)"
+    [ -z "$(ls "$W/join" | grep -v '^ompi-server.uri$' || true)" ] || echo "note: left in the join directory: $(ls "$W/join")"
+    echo "no process of job $JOB left on any host ($(elapsed "$t4") s after the end)"
+}
 for MODE in $MODES; do
     echo "=== launch mode: $MODE"
+    if [ "$MODE" = join ]; then
+        run_join
+        continue
+    fi
     t1=$(now)
     JOB=$(cd "$W" && KVR_LAUNCH=$MODE KVR_BIN=$NODE_BIN KVR_MODEL=$SHARED/models/stories260K.bin \
         KVR_TOKENIZER=$SHARED/models/tok512.bin KVR_PREFILL=1 KVR_DECODE=2 KVR_PORT=$PORT \
