@@ -494,6 +494,27 @@ static uint64_t pick_seed(uint64_t serial) {
  * Generate: streaming (any thread, c->mu held)
  * ------------------------------------------------------------------------------------- */
 
+/* With c->mu held and no send in flight: sends bb (owned) as the call's next streamed
+ * message, with the initial metadata if not sent yet. Returns 1 if it went out; on a
+ * failure bb is destroyed, the call cancelled and 0 returned. */
+static int stream_send(struct rpc_call *c, grpc_byte_buffer *bb) {
+    grpc_op ops[2];
+    size_t n = 0;
+    add_initial_md(c, ops, &n);
+    grpc_op *op = &ops[n++];
+    memset(op, 0, sizeof *op);
+    op->op = GRPC_OP_SEND_MESSAGE;
+    op->data.send_message.send_message = bb;
+    if (!call_start(c, ops, n, &c->t_send)) {
+        grpc_byte_buffer_destroy(bb);
+        grpc_call_cancel(c->call, NULL);
+        return 0;
+    }
+    c->md_sent = c->send_busy = 1;
+    c->send_bb = bb;
+    return 1;
+}
+
 /* Starts the next send if none is in flight: the oldest queued token, else, once the
  * router finished, the final message and the status. */
 static void generate_pump(struct rpc_call *c) {
@@ -516,20 +537,8 @@ static void generate_pump(struct rpc_call *c) {
             grpc_call_cancel(c->call, NULL);
             return;
         }
-        grpc_op ops[2];
-        size_t n = 0;
-        add_initial_md(c, ops, &n);
-        grpc_op *op = &ops[n++];
-        memset(op, 0, sizeof *op);
-        op->op = GRPC_OP_SEND_MESSAGE;
-        op->data.send_message.send_message = bb;
-        if (!call_start(c, ops, n, &c->t_send)) {
-            grpc_byte_buffer_destroy(bb);
-            grpc_call_cancel(c->call, NULL);
+        if (!stream_send(c, bb))
             return;
-        }
-        c->md_sent = c->send_busy = 1;
-        c->send_bb = bb;
         c->q_head++;
         atomic_fetch_sub(&c->g->pending_now, 1);
         c->prev_token = id;
@@ -871,22 +880,8 @@ static int health_v1_known(const uint8_t *data, size_t len) {
 static void health_watch_pump(struct rpc_call *c, int status) {
     if (!c->call || c->closed || c->status_sent || c->send_busy || status == c->watch_sent)
         return;
-    grpc_byte_buffer *bb = health_v1_message(status);
-    grpc_op ops[2];
-    size_t n = 0;
-    add_initial_md(c, ops, &n);
-    grpc_op *op = &ops[n++];
-    memset(op, 0, sizeof *op);
-    op->op = GRPC_OP_SEND_MESSAGE;
-    op->data.send_message.send_message = bb;
-    if (!call_start(c, ops, n, &c->t_send)) {
-        grpc_byte_buffer_destroy(bb);
-        grpc_call_cancel(c->call, NULL);
-        return;
-    }
-    c->md_sent = c->send_busy = 1;
-    c->send_bb = bb;
-    c->watch_sent = status;
+    if (stream_send(c, health_v1_message(status)))
+        c->watch_sent = status;
 }
 
 static void health_v1_start(struct rpc_call *c, const uint8_t *data, size_t len) {

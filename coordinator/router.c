@@ -318,38 +318,36 @@ void coord_router_cancel(struct coord_router *r, uint64_t id) {
     pthread_mutex_unlock(&r->mu);
 }
 
+/* An owned copy of n rows of size bytes each (NULL for none); *n becomes 0 when out of
+ * memory. */
+static int copy_rows(void **dst, const void *src, int *n, size_t size) {
+    *dst = NULL;
+    if (*n <= 0)
+        return KVR_OK;
+    if (!(*dst = malloc((size_t)*n * size))) {
+        *n = 0;
+        return KVR_ENOMEM;
+    }
+    memcpy(*dst, src, (size_t)*n * size);
+    return KVR_OK;
+}
+
 int coord_router_status(struct coord_router *r, struct coord_cluster_status *out) {
-    int rc = KVR_OK;
     pthread_mutex_lock(&r->mu);
     *out = r->snap;
-    out->nodes = NULL;
-    if (r->snap.n_nodes > 0) {
-        out->nodes = malloc((size_t)r->snap.n_nodes * sizeof *out->nodes);
-        if (out->nodes)
-            memcpy(out->nodes, r->snap.nodes, (size_t)r->snap.n_nodes * sizeof *out->nodes);
-        else
-            rc = KVR_ENOMEM;
-    }
-    if (rc != KVR_OK)
-        out->n_nodes = 0;
+    void *rows;
+    int rc = copy_rows(&rows, r->snap.nodes, &out->n_nodes, sizeof *out->nodes);
+    out->nodes = rows;
     pthread_mutex_unlock(&r->mu);
     return rc;
 }
 
 int coord_router_limits(struct coord_router *r, struct coord_limits *out) {
-    int rc = KVR_OK;
     pthread_mutex_lock(&r->mu);
     *out = r->limits;
-    out->nodes = NULL;
-    if (r->limits.n_nodes > 0) {
-        out->nodes = malloc((size_t)r->limits.n_nodes * sizeof *out->nodes);
-        if (out->nodes)
-            memcpy(out->nodes, r->limits.nodes, (size_t)r->limits.n_nodes * sizeof *out->nodes);
-        else
-            rc = KVR_ENOMEM;
-    }
-    if (rc != KVR_OK)
-        out->n_nodes = 0;
+    void *rows;
+    int rc = copy_rows(&rows, r->limits.nodes, &out->n_nodes, sizeof *out->nodes);
+    out->nodes = rows;
     pthread_mutex_unlock(&r->mu);
     return rc;
 }
