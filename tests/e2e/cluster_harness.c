@@ -211,7 +211,9 @@ int cluster_spawn(struct cluster *c, const char *const *extra) {
     snprintf(ctx, sizeof ctx, "%d", use_context);
     /* HTTP on a free port too: kvrelay up's default (8000) may be taken by another cluster. */
     char http_port[16];
-    c->http_port = harness_free_port();
+    do /* a port just released may be handed out again at once */
+        c->http_port = harness_free_port();
+    while (c->http_port == c->port);
     snprintf(http_port, sizeof http_port, "%d", c->http_port);
     /* A generous stop timeout: under ASan every rank runs LeakSanitizer at exit, which
      * takes seconds on a loaded machine; a stop that does not finish still fails. */
