@@ -51,8 +51,8 @@ done
 
 # shape name -> synth-model arguments
 declare -A SHAPE=(
-    [110m]="--dim 768 --hidden 2048 --layers 12 --heads 12 --vocab 32000 --seq-len 1024"
-    [1.1b]="--dim 2048 --hidden 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 --seq-len 2048 --shared-classifier 0"
+    [110m]="--dim 768 --hidden 2048 --layers 12 --heads 12 --vocab 32000 --seq-len 2048"
+    [1.1b]="--dim 2048 --hidden 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 --seq-len 2048 --shared-classifier=0"
 )
 declare -A FILE=([110m]=synth-110m.bin [1.1b]=synth-tinyllama-1.1b.bin)
 shapes="110m"

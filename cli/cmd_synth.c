@@ -24,7 +24,7 @@ static const struct kvr_opt synth_opts[] = {
     {"kv-heads", KVR_OPT_INT, offsetof(struct synth_cfg, kv_heads), "0", 0, 65536, NULL, 0, "K/V heads (0 = heads)"},
     {"vocab", KVR_OPT_INT, offsetof(struct synth_cfg, vocab), NULL, 3, 1 << 22, NULL, 1, "vocabulary size"},
     {"seq-len", KVR_OPT_INT, offsetof(struct synth_cfg, seq_len), NULL, 1, 1 << 22, NULL, 1, "trained context"},
-    {"shared-classifier", KVR_OPT_FLAG, offsetof(struct synth_cfg, shared), "1", 0, -1, NULL, 0, "logits reuse the embedding (0: separate wcls)"},
+    {"shared-classifier", KVR_OPT_FLAG, offsetof(struct synth_cfg, shared), "1", 0, -1, NULL, 0, "logits reuse the embedding (--shared-classifier=0: a separate classifier matrix)"},
     {"seed", KVR_OPT_U64, offsetof(struct synth_cfg, seed), "1", 0, -1, NULL, 0, "random seed"},
 };
 
