@@ -55,6 +55,8 @@ struct eng_cfg {
     const char *bundled;
     int weights;
     int context;
+    int kv_type;
+    int decode_ctx;
 };
 
 static const struct kvr_opt eng_opts[] = {
@@ -66,6 +68,8 @@ static const struct kvr_opt eng_opts[] = {
     {"models", KVR_OPT_STRING, offsetof(struct eng_cfg, models), NULL, 0, -1, NULL, 0, "comma-separated subset of 260k,110m,1.1b (default: all; --quick: 260k,110m)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages"},
     {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "model file measured as 260k: the bundled checkpoint, or any GGUF / llama2.c file"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct eng_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type"},
+    {"decode-ctx", KVR_OPT_INT, offsetof(struct eng_cfg, decode_ctx), "128", 1, KVR_MODEL_CTX_MAX, NULL, 0, "tokens of context each decoding sequence holds before it is timed; past 128 only batch 1 is measured (the model's context must hold it: see --context)"},
     {"context", KVR_OPT_INT, offsetof(struct eng_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length of every model loaded (0 = each file's)"},
 };
 
@@ -357,20 +361,22 @@ static struct result *add_row(struct bench *b) {
 /* A fresh dense sequence holding the KV of template's first n tokens (copied, so every
  * sequence reads its own memory as on a real decode node). */
 static int clone_seq(struct kvr_kv_pool *pool, struct kvr_kv_seq *tmpl, int n, int n_tokens_max,
-                     int n_layers, struct kvr_kv_seq **out) {
+                     int n_layers, int kv_dim, struct kvr_kv_seq **out) {
     struct kvr_kv_seq_params sp = {.policy = {.policy = KVR_KV_DENSE}, .n_tokens_max = n_tokens_max};
     struct kvr_kv_seq *s = NULL;
-    int rc = kvr_kv_seq_create(pool, &sp, &s);
+    float *k = malloc((size_t)2 * (size_t)kv_dim * sizeof *k), *v = k + kv_dim;
+    int rc = k ? kvr_kv_seq_create(pool, &sp, &s) : KVR_ENOMEM;
     if (rc == KVR_OK)
         rc = kvr_kv_seq_reserve(s, n);
+    /* Through f32 and back: exact for every cache type. */
     for (int l = 0; rc == KVR_OK && l < n_layers; l++) {
         for (int p = 0; rc == KVR_OK && p < n; p++) {
-            float *k, *v;
-            rc = kvr_kv_seq_slot(tmpl, l, p, &k, &v);
+            rc = kvr_kv_seq_export(tmpl, l, p, 1, k, v);
             if (rc == KVR_OK)
                 rc = kvr_kv_seq_import(s, l, p, 1, k, v);
         }
     }
+    free(k);
     if (rc != KVR_OK) {
         kvr_kv_seq_free(s);
         return rc;
@@ -406,8 +412,11 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     for (size_t i = 0; i < sizeof prefill_lens / sizeof prefill_lens[0]; i++)
         if (prefill_lens[i] <= c->seq_len && prefill_lens[i] > max_prompt)
             max_prompt = prefill_lens[i];
-    int n_ctx_dec = PREFIX_LEN + 1 + reps * steps;
-    uint64_t tok_nbytes = kvr_kv_token_nbytes(c->n_layers, c->kv_dim);
+    int dctx = b->cfg.decode_ctx;
+    int n_ctx_dec = dctx + 1 + reps * steps;
+    int max_b = dctx > PREFIX_LEN ? 1 : 32; /* long contexts: batch 1 only */
+    enum kvr_kv_type kt = (enum kvr_kv_type)b->cfg.kv_type;
+    uint64_t tok_nbytes = kvr_kv_token_nbytes_type(kt, c->n_layers, c->kv_dim);
     uint64_t weight_nbytes = kvr_model_step_nbytes(m), params = kvr_model_n_params(m);
     int mi = b->n_models++;
     b->models[mi].name = sp->name;
@@ -421,21 +430,22 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     /* One pool for the biggest prompt, the template and 32 decoding sequences. */
     struct kvr_kv_policy_params dense = {.policy = KVR_KV_DENSE};
     int n_blocks = kvr_kv_blocks_needed(&dense, BLOCK_TOKENS, max_prompt, max_prompt) +
-                   kvr_kv_blocks_needed(&dense, BLOCK_TOKENS, PREFIX_LEN, PREFIX_LEN) +
-                   32 * kvr_kv_blocks_needed(&dense, BLOCK_TOKENS, n_ctx_dec, PREFIX_LEN);
-    struct kvr_kv_pool_params pp = {.n_layers = c->n_layers, .kv_dim = c->kv_dim,
+                   kvr_kv_blocks_needed(&dense, BLOCK_TOKENS, dctx, dctx) +
+                   max_b * kvr_kv_blocks_needed(&dense, BLOCK_TOKENS, n_ctx_dec, dctx);
+    struct kvr_kv_pool_params pp = {.type = kt, .n_layers = c->n_layers, .kv_dim = c->kv_dim,
                                     .block_tokens = BLOCK_TOKENS,
                                     .budget_nbytes = (uint64_t)n_blocks * BLOCK_TOKENS * tok_nbytes};
     int n_ctx = max_prompt > n_ctx_dec ? max_prompt : n_ctx_dec;
+    int max_tok = max_prompt > dctx ? max_prompt : dctx;
     struct kvr_engine_params ep = {.model = m, .n_threads = b->n_threads,
-                                   .n_batch_tokens_max = max_prompt > 32 ? max_prompt : 32,
+                                   .n_batch_tokens_max = max_tok > 32 ? max_tok : 32,
                                    .n_items_max = 32, .n_ctx_max = n_ctx};
     if ((rc = kvr_kv_pool_create(&pp, &pool)) != KVR_OK || (rc = kvr_engine_create(&ep, &e)) != KVR_OK) {
         fprintf(stderr, "bench engine: cannot set up the engine for %s: %s\n", sp->name, kvr_status_str(rc));
         goto out;
     }
     int n_times = reps > 32 ? reps : 32;
-    tokens = malloc((size_t)(max_prompt > 32 ? max_prompt : 32) * sizeof *tokens);
+    tokens = malloc((size_t)(max_tok > 32 ? max_tok : 32) * sizeof *tokens);
     logits = malloc((size_t)32 * (size_t)V * sizeof *logits);
     times = malloc((size_t)n_times * sizeof *times);
     if (!tokens || !logits || !times) {
@@ -488,7 +498,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
 
     /* Decode: B sequences, each holding a 128-token context, one token each per step,
      * all in one forward call with logits for every row (as a decode node runs). */
-    int prefix = PREFIX_LEN < c->seq_len ? PREFIX_LEN : c->seq_len / 2;
+    int prefix = dctx < c->seq_len ? dctx : c->seq_len / 2;
     if ((rc = kvr_kv_seq_create(pool, &seqp, &tmpl)) != KVR_OK)
         goto out;
     tokens[0] = 1;
@@ -499,10 +509,10 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         goto out;
     for (size_t bi = 0; bi < sizeof decode_batches / sizeof decode_batches[0]; bi++) {
         int B = decode_batches[bi];
-        if (prefix + 1 + reps * steps > c->seq_len)
+        if (prefix + 1 + reps * steps > c->seq_len || B > max_b)
             break;
         for (n_seqs = 0; n_seqs < B; n_seqs++)
-            if ((rc = clone_seq(pool, tmpl, prefix, n_ctx, c->n_layers, &seqs[n_seqs])) != KVR_OK)
+            if ((rc = clone_seq(pool, tmpl, prefix, n_ctx, c->n_layers, c->kv_dim, &seqs[n_seqs])) != KVR_OK)
                 goto out;
         int dtok[32];
         for (int i = 0; i < B; i++) {
@@ -605,6 +615,7 @@ static void print_json(const struct bench *b, const char *cpu) {
     printf(",\"kernel\":\"%s\",\"cpu_features\":", kvr_kernels()->name);
     kvr_json_write_string(stdout, kvr_cpu_features());
     printf(",\"weights\":\"%s\"", b->cfg.weights == KVR_WEIGHTS_COPY ? "copy" : "mmap");
+    printf(",\"kv_type\":\"%s\",\"decode_ctx\":%d", kvr_kv_type_name(b->cfg.kv_type), b->cfg.decode_ctx);
     printf(",\"quick\":%s,\"reps\":%d,\"bw_gbs\":%.3f,\"bw_gbs_min\":%.3f,\"bw_buffer_bytes\":%llu,"
            "\"sgemm_gflops\":%.3f,\"sgemm_gflops_min\":%.3f,\"sgemm_n\":%d,\"ceiling_runs\":%d,"
            "\"models\":[",

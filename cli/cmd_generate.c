@@ -30,6 +30,7 @@ struct gen_cfg {
     int kv_policy;
     int kv_window;
     int kv_sinks;
+    int kv_type;
     int allow_extrapolation;
     int threads;
     int weights;
@@ -49,6 +50,7 @@ static const struct kvr_opt gen_opts[] = {
     {"kv-policy", KVR_OPT_CHOICE, offsetof(struct gen_cfg, kv_policy), "dense", 0, -1, KVR_KV_POLICY_CHOICES, 0, "KV-cache policy"},
     {"kv-window", KVR_OPT_INT, offsetof(struct gen_cfg, kv_window), "256", 1, 1 << 22, NULL, 0, "L: tokens attended (window, recompute, sink)"},
     {"kv-sinks", KVR_OPT_INT, offsetof(struct gen_cfg, kv_sinks), "4", 0, 1 << 20, NULL, 0, "S: attention-sink tokens kept (sink)"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct gen_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type: f32 (exact), f16 or bf16 (half the memory per token)"},
     {"allow-extrapolation", KVR_OPT_FLAG, offsetof(struct gen_cfg, allow_extrapolation), "0", 0, -1, NULL, 0, "dense: run past the trained context"},
     {"threads", KVR_OPT_INT, offsetof(struct gen_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct gen_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "mmap the file, or copy the weights into huge pages (faster decode)"},
@@ -136,8 +138,9 @@ int kvr_cmd_generate(int argc, char **argv) {
     int chunk = pol.policy == KVR_KV_RECOMPUTE ? (pol.window < cfg.steps ? pol.window : cfg.steps) : n_prompt;
     int bt = 16;
     int n_blocks = kvr_kv_blocks_needed(&pol, bt, cfg.steps, chunk);
-    struct kvr_kv_pool_params pp = {.n_layers = c->n_layers, .kv_dim = c->kv_dim, .block_tokens = bt,
-                                    .budget_nbytes = (uint64_t)n_blocks * bt * kvr_kv_token_nbytes(c->n_layers, c->kv_dim)};
+    enum kvr_kv_type kt = (enum kvr_kv_type)cfg.kv_type;
+    struct kvr_kv_pool_params pp = {.type = kt, .n_layers = c->n_layers, .kv_dim = c->kv_dim, .block_tokens = bt,
+                                    .budget_nbytes = (uint64_t)n_blocks * bt * kvr_kv_token_nbytes_type(kt, c->n_layers, c->kv_dim)};
     struct kvr_kv_seq_params sp = {.policy = pol, .n_tokens_max = cfg.steps};
     int n_ctx = dense ? cfg.steps : pol.window + chunk;
     struct kvr_engine_params ep = {.model = model, .n_threads = cfg.threads, .n_batch_tokens_max = chunk,

@@ -24,6 +24,7 @@ struct ppl_cfg {
     int kv_policy;
     int kv_window;
     int kv_sinks;
+    int kv_type;
     int allow_extrapolation;
     int json;
     int threads;
@@ -39,6 +40,7 @@ static const struct kvr_opt ppl_opts[] = {
     {"kv-policy", KVR_OPT_CHOICE, offsetof(struct ppl_cfg, kv_policy), "dense", 0, -1, KVR_KV_POLICY_CHOICES, 0, "KV-cache policy"},
     {"kv-window", KVR_OPT_INT, offsetof(struct ppl_cfg, kv_window), "256", 1, 1 << 22, NULL, 0, "L: tokens attended including the current one (window, recompute, sink)"},
     {"kv-sinks", KVR_OPT_INT, offsetof(struct ppl_cfg, kv_sinks), "4", 0, 1 << 20, NULL, 0, "S: attention-sink tokens kept (sink)"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct ppl_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type: f32 (exact), f16 or bf16 (half the memory per token)"},
     {"allow-extrapolation", KVR_OPT_FLAG, offsetof(struct ppl_cfg, allow_extrapolation), "0", 0, -1, NULL, 0, "dense: run past the trained context"},
     {"json", KVR_OPT_FLAG, offsetof(struct ppl_cfg, json), "0", 0, -1, NULL, 0, "print one JSON object"},
     {"threads", KVR_OPT_INT, offsetof(struct ppl_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
@@ -152,7 +154,8 @@ int kvr_cmd_ppl(int argc, char **argv) {
     }
 
     struct kvr_ppl_params pp = {.model = model, .tokens = ids, .n_tokens = N, .policy = pol,
-                                .allow_extrapolation = cfg.allow_extrapolation, .n_threads = cfg.threads};
+                                .allow_extrapolation = cfg.allow_extrapolation, .n_threads = cfg.threads,
+                                .kv_type = (enum kvr_kv_type)cfg.kv_type};
     struct kvr_ppl_result res;
     double t0 = kvr_clock_now();
     if ((rc = kvr_ppl_eval(&pp, NULL, &res)) != KVR_OK) {
@@ -165,8 +168,8 @@ int kvr_cmd_ppl(int argc, char **argv) {
     int S = pol.policy == KVR_KV_SINK ? pol.sinks : 0;
     if (cfg.json)
         printf("{\"ppl\": %.6f, \"nll\": %.8f, \"tokens\": %d, \"policy\": \"%s\", \"kv_window\": %d, "
-               "\"kv_sinks\": %d, \"seconds\": %.3f}\n",
-               res.ppl, res.nll, N, kvr_kv_policy_name(pol.policy), L, S, secs);
+               "\"kv_sinks\": %d, \"kv_type\": \"%s\", \"seconds\": %.3f}\n",
+               res.ppl, res.nll, N, kvr_kv_policy_name(pol.policy), L, S, kvr_kv_type_name(cfg.kv_type), secs);
     else
         printf("ppl=%.4f nll=%.6f tokens=%d policy=%s kv_window=%d kv_sinks=%d seconds=%.2f\n", res.ppl,
                res.nll, N, kvr_kv_policy_name(pol.policy), L, S, secs);

@@ -13,6 +13,7 @@
 
 #include "half.h"
 #include "kern_ops.inc"
+#include "kern_half.inc"
 
 #ifndef KO_SIMD
 #error "kern_avx2.c needs -mavx2 -mfma -mf16c"
@@ -178,6 +179,9 @@ const struct kvr_kernels kvr_kernels_avx2 = {
     .swiglu = swiglu,
     .qk_run = qk_run,
     .av_run = av_run,
+    .qk_run_h = qk_run_h,
+    .av_run_h = av_run_h,
+    .half_to_f32 = half_to_f32,
     .prefetch_rows = prefetch_rows,
     .sum_u64 = sum_u64,
 };

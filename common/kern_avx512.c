@@ -19,6 +19,7 @@
 
 #include "half.h"
 #include "kern_ops.inc"
+#include "kern_half.inc"
 
 #if !defined(KO_SIMD) || !defined(__AVX512F__) || !defined(__AVX512BW__) || \
     !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
@@ -327,6 +328,9 @@ const struct kvr_kernels kvr_kernels_avx512 = {
     .swiglu = swiglu,
     .qk_run = qk_run,
     .av_run = av_run,
+    .qk_run_h = qk_run_h,
+    .av_run_h = av_run_h,
+    .half_to_f32 = half_to_f32,
     .prefetch_rows = prefetch_rows,
     .sum_u64 = sum_u64,
 };

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "kern_ops.inc"
+#include "kern_half.inc"
 
 /* One portable dot product per value: the same bits whatever m and n. */
 static void rows_scalar(enum kvr_dtype t, float *y, size_t ldy, const void *w, size_t wstride, int n,
@@ -32,6 +33,9 @@ const struct kvr_kernels kvr_kernels_scalar = {
     .swiglu = swiglu,
     .qk_run = qk_run,
     .av_run = av_run,
+    .qk_run_h = qk_run_h,
+    .av_run_h = av_run_h,
+    .half_to_f32 = half_to_f32,
     .prefetch_rows = prefetch_rows,
     .sum_u64 = sum_u64,
 };

@@ -55,6 +55,14 @@ struct kvr_kernels {
     /* out_h += sum_u a[h * n_keys + u] * v_u, h < kv_mul, u < n (values ldv floats apart). */
     void (*av_run)(float *out, const float *a, int n_keys, int kv_mul, int hd, const float *v,
                    size_t ldv, int n);
+    /* The same over an f16 or bf16 KV cache (t = KVR_DTYPE_F16 or KVR_DTYPE_BF16; keys and
+     * values ldk/ldv elements apart), widened to f32 exactly while read (kern_half.inc). */
+    void (*qk_run_h)(enum kvr_dtype t, float *sc, int n_keys, const float *q, int kv_mul, int hd,
+                     const uint16_t *k, size_t ldk, int n, float scale);
+    void (*av_run_h)(enum kvr_dtype t, float *out, const float *a, int n_keys, int kv_mul, int hd,
+                     const uint16_t *v, size_t ldv, int n);
+    /* dst[i] = src[i] widened exactly from f16/bf16 (t as above), i < n. */
+    void (*half_to_f32)(enum kvr_dtype t, float *dst, const uint16_t *src, int n);
     /* Prefetch hint for up to 4 of n rows at p (ld floats apart, len floats each). */
     void (*prefetch_rows)(const float *p, int n, size_t ld, int len);
 

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "half.h"
 #include "log.h"
 #include "status.h"
 
@@ -77,14 +78,45 @@ uint64_t kvr_kv_token_nbytes(int n_layers, int kv_dim) {
     return 2ull * (uint64_t)n_layers * (uint64_t)kv_dim * sizeof(float);
 }
 
+const char *kvr_kv_type_name(int type) {
+    switch (type) {
+    case KVR_KV_F32:
+        return "f32";
+    case KVR_KV_F16:
+        return "f16";
+    case KVR_KV_BF16:
+        return "bf16";
+    }
+    return "?";
+}
+
+int kvr_kv_type_nbytes(int type) {
+    return type == KVR_KV_F32 ? 4 : type == KVR_KV_F16 || type == KVR_KV_BF16 ? 2 : 0;
+}
+
+int kvr_kv_type_parse(const char *s, enum kvr_kv_type *type) {
+    for (int t = KVR_KV_F32; t <= KVR_KV_BF16; t++)
+        if (s && strcmp(s, kvr_kv_type_name(t)) == 0) {
+            *type = (enum kvr_kv_type)t;
+            return KVR_OK;
+        }
+    return KVR_EINVAL;
+}
+
+uint64_t kvr_kv_token_nbytes_type(enum kvr_kv_type type, int n_layers, int kv_dim) {
+    return 2ull * (uint64_t)n_layers * (uint64_t)kv_dim * (uint64_t)kvr_kv_type_nbytes(type);
+}
+
+enum kvr_kv_type kvr_kv_pool_type(const struct kvr_kv_pool *pool) { return pool->type; }
+
 int kvr_kv_pool_create(const struct kvr_kv_pool_params *p, struct kvr_kv_pool **out) {
     *out = NULL;
-    if (p->n_layers <= 0 || p->kv_dim <= 0 || p->block_tokens <= 0) {
-        KVR_LOG_ERROR("bad pool shape: layers=%d kv_dim=%d block_tokens=%d", p->n_layers, p->kv_dim,
-                      p->block_tokens);
+    if (p->n_layers <= 0 || p->kv_dim <= 0 || p->block_tokens <= 0 || kvr_kv_type_nbytes(p->type) == 0) {
+        KVR_LOG_ERROR("bad pool shape: layers=%d kv_dim=%d block_tokens=%d type=%d", p->n_layers, p->kv_dim,
+                      p->block_tokens, (int)p->type);
         return KVR_EINVAL;
     }
-    uint64_t block_nbytes = kvr_kv_token_nbytes(p->n_layers, p->kv_dim) * (uint64_t)p->block_tokens;
+    uint64_t block_nbytes = kvr_kv_token_nbytes_type(p->type, p->n_layers, p->kv_dim) * (uint64_t)p->block_tokens;
     uint64_t n_blocks = p->budget_nbytes / block_nbytes;
     if (n_blocks == 0 || n_blocks > (1u << 30)) {
         KVR_LOG_ERROR("KV budget of %llu bytes holds %llu blocks of %llu bytes",
@@ -99,7 +131,9 @@ int kvr_kv_pool_create(const struct kvr_kv_pool_params *p, struct kvr_kv_pool **
     pool->kv_dim = p->kv_dim;
     pool->block_tokens = p->block_tokens;
     pool->n_blocks = (int)n_blocks;
-    pool->block_nfloats = block_nbytes / sizeof(float);
+    pool->type = p->type;
+    pool->elt = (size_t)kvr_kv_type_nbytes(p->type);
+    pool->block_nelts = block_nbytes / pool->elt;
     size_t total = (size_t)(n_blocks * block_nbytes);
     size_t rounded = (total + 63) & ~(size_t)63;
     pool->mem = aligned_alloc(64, rounded);
@@ -127,13 +161,14 @@ void kvr_kv_pool_free(struct kvr_kv_pool *pool) {
 }
 
 void kvr_kv_pool_stats(const struct kvr_kv_pool *pool, struct kvr_kv_pool_stats *st) {
-    uint64_t bn = pool->block_nfloats * sizeof(float);
+    uint64_t bn = pool->block_nelts * pool->elt;
     st->n_blocks = pool->n_blocks;
     st->n_blocks_free = pool->n_free;
     st->n_seqs = pool->n_seqs;
     st->block_tokens = pool->block_tokens;
     st->block_nbytes = bn;
-    st->token_nbytes = kvr_kv_token_nbytes(pool->n_layers, pool->kv_dim);
+    st->token_nbytes = kvr_kv_token_nbytes_type(pool->type, pool->n_layers, pool->kv_dim);
+    st->type = pool->type;
     st->bytes_total = bn * (uint64_t)pool->n_blocks;
     st->bytes_free = bn * (uint64_t)pool->n_free;
     st->bytes_used = st->bytes_total - st->bytes_free;
@@ -344,11 +379,62 @@ int kvr_kv_seq_holds(const struct kvr_kv_seq *s, int pos) {
     return pos >= kv_recent_begin(s, s->n_past);
 }
 
-int kvr_kv_seq_slot(struct kvr_kv_seq *s, int layer, int pos, float **k, float **v) {
+int kvr_kv_seq_slot_raw(struct kvr_kv_seq *s, int layer, int pos, void **k, void **v) {
     if (layer < 0 || layer >= s->pool->n_layers || !kvr_kv_seq_holds(s, pos))
         return KVR_ERANGE;
     *k = kv_ptr(s, layer, pos, 0);
     *v = kv_ptr(s, layer, pos, 1);
+    return KVR_OK;
+}
+
+int kvr_kv_seq_slot(struct kvr_kv_seq *s, int layer, int pos, float **k, float **v) {
+    if (s->pool->type != KVR_KV_F32)
+        return KVR_EINVAL;
+    void *kr, *vr;
+    int rc = kvr_kv_seq_slot_raw(s, layer, pos, &kr, &vr);
+    if (rc == KVR_OK) {
+        *k = kr;
+        *v = vr;
+    }
+    return rc;
+}
+
+/* n values of type t at src widened to f32 (exact), or rounded into t (to nearest even). */
+static void to_f32(enum kvr_kv_type t, float *dst, const void *src, size_t n) {
+    const uint16_t *h = src;
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, n * sizeof(float));
+    else if (t == KVR_KV_F16)
+        for (size_t i = 0; i < n; i++)
+            dst[i] = kvr_f16_to_f32(h[i]);
+    else
+        for (size_t i = 0; i < n; i++)
+            dst[i] = kvr_bf16_to_f32(h[i]);
+}
+
+static void from_f32(enum kvr_kv_type t, void *dst, const float *src, size_t n) {
+    uint16_t *h = dst;
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, n * sizeof(float));
+    else if (t == KVR_KV_F16)
+        for (size_t i = 0; i < n; i++)
+            h[i] = kvr_f32_to_f16(src[i]);
+    else
+        for (size_t i = 0; i < n; i++)
+            h[i] = kvr_f32_to_bf16(src[i]);
+}
+
+int kvr_kv_seq_export(struct kvr_kv_seq *s, int layer, int pos0, int n, float *k, float *v) {
+    size_t kvd = (size_t)s->pool->kv_dim;
+    if (n < 0 || layer < 0 || layer >= s->pool->n_layers)
+        return KVR_ERANGE;
+    for (int i = 0; i < n; i++)
+        if (!kvr_kv_seq_holds(s, pos0 + i))
+            return KVR_ERANGE;
+    for (int i = 0; i < n; i++) {
+        to_f32(s->pool->type, k + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 0), kvd);
+        to_f32(s->pool->type, v + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 1), kvd);
+    }
     return KVR_OK;
 }
 
@@ -361,8 +447,8 @@ int kvr_kv_seq_import(struct kvr_kv_seq *s, int layer, int pos0, int n, const fl
         if (!kvr_kv_seq_holds(s, pos0 + i))
             return KVR_ERANGE;
     for (int i = 0; i < n; i++) {
-        memcpy(kv_ptr(s, layer, pos0 + i, 0), k + (size_t)i * kvd, kvd * sizeof(float));
-        memcpy(kv_ptr(s, layer, pos0 + i, 1), v + (size_t)i * kvd, kvd * sizeof(float));
+        from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 0), k + (size_t)i * kvd, kvd);
+        from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 1), v + (size_t)i * kvd, kvd);
     }
     return KVR_OK;
 }

@@ -1,8 +1,10 @@
 /* kv_cache.h - the block-paged KV cache of one node and its long-context policies.
  *
  * A pool owns fixed-size blocks of block_tokens tokens; each block holds K and V of all
- * layers: (n_layers, 2, block_tokens, kv_dim) float32, so one (block, layer) is two
- * contiguous arrays, the unit the wire format ships. A sequence owns a block table and
+ * layers: (n_layers, 2, block_tokens, kv_dim) values of the pool's type (f32, f16 or
+ * bf16: --kv-type), so one (block, layer) is two contiguous arrays, the unit the wire
+ * format ships. f16/bf16 pools hold half the bytes per token; values enter them rounded
+ * to nearest even (half.h: finite values saturate, never become inf). A sequence owns a block table and
  * one policy:
  *   dense      every token, up to n_tokens_max;
  *   window     only the last L tokens (L including the current query), text positions;
@@ -46,7 +48,26 @@ int kvr_kv_policy_check(const struct kvr_kv_policy_params *p, int n_ctx, char *e
  * recompute that is everything (0 sinks, from 0). */
 int kvr_kv_policy_first_held(const struct kvr_kv_policy_params *p, int n_past, int *n_sinks);
 
+/* Element type of a pool. Values travel in MPI messages (HELLO) and equal the KV wire
+ * format's value types (kv_wire.h): append only. */
+enum kvr_kv_type {
+    KVR_KV_F32 = 0,  /* the exact default */
+    KVR_KV_F16 = 1,  /* IEEE half */
+    KVR_KV_BF16 = 2, /* bfloat16 */
+};
+#define KVR_KV_TYPE_CHOICES "f32|f16|bf16"
+
+/* "f32", "f16", "bf16"; "?" when out of range. */
+const char *kvr_kv_type_name(int type);
+
+/* Bytes per element: 4, 2, 2; 0 when out of range. */
+int kvr_kv_type_nbytes(int type);
+
+/* Parses "f32" / "f16" / "bf16" into *type: KVR_OK or KVR_EINVAL. */
+int kvr_kv_type_parse(const char *s, enum kvr_kv_type *type);
+
 struct kvr_kv_pool_params {
+    enum kvr_kv_type type;  /* element type; 0 (zero-initialized) = f32 */
     int n_layers;
     int kv_dim;             /* n_kv_heads * head_dim */
     int block_tokens;       /* tokens per block, e.g. 16 */
@@ -59,7 +80,8 @@ struct kvr_kv_pool_stats {
     int n_seqs;             /* live sequences */
     int block_tokens;
     uint64_t block_nbytes;  /* bytes of one block (all layers, K and V) */
-    uint64_t token_nbytes;  /* 2 * n_layers * kv_dim * 4 */
+    uint64_t token_nbytes;  /* 2 * n_layers * kv_dim * (4 or 2: the pool's type) */
+    enum kvr_kv_type type;
     uint64_t bytes_total;
     uint64_t bytes_used;
     uint64_t bytes_free;
@@ -68,8 +90,14 @@ struct kvr_kv_pool_stats {
 struct kvr_kv_pool;
 struct kvr_kv_seq;
 
-/* KV bytes per token: 2 x n_layers x kv_dim x sizeof(float). */
+/* KV bytes per token of an f32 pool: 2 x n_layers x kv_dim x sizeof(float). */
 uint64_t kvr_kv_token_nbytes(int n_layers, int kv_dim);
+
+/* KV bytes per token of a pool of that type: 2 x n_layers x kv_dim x (4 or 2). */
+uint64_t kvr_kv_token_nbytes_type(enum kvr_kv_type type, int n_layers, int kv_dim);
+
+/* The pool's element type. */
+enum kvr_kv_type kvr_kv_pool_type(const struct kvr_kv_pool *pool);
 
 /* Allocates the pool's block memory up front. KVR_EINVAL when the budget holds no
  * block or a parameter is not positive, KVR_ENOMEM. Returns owned *out; free with
@@ -131,13 +159,23 @@ int kvr_kv_seq_holds(const struct kvr_kv_seq *seq, int pos);
 
 /* Pointers to the kv_dim floats of K and V of layer at text position pos; K is post-RoPE
  * except under the sink policy (pre-RoPE). Borrowed until the token is evicted or the
- * sequence freed. KVR_ERANGE when pos is not held (or reserved). */
+ * sequence freed. KVR_ERANGE when pos is not held (or reserved); KVR_EINVAL on an f16
+ * or bf16 pool (use kvr_kv_seq_slot_raw or kvr_kv_seq_export there). */
 int kvr_kv_seq_slot(struct kvr_kv_seq *seq, int layer, int pos, float **k, float **v);
 
-/* Copies n tokens of one layer (k and v: (n, kv_dim) f32) into reserved slots at text
- * positions pos0..pos0+n-1: how blocks received from another node enter this pool.
- * KVR_ERANGE when a slot is not reserved. Call kvr_kv_seq_advance once all layers of
- * those tokens are in. */
+/* Like kvr_kv_seq_slot for a pool of any type: the kv_dim values of the pool's type
+ * (kvr_kv_pool_type; uint16_t bit patterns for f16/bf16). */
+int kvr_kv_seq_slot_raw(struct kvr_kv_seq *seq, int layer, int pos, void **k, void **v);
+
+/* Boundary APIs, f32 on the caller's side whatever the pool's type:
+ * export copies n held tokens of one layer at pos0.. into k and v ((n, kv_dim) f32,
+ * widened exactly from f16/bf16); import copies (n, kv_dim) f32 into reserved slots at
+ * text positions pos0..pos0+n-1, rounded to nearest even into an f16/bf16 pool (exact
+ * for values that came from a pool of the same type, so export -> wire -> import
+ * between two pools of one type is bit-exact). Import is how blocks received from
+ * another node enter this pool; call kvr_kv_seq_advance once all layers of those
+ * tokens are in. KVR_ERANGE when a slot is not held (export) or reserved (import). */
+int kvr_kv_seq_export(struct kvr_kv_seq *seq, int layer, int pos0, int n, float *k, float *v);
 int kvr_kv_seq_import(struct kvr_kv_seq *seq, int layer, int pos0, int n, const float *k,
                       const float *v);
 

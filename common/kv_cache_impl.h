@@ -14,8 +14,10 @@ struct kvr_kv_pool {
     int n_blocks;
     int n_free;
     int n_seqs;
-    size_t block_nfloats;   /* n_layers * 2 * block_tokens * kv_dim */
-    float *mem;             /* (n_blocks, n_layers, 2, block_tokens, kv_dim) f32 */
+    enum kvr_kv_type type;  /* element type of mem */
+    size_t elt;             /* bytes per element: 4 (f32) or 2 (f16, bf16) */
+    size_t block_nelts;     /* n_layers * 2 * block_tokens * kv_dim */
+    char *mem;              /* (n_blocks, n_layers, 2, block_tokens, kv_dim) of type */
     int *free_stack;        /* (n_blocks) free block ids, top at n_free - 1 */
 };
 
@@ -40,13 +42,20 @@ static inline int kv_phys(const struct kvr_kv_seq *s, int lb) {
     return lb < s->n_sink_blocks ? s->sink_blk[lb] : s->tab[lb - s->tab_base];
 }
 
-/* K (or V when kv = 1) slot of a held text position pos in layer. */
-static inline float *kv_ptr(const struct kvr_kv_seq *s, int layer, int pos, int kv) {
+/* K (or V when kv = 1) slot of a held text position pos in layer: kv_dim elements of
+ * the pool's type. */
+static inline void *kv_ptr(const struct kvr_kv_seq *s, int layer, int pos, int kv) {
     const struct kvr_kv_pool *p = s->pool;
     int bt = p->block_tokens;
     size_t blk = (size_t)kv_phys(s, pos / bt);
-    return p->mem + blk * p->block_nfloats +
-           ((size_t)(layer * 2 + kv) * (size_t)bt + (size_t)(pos % bt)) * (size_t)p->kv_dim;
+    return p->mem + (blk * p->block_nelts +
+                     ((size_t)(layer * 2 + kv) * (size_t)bt + (size_t)(pos % bt)) * (size_t)p->kv_dim) *
+                        p->elt;
+}
+
+/* The same slot as f32 (f32 pools only). */
+static inline float *kv_ptr_f32(const struct kvr_kv_seq *s, int layer, int pos, int kv) {
+    return (float *)kv_ptr(s, layer, pos, kv);
 }
 
 /* First non-sink text position visible to the query at text position p. */

@@ -52,10 +52,11 @@ static int run_open(struct ppl_run *r, const struct kvr_ppl_params *p, int bt, i
                     int n_seqs, int n_tokens_max, struct kvr_engine_params *ep, int n_logit_rows) {
     const struct kvr_model_config *c = kvr_model_config(p->model);
     struct kvr_kv_pool_params pp = {
+        .type = p->kv_type,
         .n_layers = c->n_layers,
         .kv_dim = c->kv_dim,
         .block_tokens = bt,
-        .budget_nbytes = (uint64_t)n_blocks * (uint64_t)bt * kvr_kv_token_nbytes(c->n_layers, c->kv_dim),
+        .budget_nbytes = (uint64_t)n_blocks * (uint64_t)bt * kvr_kv_token_nbytes_type(p->kv_type, c->n_layers, c->kv_dim),
     };
     int rc = kvr_kv_pool_create(&pp, &r->pool);
     if (rc != KVR_OK)

@@ -19,6 +19,7 @@ struct kvr_ppl_params {
     int batch_tokens;                   /* recompute: tokens per forward call, whole windows
                                          * as separate items (0: 2048, at least one window) */
     int block_tokens;                   /* KV block size in tokens (0: 16) */
+    enum kvr_kv_type kv_type;           /* KV cache element type (0: f32) */
 };
 
 struct kvr_ppl_result {

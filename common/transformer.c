@@ -11,6 +11,7 @@
 
 #include <cblas.h>
 
+#include "half.h"
 #include "kernels.h"
 #include "kv_cache_impl.h"
 #include "log.h"
@@ -280,6 +281,28 @@ void kvr_engine_set_layer_hook(struct kvr_engine *e,
 
 /* ---- row-wise elementwise work ------------------------------------------------- */
 
+/* n f32 values into a cache slot of type t: copied, or rounded to nearest even (half.h;
+ * a few thousand values per token and layer, not worth a vector kernel). */
+static void kv_store(enum kvr_kv_type t, void *dst, const float *src, int n) {
+    uint16_t *h = dst;
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (t == KVR_KV_F16)
+        for (int i = 0; i < n; i++)
+            h[i] = kvr_f32_to_f16(src[i]);
+    else
+        for (int i = 0; i < n; i++)
+            h[i] = kvr_f32_to_bf16(src[i]);
+}
+
+/* n values of a cache slot of type t as f32 (exact). */
+static void kv_load(enum kvr_kv_type t, float *dst, const void *src, int n) {
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    else
+        kvr_kernels()->half_to_f32(t == KVR_KV_F16 ? KVR_DTYPE_F16 : KVR_DTYPE_BF16, dst, src, n);
+}
+
 enum row_op { ROW_RMSNORM_ATT, ROW_ROPE_STORE, ROW_RMSNORM_FFN };
 
 struct row_job {
@@ -310,8 +333,8 @@ static void row_task(void *arg, int task, int thread) {
             /* Sink keys stay unrotated: attention rotates them at their cache place. */
             if (s->policy.policy != KVR_KV_SINK)
                 rope_rotate(k, kvd, c->head_dim, e->row_rope[r]);
-            memcpy(kv_ptr(s, l, pos, 0), k, (size_t)kvd * sizeof(float));
-            memcpy(kv_ptr(s, l, pos, 1), v, (size_t)kvd * sizeof(float));
+            kv_store(s->pool->type, kv_ptr(s, l, pos, 0), k, kvd);
+            kv_store(s->pool->type, kv_ptr(s, l, pos, 1), v, kvd);
             break;
         }
         }
@@ -389,19 +412,37 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
     size_t qstep = (size_t)kv_mul * hd, sstep = (size_t)kv_mul * n_keys;
     int bt = s->pool->block_tokens;
     size_t kvd = (size_t)c->kv_dim;
+    enum kvr_kv_type kt = s->pool->type;
+    enum kvr_dtype ht = kt == KVR_KV_BF16 ? KVR_DTYPE_BF16 : KVR_DTYPE_F16; /* half caches */
+    const struct kvr_kernels *kr = kvr_kernels();
+    size_t elt = s->pool->elt;
     /* Keys come in two ranges of text positions (sinks, then the recent ones), each
      * walked in runs inside one cache block: one block lookup per run, not per key. */
     for (int seg = 0; seg < 2; seg++) {
         int t = seg ? rb : 0, t_end = seg ? p + 1 : n_sink, i = seg ? n_sink : 0;
         while (t < t_end) {
             int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
-            const float *kb = kv_ptr(s, l, t, 0) + (size_t)g0 * hd;
+            const char *kb = (const char *)kv_ptr(s, l, t, 0) + (size_t)g0 * hd * elt;
+            if (!rotate && kt != KVR_KV_F32) {
+                /* The same walk over 2-byte values, widened in the kernel: half the bytes. */
+                for (int w0 = 0; w0 < n; w0 += 4) {
+                    int nw = n - w0 < 4 ? n - w0 : 4;
+                    const uint16_t *kw = (const uint16_t *)(const void *)kb + (size_t)w0 * kvd;
+                    prefetch_rows((const float *)(const void *)(kw + 4 * kvd), n - w0 - 4, kvd / 2, G * hd / 2);
+                    for (int gg = 0; gg < G; gg++)
+                        kr->qk_run_h(ht, sc + gg * sstep + i + w0, n_keys, q + gg * qstep, kv_mul, hd,
+                                     kw + (size_t)gg * hd, kvd, nw, scale);
+                }
+                t += n;
+                i += n;
+                continue;
+            }
             if (!rotate) {
                 /* Four tokens at a time, all heads of the group: the cache is read in
                  * token order (rows of G*hd floats), the next four rows prefetched. */
                 for (int w0 = 0; w0 < n; w0 += 4) {
                     int nw = n - w0 < 4 ? n - w0 : 4;
-                    const float *kw = kb + (size_t)w0 * kvd;
+                    const float *kw = (const float *)(const void *)kb + (size_t)w0 * kvd;
                     prefetch_rows(kw + 4 * kvd, n - w0 - 4, kvd, G * hd);
                     for (int gg = 0; gg < G; gg++)
                         qk_run(sc + gg * sstep + i + w0, n_keys, q + gg * qstep, kv_mul, hd,
@@ -413,7 +454,7 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
             }
             for (int u = 0; u < n; u++, t++, i++) {
                 for (int gg = 0; gg < G; gg++) {
-                    memcpy(krot, kb + (size_t)u * kvd + (size_t)gg * hd, (size_t)hd * sizeof(float));
+                    kv_load(kt, krot, kb + ((size_t)u * kvd + (size_t)gg * hd) * elt, hd);
                     rope_rotate(krot, hd, hd, rope_at(e, t < n_sink ? t : t - delta));
                     for (int h = 0; h < kv_mul; h++)
                         sc[gg * sstep + (size_t)h * n_keys + i] =
@@ -430,7 +471,21 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
         int t = seg ? rb : 0, t_end = seg ? p + 1 : n_sink, i = seg ? n_sink : 0;
         while (t < t_end) {
             int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
-            const float *vb = kv_ptr(s, l, t, 1) + (size_t)g0 * hd;
+            const char *vbc = (const char *)kv_ptr(s, l, t, 1) + (size_t)g0 * hd * elt;
+            if (kt != KVR_KV_F32) {
+                for (int w0 = 0; w0 < n; w0 += 4) {
+                    int nw = n - w0 < 4 ? n - w0 : 4;
+                    const uint16_t *vw = (const uint16_t *)(const void *)vbc + (size_t)w0 * kvd;
+                    prefetch_rows((const float *)(const void *)(vw + 4 * kvd), n - w0 - 4, kvd / 2, G * hd / 2);
+                    for (int gg = 0; gg < G; gg++)
+                        kr->av_run_h(ht, out + gg * qstep, sc + gg * sstep + i + w0, n_keys, kv_mul, hd,
+                                     vw + (size_t)gg * hd, kvd, nw);
+                }
+                t += n;
+                i += n;
+                continue;
+            }
+            const float *vb = (const float *)(const void *)vbc;
             for (int w0 = 0; w0 < n; w0 += 4) {
                 int nw = n - w0 < 4 ? n - w0 : 4;
                 const float *vw = vb + (size_t)w0 * kvd;
@@ -515,8 +570,8 @@ static void attention(struct kvr_engine *e) {
             int ke = e->row_pos[r0 + n_gemm - 1] + 1;
             for (int t = kb; t < ke; t++) {
                 float *kd = e->kc + (size_t)(t - kb) * kvd;
-                memcpy(kd, kv_ptr(s, l, t, 0), (size_t)kvd * sizeof(float));
-                memcpy(e->vc + (size_t)(t - kb) * kvd, kv_ptr(s, l, t, 1), (size_t)kvd * sizeof(float));
+                kv_load(s->pool->type, kd, kv_ptr(s, l, t, 0), kvd);
+                kv_load(s->pool->type, e->vc + (size_t)(t - kb) * kvd, kv_ptr(s, l, t, 1), kvd);
                 /* GEMM rows of a sink sequence are inside the first window: cache
                  * position == text position. */
                 if (s->policy.policy == KVR_KV_SINK)
