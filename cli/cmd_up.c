@@ -47,6 +47,7 @@ struct up_cfg {
     int threads;
     int max_batch;
     const char *kv_dtype;
+    const char *kv_type;
     float queue_timeout;
     float node_timeout;
     float startup_timeout;
@@ -81,6 +82,7 @@ static const struct kvr_opt up_opts[] = {
     {"colocated", KVR_OPT_FLAG, offsetof(struct up_cfg, colocated), "0", 0, -1, NULL, 0, "decode nodes also prefill (no KV transfer; needs --prefill 0)"},
     {"threads", KVR_OPT_INT, offsetof(struct up_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads per node (0 = CPUs / nodes, at least 1)"},
     {"max-batch", KVR_OPT_INT, offsetof(struct up_cfg, max_batch), "64", 1, 4096, NULL, 0, "sequences per decode step"},
+    {"kv-type", KVR_OPT_STRING, offsetof(struct up_cfg, kv_type), "f32", 0, -1, NULL, 0, "KV-cache element type of every rank: f32 (exact), f16, bf16 (half the memory per token; f16/bf16 blocks ship as their own values)"},
     {"kv-dtype", KVR_OPT_STRING, offsetof(struct up_cfg, kv_dtype), "f32", 0, -1, NULL, 0, "value type of shipped KV blocks: f32 (lossless), f16, bf16"},
     {"queue-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, queue_timeout), "30", 0.01, 86400, NULL, 0, "seconds a request may wait for KV memory"},
     {"node-timeout", KVR_OPT_FLOAT, offsetof(struct up_cfg, node_timeout), "10", 0.2, 86400, NULL, 0, "seconds of silence after which a node is dead"},
@@ -289,6 +291,15 @@ int kvr_cmd_up(int argc, char **argv) {
         fprintf(stderr, "kvrelay up: --kv-dtype must be f32, f16 or bf16\n");
         return KVR_EXIT_USAGE;
     }
+    if (strcmp(cfg.kv_type, "f32") && strcmp(cfg.kv_type, "f16") && strcmp(cfg.kv_type, "bf16")) {
+        fprintf(stderr, "kvrelay up: --kv-type must be f32, f16 or bf16\n");
+        return KVR_EXIT_USAGE;
+    }
+    if (strcmp(cfg.kv_type, "f32") && strcmp(cfg.kv_dtype, "f32") && strcmp(cfg.kv_dtype, cfg.kv_type)) {
+        fprintf(stderr, "kvrelay up: --kv-dtype %s conflicts with --kv-type %s (an %s cache ships %s values)\n",
+                cfg.kv_dtype, cfg.kv_type, cfg.kv_type, cfg.kv_type);
+        return KVR_EXIT_USAGE;
+    }
     if (strcmp(cfg.weights, "mmap") && strcmp(cfg.weights, "copy") && strcmp(cfg.weights, "auto")) {
         fprintf(stderr, "kvrelay up: --weights must be mmap, copy or auto\n");
         return KVR_EXIT_USAGE;
@@ -373,8 +384,8 @@ int kvr_cmd_up(int argc, char **argv) {
     char spawn_ctx[40] = "";
     if (cfg.context)
         snprintf(spawn_ctx, sizeof spawn_ctx, " --context %ld", (long)cfg.context);
-    snprintf(spawn, 8192, "%s --model %s%s --threads %d --kv-memory %s --weights %s --max-batch %d%s %s", decode_bin,
-             cfg.model, spawn_ctx, threads, kv_mem, cfg.weights, cfg.max_batch, cfg.colocated ? " --colocated" : "",
+    snprintf(spawn, 8192, "%s --model %s%s --threads %d --kv-memory %s --kv-type %s --weights %s --max-batch %d%s %s", decode_bin,
+             cfg.model, spawn_ctx, threads, kv_mem, cfg.kv_type, cfg.weights, cfg.max_batch, cfg.colocated ? " --colocated" : "",
              cfg.extra_decode);
     names[0] = "kvrelay-coordinator";
     for (int r = 1; r <= nodes; r++)
@@ -412,6 +423,8 @@ int kvr_cmd_up(int argc, char **argv) {
         arg(a, "--context");
         arg(a, fmt(a, "%ld", cfg.context));
     }
+    arg(a, "--kv-type");
+    arg(a, cfg.kv_type);
     arg(a, "--listen");
     arg(a, listen);
     arg(a, "--http-listen");
@@ -464,6 +477,8 @@ int kvr_cmd_up(int argc, char **argv) {
         }
         arg(a, "--threads");
         arg(a, fmt(a, "%ld", threads));
+        arg(a, "--kv-type");
+        arg(a, cfg.kv_type);
         arg(a, "--kv-dtype");
         arg(a, cfg.kv_dtype);
         arg(a, "--weights");
@@ -486,6 +501,8 @@ int kvr_cmd_up(int argc, char **argv) {
     arg(a, fmt(a, "%ld", threads));
     arg(a, "--kv-memory");
     arg(a, kv_mem);
+    arg(a, "--kv-type");
+    arg(a, cfg.kv_type);
     arg(a, "--weights");
     arg(a, cfg.weights);
     arg(a, "--max-batch");

@@ -127,6 +127,7 @@ void kvr_msg_write_hello(struct kvr_wbuf *w, const struct kvr_hello *h) {
     kvr_w_i32(w, h->max_batch);
     kvr_w_i32(w, h->max_batch_tokens);
     kvr_w_i32(w, h->n_ctx_max);
+    kvr_w_i32(w, h->kv_type);
 }
 
 void kvr_msg_write_status(struct kvr_wbuf *w, const struct kvr_node_report *r) {
@@ -381,6 +382,7 @@ int kvr_msg_parse_hello(const struct kvr_msg *m, struct kvr_hello *h) {
     h->max_batch = kvr_r_i32(&r);
     h->max_batch_tokens = kvr_r_i32(&r);
     h->n_ctx_max = kvr_r_i32(&r);
+    h->kv_type = kvr_r_i32(&r);
     int rc = parse_end(m, &r);
     if (rc != KVR_OK)
         return rc;
@@ -388,6 +390,8 @@ int kvr_msg_parse_hello(const struct kvr_msg *m, struct kvr_hello *h) {
         return bad(m, "role is neither prefill nor decode");
     if (h->colocated != 0 && h->colocated != 1)
         return bad(m, "colocated is not 0 or 1");
+    if (h->kv_type < KVR_KV_F32 || h->kv_type > KVR_KV_BF16)
+        return bad(m, "kv type out of range");
     if (h->colocated && h->role != KVR_ROLE_DECODE)
         return bad(m, "a colocated node must be a decode node");
     if (!status_ok(h->setup_status))

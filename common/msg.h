@@ -76,6 +76,7 @@ struct kvr_hello {
     int max_batch_tokens; /* tokens per forward call: a recompute window (decode) or a
                            * prompt (prefill) must fit */
     int n_ctx_max;        /* most cached keys one query may attend */
+    int kv_type;          /* enum kvr_kv_type of the node's pool: every rank must agree */
 };
 
 struct kvr_node_report {

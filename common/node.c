@@ -45,6 +45,7 @@ void kvr_node_hello_init(struct kvr_hello *h, enum kvr_role role, const struct k
     h->fingerprint = kvr_model_fingerprint((struct kvr_model *)(uintptr_t)model);
     h->kv_bytes_total = st.bytes_total;
     h->n_blocks_total = st.n_blocks;
+    h->kv_type = (int)st.type;
 }
 
 void kvr_node_init(struct kvr_node *n, const struct kvr_node_params *p) {

@@ -44,6 +44,7 @@ struct coord_cfg {
     int max_pending_tokens;
     float max_request_age;
     int context;
+    int kv_type;
     const char *http_listen;
     const char *chat_template;
     const char *served_model_name;
@@ -58,6 +59,7 @@ static const struct kvr_opt opts[] = {
     {"model", KVR_OPT_STRING, offsetof(struct coord_cfg, model), NULL, 0, -1, NULL, 1, "model file every node serves, GGUF or llama2.c (checked by fingerprint)"},
     {"tokenizer", KVR_OPT_STRING, offsetof(struct coord_cfg, tokenizer), NULL, 0, -1, NULL, 0, "tokenizer.bin (llama2.c; or a GGUF file's vocabulary); default: the GGUF model's own"},
     {"context", KVR_OPT_INT, offsetof(struct coord_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's; the nodes must run the same)"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct coord_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type every node must run (kvrelay up passes its --kv-type to every rank)"},
     {"listen", KVR_OPT_STRING, offsetof(struct coord_cfg, listen), "127.0.0.1:50051", 0, -1, NULL, 0, "gRPC listen address HOST:PORT (loopback by default: give 0.0.0.0:PORT to serve other machines)"},
     {"queue-max", KVR_OPT_INT, offsetof(struct coord_cfg, queue_max), "1024", 1, 1 << 20, NULL, 0, "requests waiting for KV memory at most (then RESOURCE_EXHAUSTED)"},
     {"queue-timeout", KVR_OPT_FLOAT, offsetof(struct coord_cfg, queue_timeout), "30", 0.01, 86400, NULL, 0, "seconds a request may wait for KV memory"},
@@ -230,6 +232,7 @@ int main(int argc, char **argv) {
                                       .drain_timeout_s = cfg.drain_timeout, .join_timeout_s = cfg.join_timeout,
                                       .can_spawn = spawn_argv != NULL, .join_dir = cfg.join_dir,
                                      .expected_nodes = kvr_xfer_size(x) - 1, .queue_max = cfg.queue_max,
+                                     .kv_type = cfg.kv_type,
                                      .queue_timeout_s = cfg.queue_timeout, .node_timeout_s = cfg.node_timeout,
                                      .max_retries = cfg.max_retries, .max_request_age_s = cfg.max_request_age};
     if ((rc = coord_router_create(&rtp, &router)) != KVR_OK) {

@@ -881,6 +881,11 @@ static int node_consistent(const struct coord_router *r, const struct kvr_hello 
                  (unsigned long long)h->fingerprint, h->seq_len, h->vocab_size);
         return 0;
     }
+    if (h->kv_type != r->p.kv_type) {
+        snprintf(why, len, "it stores its KV cache as %s, the cluster as %s (--kv-type)", kvr_kv_type_name(h->kv_type),
+                 kvr_kv_type_name(r->p.kv_type));
+        return 0;
+    }
     return 1;
 }
 
@@ -1750,6 +1755,13 @@ int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t f
         if (i > 0 && n->h.seq_len != r->nodes[0]->h.seq_len) {
             KVR_LOG_ERROR("rank %d runs the model at context %d but rank %d at %d: give every node the "
                           "same --context", n->rank, n->h.seq_len, r->nodes[0]->rank, r->nodes[0]->h.seq_len);
+            return KVR_EINVAL;
+        }
+        if (n->h.kv_type != r->p.kv_type) {
+            KVR_LOG_ERROR("rank %d (%s) stores its KV cache as %s but the cluster runs --kv-type %s: give every "
+                          "rank the same --kv-type (kvrelay up --kv-type does)", n->rank,
+                          n->h.role == KVR_ROLE_PREFILL ? "prefill" : "decode", kvr_kv_type_name(n->h.kv_type),
+                          kvr_kv_type_name(r->p.kv_type));
             return KVR_EINVAL;
         }
         if (i > 0 && n->h.vocab_size != r->nodes[0]->h.vocab_size) {

@@ -19,6 +19,7 @@ struct coord_router_params {
     struct coord_transport tp;           /* how to reach nodes; used from the router's thread */
     const struct coord_stream_ops *ops;  /* how streams hear of their requests */
     int expected_nodes;                  /* nodes the job starts with (wait_nodes waits for them) */
+    int kv_type;                         /* enum kvr_kv_type every node's pool must have */
     int queue_max;                       /* admitted requests waiting at most (then KVR_EFULL) */
     double queue_timeout_s;              /* wait for decode memory at most (then KVR_ETIMEDOUT),
                                           * counted from arrival and again from each re-run */
@@ -44,7 +45,8 @@ int coord_router_create(const struct coord_router_params *p, struct coord_router
 void coord_router_free(struct coord_router *r);
 
 /* Waits up to timeout_s for expected_nodes HELLOs and checks they serve the same model
- * (fingerprint, context, vocabulary) and that each set up. On success *seq_len and *vocab
+ * (fingerprint, context, vocabulary), store their KV caches as p.kv_type (a prefill
+ * node's blocks enter a decode node's pool unconverted), and that each set up. On success *seq_len and *vocab
  * receive the model's. KVR_ETIMEDOUT, KVR_EFINGERPRINT, KVR_EINVAL (a node failed to set
  * up or sent a bad HELLO, or no decode node / no way to prefill), each logged. */
 int coord_router_wait_nodes(struct coord_router *r, double timeout_s, uint64_t fingerprint, int *seq_len,

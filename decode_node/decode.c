@@ -377,6 +377,13 @@ static void on_kv(struct dnode *d, struct dseq *s, const struct kvr_msg *m) {
                       b.n_layers, b.token_begin, b.n_tokens, b.n_kv_heads, b.head_dim);
         rc = KVR_ESHAPE;
     }
+    /* A half cache takes its own type only: the values are then exactly the sender's
+     * cache (the coordinator refuses mixed --kv-type clusters at start). */
+    if (rc == KVR_OK && d->p->kv_type != KVR_KV_F32 && (int)b.dtype != (int)d->p->kv_type) {
+        KVR_LOG_ERROR("req=%llu KV block of %s values for a %s cache", (unsigned long long)s->id,
+                      kvr_wire_dtype_name(b.dtype), kvr_kv_type_name(d->p->kv_type));
+        rc = KVR_EFORMAT;
+    }
     for (int l = 0; rc == KVR_OK && l < b.n_layers; l++) {
         size_t off = (size_t)l * (size_t)b.n_tokens * (size_t)d->c->kv_dim;
         rc = kvr_kv_seq_import(s->kv, b.layer_begin + l, b.token_begin, b.n_tokens, d->kbuf + off, d->vbuf + off);
@@ -693,7 +700,7 @@ static int setup(struct dnode *d) {
     d->coord = kvr_xfer_coord_rank(d->x);
     d->rank = kvr_xfer_rank(d->x);
     int V = d->c->vocab_size;
-    struct kvr_kv_pool_params pp = {.n_layers = d->c->n_layers, .kv_dim = d->c->kv_dim,
+    struct kvr_kv_pool_params pp = {.type = p->kv_type, .n_layers = d->c->n_layers, .kv_dim = d->c->kv_dim,
                                     .block_tokens = p->block_tokens, .budget_nbytes = p->kv_memory_nbytes};
     int rc = kvr_kv_pool_create(&pp, &d->pool);
     if (rc != KVR_OK)

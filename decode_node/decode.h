@@ -8,6 +8,8 @@
 #include <signal.h>
 #include <stdint.h>
 
+#include "kv_cache.h"
+
 struct kvr_model;
 struct kvr_xfer;
 
@@ -24,6 +26,7 @@ struct decode_params {
     struct kvr_model *model;      /* borrowed */
     struct kvr_xfer *xfer;        /* borrowed */
     uint64_t kv_memory_nbytes;    /* block pool budget */
+    enum kvr_kv_type kv_type;     /* the pool's element type (--kv-type) */
     int block_tokens;
     int n_threads;                /* 0: online CPUs */
     int max_batch;                /* sequences per step */

@@ -17,6 +17,7 @@ struct decode_cfg {
     int weights;
     int context;
     uint64_t kv_memory;
+    int kv_type;
     int block_tokens;
     int threads;
     int max_batch;
@@ -34,6 +35,7 @@ static const struct kvr_opt opts[] = {
     {"context", KVR_OPT_INT, offsetof(struct decode_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length in tokens (0 = the model file's; every node and the coordinator need the same)"},
     {"weights", KVR_OPT_CHOICE, offsetof(struct decode_cfg, weights), "auto", 0, -1, KVR_NODE_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process); auto: copy when this is the host's only node"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct decode_cfg, kv_memory), "256MiB", 1, -1, NULL, 0, "KV block pool budget"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct decode_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type (every rank and the coordinator need the same)"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct decode_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block"},
     {"threads", KVR_OPT_INT, offsetof(struct decode_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
     {"max-batch", KVR_OPT_INT, offsetof(struct decode_cfg, max_batch), "64", 1, 4096, NULL, 0, "sequences per decode step"},
@@ -66,6 +68,7 @@ int main(int argc, char **argv) {
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     struct decode_params p = {.model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory,
+                              .kv_type = (enum kvr_kv_type)cfg.kv_type,
                               .block_tokens = cfg.block_tokens, .n_threads = cfg.threads,
                               .max_batch = cfg.max_batch, .max_batch_tokens = cfg.max_batch_tokens,
                               .colocated = cfg.colocated, .report_ms = cfg.report_ms,

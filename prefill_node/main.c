@@ -19,6 +19,7 @@ struct prefill_cfg {
     int max_batch;
     int max_batch_tokens;
     int kv_dtype;
+    int kv_type;
     int kv_transform;
     int kv_level;
     int kv_compress;
@@ -38,7 +39,8 @@ static const struct kvr_opt opts[] = {
     {"threads", KVR_OPT_INT, offsetof(struct prefill_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
     {"max-batch", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch), "16", 1, 4096, NULL, 0, "prompts per pass"},
     {"max-batch-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch_tokens), "0", 0, 1 << 20, NULL, 0, "prompt tokens per pass (0 = max(model context, 1024))"},
-    {"kv-dtype", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_dtype), "f32", 0, -1, "f32|f16|bf16", 0, "value type of shipped KV (f16/bf16 are lossy)"},
+    {"kv-type", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type (every rank and the coordinator need the same); an f16/bf16 cache ships its own values exactly"},
+    {"kv-dtype", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_dtype), "f32", 0, -1, "f32|f16|bf16", 0, "value type of shipped KV of an f32 cache (f16/bf16 are lossy); an f16/bf16 cache ships its own type"},
     {"kv-transform", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_transform), "shuffle", 0, -1, "none|shuffle", 0, "byte transform before zstd"},
     {"kv-level", KVR_OPT_INT, offsetof(struct prefill_cfg, kv_level), "0", -7, 22, NULL, 0, "zstd level (0 = measured default)"},
     {"kv-compress", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_compress), "zstd", 0, -1, "zstd|none", 0, "none: ship KV values raw (no transform, no zstd), for links faster than the codec"},
@@ -64,10 +66,23 @@ int main(int argc, char **argv) {
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);
     int seq_len = kvr_model_config(model)->seq_len;
+    /* A half cache ships its own 2-byte values (exact); a lossy conversion to the other
+     * half type would be a silent surprise: refused. */
+    if (cfg.kv_type != KVR_KV_F32) {
+        if (cfg.kv_dtype != KVR_WIRE_F32 && cfg.kv_dtype != cfg.kv_type) {
+            fprintf(stderr, "%s: --kv-dtype %s conflicts with --kv-type %s (a %s cache ships %s values)\n", rp.prog,
+                    kvr_wire_dtype_name(cfg.kv_dtype), kvr_kv_type_name(cfg.kv_type), kvr_kv_type_name(cfg.kv_type),
+                    kvr_kv_type_name(cfg.kv_type));
+            kvr_model_free(model);
+            kvr_role_exit(x, KVR_EINVAL);
+        }
+        cfg.kv_dtype = cfg.kv_type;
+    }
     if (cfg.kv_compress == 1) /* stored raw: a byte transform would only cost time */
         cfg.kv_transform = KVR_WIRE_TF_NONE;
     struct prefill_params p = {
         .model = model, .xfer = x, .kv_memory_nbytes = cfg.kv_memory, .block_tokens = cfg.block_tokens,
+        .kv_type = (enum kvr_kv_type)cfg.kv_type,
         .n_threads = cfg.threads, .max_batch = cfg.max_batch,
         .max_batch_tokens = cfg.max_batch_tokens ? cfg.max_batch_tokens : (seq_len > 1024 ? seq_len : 1024),
         .wire = {.dtype = (enum kvr_wire_dtype)cfg.kv_dtype, .transform = (enum kvr_wire_transform)cfg.kv_transform,

@@ -48,6 +48,7 @@ struct pnode {
     struct kvr_wire_codec *codec;
     unsigned char *wire_buf; /* one encoded message */
     size_t wire_cap;
+    float *kbuf, *vbuf; /* one block of one layer, K and V as f32 (ship_range) */
     int *prompt_buf;         /* (seq_len) parse target */
     struct preq **queue;     /* FIFO of waiting prompts */
     int n_queue, cap_queue;
@@ -197,8 +198,10 @@ static void ship_range(struct pnode *n, struct pitem *it, int layer, int t0, int
         int b1 = (b0 / bt + 1) * bt;
         if (b1 > t1)
             b1 = t1;
-        float *k, *v;
-        int rc = kvr_kv_seq_slot(it->kv, layer, b0, &k, &v);
+        /* The block as f32 (widened exactly from a half cache; the encoder rounds it back
+         * to the same bits when wire.dtype is the cache's type). */
+        float *k = n->kbuf, *v = n->vbuf;
+        int rc = kvr_kv_seq_export(it->kv, layer, b0, b1 - b0, k, v);
         struct kvr_wire_block blk = {.fingerprint = n->fingerprint, .seq_id = it->r->p.req_id,
                                      .layer_begin = layer, .n_layers = 1, .token_begin = b0,
                                      .n_tokens = b1 - b0, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim};
@@ -395,8 +398,8 @@ static int setup(struct pnode *n) {
     uint64_t budget = p->kv_memory_nbytes;
     if (!budget) /* room for a full pass, each prompt rounded up to whole blocks */
         budget = (uint64_t)(p->max_batch_tokens + p->max_batch * p->block_tokens) *
-                 kvr_kv_token_nbytes(c->n_layers, c->kv_dim);
-    struct kvr_kv_pool_params pp = {.n_layers = c->n_layers, .kv_dim = c->kv_dim,
+                 kvr_kv_token_nbytes_type(p->kv_type, c->n_layers, c->kv_dim);
+    struct kvr_kv_pool_params pp = {.type = p->kv_type, .n_layers = c->n_layers, .kv_dim = c->kv_dim,
                                     .block_tokens = p->block_tokens, .budget_nbytes = budget};
     int rc = kvr_kv_pool_create(&pp, &n->pool);
     if (rc != KVR_OK)
@@ -414,12 +417,14 @@ static int setup(struct pnode *n) {
                                .head_dim = c->head_dim};
     n->wire_cap = kvr_wire_max_nbytes(&b);
     n->wire_buf = malloc(n->wire_cap);
+    n->kbuf = malloc(max_floats * sizeof(float));
+    n->vbuf = malloc(max_floats * sizeof(float));
     n->prompt_buf = malloc((size_t)c->seq_len * sizeof(int));
     n->batch = calloc((size_t)p->max_batch, sizeof *n->batch);
     n->items = calloc((size_t)p->max_batch, sizeof *n->items);
     n->logits = malloc((size_t)p->max_batch * (size_t)c->vocab_size * sizeof(float));
     n->sample_scratch = malloc((size_t)c->vocab_size * 2 * sizeof(int));
-    if (!n->wire_buf || !n->prompt_buf || !n->batch || !n->items || !n->logits || !n->sample_scratch)
+    if (!n->wire_buf || !n->kbuf || !n->vbuf || !n->prompt_buf || !n->batch || !n->items || !n->logits || !n->sample_scratch)
         return KVR_ENOMEM;
     return KVR_OK;
 }
@@ -431,6 +436,8 @@ static void teardown(struct pnode *n) {
     kvr_kv_pool_free(n->pool);
     kvr_wire_codec_free(n->codec);
     free(n->wire_buf);
+    free(n->kbuf);
+    free(n->vbuf);
     free(n->prompt_buf);
     free(n->batch);
     free(n->items);

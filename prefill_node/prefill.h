@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdint.h>
 
+#include "kv_cache.h"
 #include "kv_wire.h"
 
 struct kvr_model;
@@ -25,6 +26,8 @@ struct prefill_params {
     struct kvr_model *model;       /* borrowed */
     struct kvr_xfer *xfer;         /* borrowed */
     uint64_t kv_memory_nbytes;     /* pool for prompts in flight; 0: sized from the batch limits */
+    enum kvr_kv_type kv_type;      /* the pool's element type (--kv-type); wire.dtype equals it
+                                    * when it is f16/bf16 */
     int block_tokens;
     int n_threads;                 /* 0: online CPUs */
     int max_batch;                 /* prompts per pass */
