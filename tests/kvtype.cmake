@@ -12,3 +12,10 @@ foreach(k avx2 scalar)
   add_test(NAME test_kv_type_${k} COMMAND test_kv_type)
   set_tests_properties(test_kv_type_${k} PROPERTIES TIMEOUT 120 LABELS kvcache ENVIRONMENT "KVR_KERNEL=${k}")
 endforeach()
+
+# End to end: the product binary must exist before this runs.
+kvr_unit_test(test_cli_kvtype
+  SOURCES ${KVR_KVTYPE_TEST_DIR}/e2e/test_cli_kvtype.c ${KVR_KVTYPE_TEST_DIR}/e2e/run_cmd.c
+  TIMEOUT 120 LABELS kvcache e2e)
+target_include_directories(test_cli_kvtype PRIVATE ${KVR_KVTYPE_TEST_DIR}/e2e)
+add_dependencies(test_cli_kvtype kvrelay)

@@ -1416,6 +1416,67 @@ static void scenario_mismatch(void) {
                    "the nodes run the model at context 512, the coordinator at 256", NULL);
 }
 
+/* ---- --kv-type (issue 13) ------------------------------------------------------------- */
+
+/* The reference of a cluster whose caches are f16: `kvrelay generate --kv-type f16` on the
+ * same model, greedy, the golden run's steps. Replaces g->text. */
+static void reference_kv_type(struct golden_run *g, const char *kv_type) {
+    char kvrelay[1024], steps[16], prompt[1024], kt[8], model[1024], tokp[1024];
+    snprintf(kvrelay, sizeof kvrelay, "%s", bin_path("kvrelay"));
+    snprintf(steps, sizeof steps, "%d", g->steps);
+    snprintf(prompt, sizeof prompt, "%s", g->prompt);
+    snprintf(kt, sizeof kt, "%s", kv_type);
+    snprintf(model, sizeof model, "%s", gguf_model[0] ? gguf_model : shared_path("models/stories260K.bin"));
+    snprintf(tokp, sizeof tokp, "%s", shared_path("models/tok512.bin"));
+    char *argv[] = {kvrelay, "generate", "--model", model, "--context", "512", "--prompt", prompt, "--steps", steps,
+                    "--temperature", "0", "--kv-type", kt, gguf_model[0] ? NULL : "--tokenizer", tokp, NULL};
+    struct cmd_result r;
+    REQUIRE(run_cmd(argv, 120, &r) == 0);
+    REQUIRE(r.exit_code == 0 && r.out_len > 0 && r.out[r.out_len - 1] == '\n');
+    r.out[r.out_len - 1] = '\0';
+    free(g->text);
+    g->text = r.out;
+    r.out = NULL;
+    cmd_result_free(&r);
+}
+
+/* Every rank stores its cache as f16 (kvrelay up --kv-type f16): the answers are
+ * `kvrelay generate --kv-type f16`'s, the decode pools hold twice the blocks of an f32
+ * pool in the same --kv-memory, and placement uses them (a request an f32 pool of this
+ * size refuses as too large now runs). A rank whose --kv-type differs is refused at start. */
+static void scenario_kvtype(void) {
+    for (int g = 0; g < n_golden; g++)
+        reference_kv_type(&golden[g], "f16");
+    /* 640 bytes per token in f16 (1280 in f32), 10240 per block: 400000 bytes = 39 blocks
+     * (19 in f32, see scenario_memory). */
+    const char *args[] = {"--prefill", "1", "--decode", "1", "--kv-memory", "400000", "--kv-type", "f16", NULL};
+    REQUIRE(cluster_start(&cl, 120, args) == 0);
+    struct coord_cluster_status s = {0};
+    CHECK_EQ(status(&s), GRPC_OK);
+    int n_dec = 0;
+    for (int i = 0; i < s.n_nodes; i++)
+        if (!strcmp(s.nodes[i].role, "decode")) {
+            n_dec++;
+            CHECK_EQ(s.nodes[i].kv_bytes_total, 39 * 10240);
+        }
+    CHECK_EQ(n_dec, 1);
+    CHECK_EQ(concurrent_golden(2 * n_golden, "kvtype"), 2 * n_golden);
+    /* 32 blocks: more than an f32 pool of 400000 bytes holds (19), less than this one. */
+    struct kvr_gen_params p = golden_params(0);
+    p.max_tokens = 512 - golden_prompt_len[0];
+    p.ignore_eos = 1;
+    struct gen_result r = {0};
+    run_generate(cl.addr, &p, &r);
+    CHECK_EQ(r.code, GRPC_OK); /* admitted and run (it may end at BOS before max_tokens) */
+    CHECK(r.n_tokens >= 1);
+    free(r.text);
+    CHECK(wait_pool_empty(5.0));
+    CHECK_EQ(cluster_stop(&cl, 30), 0);
+    /* Options are parsed left to right: the decode node's own --kv-type wins. */
+    expect_refused("kvtype/mismatch", (const char *[]){"--kv-type", "f16", "--decode-args", "--kv-type bf16", NULL},
+                   "stores its KV cache as bf16 but the cluster runs --kv-type f16", NULL);
+}
+
 /* ---- the elastic decode pool (issue 14) ------------------------------------------------ */
 
 /* Decode nodes by state in the last status; *rank_spawned: a serving decode node above
@@ -1749,6 +1810,8 @@ int main(int argc, char **argv) {
         scenario_cancel();
     else if (!strcmp(which, "mismatch"))
         scenario_mismatch();
+    else if (!strcmp(which, "kvtype"))
+        scenario_kvtype();
     else if (!strcmp(which, "elastic"))
         scenario_elastic();
     else if (!strcmp(which, "join_port"))
