@@ -57,6 +57,7 @@ struct eng_cfg {
     int context;
     int kv_type;
     int decode_ctx;
+    int decode_only;
 };
 
 static const struct kvr_opt eng_opts[] = {
@@ -69,6 +70,7 @@ static const struct kvr_opt eng_opts[] = {
     {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages"},
     {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "model file measured as 260k: the bundled checkpoint, or any GGUF / llama2.c file"},
     {"kv-type", KVR_OPT_CHOICE, offsetof(struct eng_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type"},
+    {"decode-only", KVR_OPT_FLAG, offsetof(struct eng_cfg, decode_only), "0", 0, -1, NULL, 0, "skip the prefill measurements (the decode template is still prefilled, untimed)"},
     {"decode-ctx", KVR_OPT_INT, offsetof(struct eng_cfg, decode_ctx), "128", 1, KVR_MODEL_CTX_MAX, NULL, 0, "tokens of context each decoding sequence holds before it is timed; past 128 only batch 1 is measured (the model's context must hold it: see --context)"},
     {"context", KVR_OPT_INT, offsetof(struct eng_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length of every model loaded (0 = each file's)"},
 };
@@ -461,6 +463,8 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         int T = li < 0 ? PREFIX_LEN : prefill_lens[li];
         if (T > c->seq_len)
             continue;
+        if (li >= 0 && b->cfg.decode_only)
+            break;
         int n_runs = li < 0 ? 1 : reps;
         for (int r = 0; r < n_runs; r++) {
             struct kvr_kv_seq *s = NULL;
