@@ -11,6 +11,10 @@
 #   llama-bench                    pp512 and tg64 (llama.cpp's own prompt / generation test)
 #   llama-batched-bench            decode of 1 and 32 parallel sequences after 128-token prompts
 #   llama2.c run (OpenMP build)    256 tokens, f32 only (its own format, the same weights)
+#   at context 2048 (CTX2048=1, the default): kvrelay bench engine --decode-only
+#                                  --decode-ctx 2048 --kv-type f16 (batch 1) against
+#                                  llama-batched-bench -npp 2048 -ntg 32 -npl 1 (its KV
+#                                  cache is f16 by default): f16 KV on both sides
 # then a table of medians over the rounds with the ratios, and kvrelay's batch-1 decode as
 # a fraction of the bandwidth ceiling measured in the same round.
 #
@@ -34,6 +38,7 @@ ROUNDS=${ROUNDS:-2}
 TYPES=${TYPES:-"f32 f16 bf16 q8_0"}
 THREADS=${THREADS:-2}
 TINYLLAMA=${TINYLLAMA:-0}
+CTX2048=${CTX2048:-1}
 SHARED=$(cd .. && pwd)/shared
 TOKENIZER=$SHARED/models/llama2_tokenizer.bin
 LCPP=$PEERS/llama.cpp/build/bin
@@ -90,6 +95,16 @@ for r in $(seq 1 "$ROUNDS"); do
                 "$LCPP/llama-batched-bench" -m "$g" -c 8192 -b 2048 -ub 512 -npp 128 -ntg 32 -npl 1,32 \
                     -t "$THREADS" --output-format jsonl > "$OUT/bb-$s-$t-$r.jsonl" 2> "$OUT/bb-$s-$t-$r.err"
             fi
+            if [ "$CTX2048" = 1 ]; then
+                echo "round $r: $s $t: kvrelay at context 2048 (f16 KV)" >&2
+                "$KVR" bench engine --models 260k --bundled-model "$g" --context 2304 --reps 1 --decode-only \
+                    --decode-ctx 2048 --kv-type f16 --threads "$THREADS" --json > "$OUT/kvc-$s-$t-$r.json"
+                if [ $have_lcpp = 1 ]; then
+                    echo "round $r: $s $t: llama-batched-bench at context 2048" >&2
+                    "$LCPP/llama-batched-bench" -m "$g" -c 4096 -b 2048 -ub 512 -npp 2048 -ntg 32 -npl 1 \
+                        -t "$THREADS" --output-format jsonl > "$OUT/bc-$s-$t-$r.jsonl" 2> "$OUT/bc-$s-$t-$r.err"
+                fi
+            fi
             if [ $have_l2c = 1 ] && [ "$t" = f32 ]; then
                 echo "round $r: $s $t: llama2.c" >&2
                 OMP_NUM_THREADS=$THREADS "$L2C/runomp" "$MODELS/${FILE[$s]}" -z "$TOKENIZER" -t 0 -n 256 \
@@ -132,6 +147,15 @@ for f in sorted(glob.glob(os.path.join(out, "bb-*.jsonl"))):
         if not line.startswith("{"): continue
         x = json.loads(line)
         if "speed_tg" in x: add((s, t, "lcpp_bb_b%d" % x["pl"]), x["speed_tg"])
+for f in sorted(glob.glob(os.path.join(out, "kvc-*.json"))):
+    s, t, r = re.match(r".*/kvc-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    for x in json.load(open(f))["results"]:
+        if x["phase"] == "decode" and x["batch"] == 1: add((s, t, "kvr_tg2048"), x["decode_tok_s"])
+for f in sorted(glob.glob(os.path.join(out, "bc-*.jsonl"))):
+    s, t, r = re.match(r".*/bc-(.+?)-(.+)-(\d+)\.jsonl$", f).groups()
+    for line in open(f):
+        line = line.strip()
+        if line.startswith("{") and "speed_tg" in line: add((s, t, "lcpp_tg2048"), json.loads(line)["speed_tg"])
 for f in sorted(glob.glob(os.path.join(out, "l2c-*.txt"))):
     s, r = re.match(r".*/l2c-(.+?)-(\d+)\.txt$", f).groups()
     m = re.search(r"achieved tok/s: ([0-9.]+)", open(f).read())
@@ -155,4 +179,11 @@ for (s, t) in sorted({(k[0], k[1]) for k in rows}):
         s, t, g(s, t, "kernel") or "-", fmt(kt), fmt(lt), fmt(ct), fmt(ratio(kt, lt), 2), fmt(ratio(kt, ct), 2),
         "-" if fr is None else "%.0f%%" % (100 * fr), fmt(kp), fmt(lp), fmt(ratio(kp, lp), 2),
         fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
+print()
+print("| shape | type | kvr tg B=1 @2048 (f16 KV) | llama.cpp tg B=1 @2048 (f16 KV) | ratio |")
+print("| --- | --- | ---: | ---: | ---: |")
+for (s, t) in sorted({(k[0], k[1]) for k in rows}):
+    a, b = g(s, t, "kvr_tg2048"), g(s, t, "lcpp_tg2048")
+    if a is None and b is None: continue
+    print("| %s | %s | %s | %s | %s |" % (s, t, fmt(a), fmt(b), fmt(ratio(a, b), 2)))
 EOF
