@@ -392,6 +392,17 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
 
 /* ---- attention: per-query path over cache blocks -------------------------------- */
 
+/* Prefetch hint for the heads g0..g0+G-1 of n rows of a 2-byte cache at p (the next
+ * block of a run): the kernels walk a block head by head, a strided order the hardware
+ * prefetcher follows late. */
+static void prefetch_block(const void *p, int g0, int G, int hd, size_t kvd, int n) {
+    const char *b = (const char *)p + (size_t)g0 * (size_t)hd * 2;
+    size_t len = (size_t)G * (size_t)hd * 2;
+    for (int u = 0; u < n; u++)
+        for (size_t j = 0; j < len; j += 64)
+            __builtin_prefetch(b + (size_t)u * kvd * 2 + j, 0, 3);
+}
+
 /* Attention of one query row for the query heads of KV heads g0 .. g0+att_group-1. Keys
  * are read from the cache where they sit; sink-policy keys are rotated at their cache
  * position. Scores: row (gg * kv_mul + h) of sc for query head h of KV head g0 + gg. */
@@ -429,6 +440,8 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
                  * 8-key reductions and the value accumulators in registers span 16 tokens
                  * (measured: runs of 4 read the half cache at ~2/3 of f32's bytes/s). */
                 const uint16_t *kh = (const uint16_t *)(const void *)kb;
+                if (t + n < t_end)
+                    prefetch_block(kv_ptr(s, l, t + n, 0), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
                 for (int gg = 0; gg < G; gg++)
                     kr->qk_run_h(ht, sc + gg * sstep + i, n_keys, q + gg * qstep, kv_mul, hd,
                                  kh + (size_t)gg * hd, kvd, n, scale);
@@ -473,6 +486,8 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
             const char *vbc = (const char *)kv_ptr(s, l, t, 1) + (size_t)g0 * hd * elt;
             if (kt != KVR_KV_F32) {
                 const uint16_t *vh = (const uint16_t *)(const void *)vbc;
+                if (t + n < t_end)
+                    prefetch_block(kv_ptr(s, l, t + n, 1), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
                 for (int gg = 0; gg < G; gg++)
                     kr->av_run_h(ht, out + gg * qstep, sc + gg * sstep + i, n_keys, kv_mul, hd,
                                  vh + (size_t)gg * hd, kvd, n);
