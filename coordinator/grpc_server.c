@@ -1145,6 +1145,19 @@ static void on_new_call(struct coord_grpc *g, int success) {
     enum coord_auth_verdict verdict = COORD_AUTH_OK;
     if (call && g->auth && method != RPC_HEALTH && method != RPC_HEALTH_CHECK && method != RPC_HEALTH_WATCH)
         verdict = call_credentials(g, &g->nc_md);
+    /* The client's deadline, honoured by the router too (it ends the request by then
+     * whatever message is lost), on our clock. Read before re-arming: once the next
+     * request_call is armed, gRPC writes the next call's details into nc_details (its
+     * deadline field is not reset by grpc_call_details_init), and a generate call read
+     * afterwards could take the deadline of a status probe that arrived just after it. */
+    double t_arrival = kvr_clock_now(), t_deadline = 0;
+    if (call) {
+        gpr_timespec dl = gpr_convert_clock_type(g->nc_details.deadline, GPR_CLOCK_MONOTONIC);
+        if (gpr_time_cmp(dl, gpr_inf_future(GPR_CLOCK_MONOTONIC)) != 0) {
+            double left = (double)gpr_timespec_to_micros(gpr_time_sub(dl, gpr_now(GPR_CLOCK_MONOTONIC))) * 1e-6;
+            t_deadline = t_arrival + (left > 0 ? left : 0) + 1e-9;
+        }
+    }
     /* Re-arm first so that the server always has a request_call outstanding. */
     grpc_call_details_destroy(&g->nc_details);
     grpc_metadata_array_destroy(&g->nc_md);
@@ -1169,14 +1182,8 @@ static void on_new_call(struct coord_grpc *g, int success) {
     c->call = call;
     c->method = method;
     c->serial = ++g->n_accepted;
-    c->t_arrival = kvr_clock_now();
-    /* The client's deadline, honoured by the router too (it ends the request by then
-     * whatever message is lost), on our clock. */
-    gpr_timespec dl = gpr_convert_clock_type(g->nc_details.deadline, GPR_CLOCK_MONOTONIC);
-    if (gpr_time_cmp(dl, gpr_inf_future(GPR_CLOCK_MONOTONIC)) != 0) {
-        double left = (double)gpr_timespec_to_micros(gpr_time_sub(dl, gpr_now(GPR_CLOCK_MONOTONIC))) * 1e-6;
-        c->t_deadline = c->t_arrival + (left > 0 ? left : 0) + 1e-9;
-    }
+    c->t_arrival = t_arrival;
+    c->t_deadline = t_deadline;
     c->t_recv = (struct tag){TAG_RECV, c};
     c->t_send = (struct tag){TAG_SEND, c};
     c->t_close = (struct tag){TAG_CLOSE, c};
