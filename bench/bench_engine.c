@@ -473,7 +473,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
             tokens[0] = 1;
             for (int t = 1; t < T; t++)
                 tokens[t] = next_token(&rng, V);
-            struct kvr_forward_item it = {.seq = s, .tokens = tokens, .n_tokens = T, .logits = logits};
+            struct kvr_forward_item it = {.seq = s, .tokens = tokens, .n_tokens = T, .logits = logits, .prompt = 1};
             double t0 = kvr_clock_now();
             rc = kvr_engine_forward(e, &it, 1);
             times[r] = (double)T / (kvr_clock_now() - t0);
@@ -508,7 +508,8 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     tokens[0] = 1;
     for (int t = 1; t < prefix; t++)
         tokens[t] = next_token(&rng, V);
-    struct kvr_forward_item pit = {.seq = tmpl, .tokens = tokens, .n_tokens = prefix, .logits = logits};
+    struct kvr_forward_item pit = {.seq = tmpl, .tokens = tokens, .n_tokens = prefix, .logits = logits,
+                                   .prompt = 1};
     if ((rc = kvr_engine_forward(e, &pit, 1)) != KVR_OK)
         goto out;
     for (size_t bi = 0; bi < sizeof decode_batches / sizeof decode_batches[0]; bi++) {

@@ -167,7 +167,7 @@ int kvr_cmd_generate(int argc, char **argv) {
     double t0 = kvr_clock_now();
     int first = pol.policy == KVR_KV_RECOMPUTE && n_prompt > pol.window ? n_prompt - pol.window : 0;
     struct kvr_forward_item item = {.seq = seq, .tokens = prompt + first, .n_tokens = n_prompt - first,
-                                    .logits = logits};
+                                    .logits = logits, .prompt = 1};
     if ((rc = kvr_engine_forward(eng, &item, 1)) != KVR_OK) {
         fprintf(stderr, "kvrelay generate: prefill failed: %s\n", kvr_status_str(rc));
         goto out;

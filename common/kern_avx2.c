@@ -14,6 +14,7 @@
 #include "half.h"
 #include "kern_ops.inc"
 #include "kern_half.inc"
+#include "kern_gemm.inc"
 
 #ifndef KO_SIMD
 #error "kern_avx2.c needs -mavx2 -mfma -mf16c"
@@ -174,6 +175,7 @@ const struct kvr_kernels kvr_kernels_avx2 = {
     .rows = rows_avx2,
     .f32_rows_max_m = 1,
     .f32_small = small_m,
+    .gemm_panel = gemm_panel,
     .vdot = vdot,
     .exp_shift_sum = exp_shift_sum,
     .swiglu = swiglu,

@@ -20,6 +20,7 @@
 #include "half.h"
 #include "kern_ops.inc"
 #include "kern_half.inc"
+#include "kern_gemm.inc"
 
 #if !defined(KO_SIMD) || !defined(__AVX512F__) || !defined(__AVX512BW__) || \
     !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
@@ -323,6 +324,7 @@ const struct kvr_kernels kvr_kernels_avx512 = {
     .rows = rows_avx512,
     .f32_rows_max_m = 1,
     .f32_small = small_m,
+    .gemm_panel = gemm_panel,
     .vdot = vdot,
     .exp_shift_sum = exp_shift_sum,
     .swiglu = swiglu,

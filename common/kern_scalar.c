@@ -8,6 +8,7 @@
 
 #include "kern_ops.inc"
 #include "kern_half.inc"
+#include "kern_gemm.inc"
 
 /* One portable dot product per value: the same bits whatever m and n. */
 static void rows_scalar(enum kvr_dtype t, float *y, size_t ldy, const void *w, size_t wstride, int n,
@@ -28,6 +29,7 @@ const struct kvr_kernels kvr_kernels_scalar = {
     .rows = rows_scalar,
     .f32_rows_max_m = 0,
     .f32_small = small_m,
+    .gemm_panel = gemm_panel,
     .vdot = vdot,
     .exp_shift_sum = exp_shift_sum,
     .swiglu = swiglu,

@@ -24,6 +24,9 @@
 
 #include "quant.h"
 
+/* Weight columns in one packed panel of gemm_panel. */
+#define KVR_GEMM_NR 32
+
 enum kvr_isa { KVR_ISA_SCALAR = 0, KVR_ISA_AVX2 = 1, KVR_ISA_AVX512 = 2 };
 
 struct kvr_kernels {
@@ -44,6 +47,16 @@ struct kvr_kernels {
      * x (m, k) and w (n, k) row-major, ldy apart. */
     void (*f32_small)(float *y, int ldy, const float *x, const float *w, int m, int n0, int n1,
                       int k, float beta);
+
+    /* Prefill GEMM (matmul.h's prompt rows): for i < m, j < n (n <= KVR_GEMM_NR),
+     *   y[i * ldy + j] = sum over t < k of x[i * ldx + t] * wp[t * KVR_GEMM_NR + j]
+     *                    (+ beta * old y when beta != 0)
+     * with wp a panel of KVR_GEMM_NR weight columns packed k-major, 64-byte aligned, f32
+     * (columns past n may hold anything finite). Each value is one fused multiply-add
+     * chain in t order from 0 (kern_gemm.inc): the same bits in every variant, at any m,
+     * row or column position; for beta 0 or 1. */
+    void (*gemm_panel)(float *y, size_t ldy, const float *x, size_t ldx, int m, const float *wp, int n,
+                       int k, float beta);
 
     /* Helpers of the forward pass (transformer.c). */
     float (*vdot)(const float *a, const float *b, int n);

@@ -6,6 +6,7 @@
  * OpenBLAS never runs threads of its own beside ours. */
 #include "matmul.h"
 
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,6 +76,69 @@ void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, 
     a->xc = ws->slot[slot];
 }
 
+/* ---- prefill GEMM on dequantized panels ------------------------------------------- */
+
+/* Each thread's panel buffer (KVR_GEMM_NR weight columns of k values, k-major, plus one
+ * row of k values to dequantize into), grown as needed and freed when the thread ends
+ * (the key's destructor; the calling thread's stays reachable until the process ends). */
+static pthread_key_t panel_key;
+static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
+static _Thread_local float *panel_buf;
+static _Thread_local size_t panel_nfloats;
+
+static void panel_key_make(void) {
+    if (pthread_key_create(&panel_key, free) != 0)
+        KVR_LOG_ERROR("matmul: no thread key for the prefill panels");
+}
+
+static float *panel_get(size_t nfloats) {
+    if (nfloats <= panel_nfloats)
+        return panel_buf;
+    pthread_once(&panel_once, panel_key_make);
+    size_t bytes = (nfloats * sizeof(float) + 63) & ~(size_t)63;
+    float *p = aligned_alloc(64, bytes);
+    if (!p)
+        return NULL;
+    free(panel_buf);
+    panel_buf = p;
+    panel_nfloats = nfloats;
+    pthread_setspecific(panel_key, p);
+    return p;
+}
+
+/* y[i][j] for i < m, n0 <= j < n1 on the prefill GEMM path. The activations are the
+ * rows the per-value path uses, already rounded to the weights' dot type (xc: F16, BF16
+ * or Q8_0 blocks, as llama.cpp rounds them), widened back to f32 exactly; the weights,
+ * KVR_GEMM_NR rows at a time, dequantized exactly (F16/BF16 widen, Q8_0's d x q fits
+ * f32) into a k-major panel; then the kernel over all m rows. 0, or -1 when no buffer
+ * could be allocated. */
+static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const void *xc, size_t xs, int m,
+                       int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
+    size_t pn = (size_t)KVR_GEMM_NR * (size_t)k;
+    float *panel = panel_get(pn + (size_t)k + (size_t)m * (size_t)k);
+    if (!panel)
+        return -1;
+    float *row = panel + pn, *x = row + k;
+    struct kvr_tensor xt = {.type = kvr_dtype_dot(w->type), .data = xc, .rows = m, .cols = k, .row_nbytes = xs};
+    for (int i = 0; i < m; i++)
+        kvr_tensor_row(&xt, i, x + (size_t)i * (size_t)k);
+    for (int j0 = n0; j0 < n1; j0 += KVR_GEMM_NR) {
+        int nn = n1 - j0 < KVR_GEMM_NR ? n1 - j0 : KVR_GEMM_NR;
+        for (int jj = 0; jj < KVR_GEMM_NR; jj++) {
+            if (jj < nn) {
+                kvr_tensor_row(w, j0 + jj, row);
+                for (int t = 0; t < k; t++)
+                    panel[(size_t)t * KVR_GEMM_NR + (size_t)jj] = row[t];
+            } else {
+                for (int t = 0; t < k; t++)
+                    panel[(size_t)t * KVR_GEMM_NR + (size_t)jj] = 0.0f;
+            }
+        }
+        K->gemm_panel(y + j0, (size_t)ldy, x, (size_t)k, m, panel, nn, k, beta);
+    }
+    return 0;
+}
+
 /* ---- entry points ---------------------------------------------------------------- */
 
 void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
@@ -89,6 +153,22 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
      * batch, prefill or decode. F32: the rows kernel for a few rows (it streams the
      * weights at the memory's pace), the blocked kernels up to KVR_MATMUL_SMALL_M rows,
      * OpenBLAS above. */
+    if (w->type != KVR_DTYPE_F32 && a->prompt_rows) {
+        /* Runs of prompt rows on the GEMM path, runs of other rows on the rows kernel. */
+        size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
+        const char *wr = (const char *)w->data + (size_t)n0 * w->row_nbytes;
+        for (int i = 0; i < m;) {
+            int g = a->prompt_rows[i] != 0, e = i + 1;
+            while (e < m && (a->prompt_rows[e] != 0) == g)
+                e++;
+            float *yi = y + (size_t)i * (size_t)ldy;
+            const char *xci = (const char *)a->xc + (size_t)i * xs;
+            if (!g || prompt_gemm(K, yi, ldy, xci, xs, e - i, k, w, n0, n1, beta) != 0)
+                K->rows(w->type, yi + n0, (size_t)ldy, wr, w->row_nbytes, n1 - n0, xci, xs, e - i, k, beta);
+            i = e;
+        }
+        return;
+    }
     if (w->type != KVR_DTYPE_F32 || m <= K->f32_rows_max_m) {
         const void *xc = w->type == KVR_DTYPE_F32 ? (const void *)a->x : a->xc;
         size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
@@ -179,6 +259,7 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
                 slot_used[slot] = 1;
             kvr_matmul_act_prepare(ws, slot, op->x, op->m, k, op->w->type, &j.act[o]);
         }
+        j.act[o].prompt_rows = op->prompt_rows;
         j.chunk[o] = kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
         j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
         work += (long)op->m * n * k;

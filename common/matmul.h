@@ -59,6 +59,11 @@ struct kvr_matmul_act {
     const void *xc;  /* converted copy in a workspace slot, or NULL */
     enum kvr_dtype type;
     int m, k;
+    /* Per row (m bytes), or NULL for none: nonzero marks a prompt row, which the product
+     * computes on the prefill GEMM path (weights dequantized exactly to f32 in panels,
+     * f32 activations; kernels.h gemm_panel) instead of the per-value kernel. Either way
+     * a value depends only on its weight row, its activation row and the row's mark. */
+    const unsigned char *prompt_rows;
 };
 
 /* Fills *a for x (m, k) and weights of type; converts into ws slot `slot` unless type is
@@ -79,6 +84,7 @@ struct kvr_matmul_op {
     const struct kvr_tensor *w; /* borrowed */
     int m;
     float beta;
+    const unsigned char *prompt_rows; /* as in struct kvr_matmul_act; NULL: none */
 };
 
 /* Runs n_ops (<= KVR_MATMUL_MAX_OPS) independent products in one parallel loop (one wake-up

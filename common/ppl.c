@@ -95,7 +95,7 @@ static int eval_streaming(const struct kvr_ppl_params *p, int bt, float *nll_tok
     for (int q0 = 0; q0 < n_in; q0 += C) {
         int n = n_in - q0 < C ? n_in - q0 : C;
         struct kvr_forward_item it = {.seq = r.seqs[0], .tokens = p->tokens + q0, .n_tokens = n,
-                                      .logits = r.logits, .all_logits = 1};
+                                      .logits = r.logits, .all_logits = 1, .prompt = 1};
         if ((rc = kvr_engine_forward(r.eng, &it, 1)) != KVR_OK)
             goto out;
         out->n_forward++;

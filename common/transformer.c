@@ -56,6 +56,8 @@ struct kvr_engine {
 
     /* Per-call bookkeeping, T rows. */
     int *row_item;        /* item index of each row */
+    unsigned char *row_prompt; /* 1 for the rows of prompt items (kvr_forward_item.prompt) */
+    const unsigned char *prompt_rows; /* row_prompt when this call has a prompt row, else NULL */
     int *row_pos;         /* text position of each row */
     const float **row_rope; /* RoPE row for the query (and key) of each row */
     int *unit_row;        /* rows whose attention runs on the per-query path */
@@ -208,6 +210,7 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
     e->rope_tab = malloc((size_t)e->n_rope * hd * sizeof(float));
     e->rope_rows = malloc(T * hd * sizeof(float));
     e->row_item = malloc(T * sizeof(int));
+    e->row_prompt = malloc(T);
     e->row_pos = malloc(T * sizeof(int));
     e->row_rope = malloc(T * sizeof(float *));
     e->unit_row = malloc(T * sizeof(int));
@@ -215,7 +218,7 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
     e->logit_dst = malloc(T * sizeof(float *));
     if (!e->x || !e->xb || !e->xb2 || !e->q || !e->k || !e->v || !e->hb || !e->hb2 ||
         !e->logit_rows || !e->kc || !e->vc || !e->scores || !e->krot || !e->rope_tab ||
-        !e->rope_rows || !e->row_item || !e->row_pos || !e->row_rope || !e->unit_row ||
+        !e->rope_rows || !e->row_item || !e->row_prompt || !e->row_pos || !e->row_rope || !e->unit_row ||
         !e->logit_row || !e->logit_dst) {
         KVR_LOG_ERROR("cannot allocate activations for %d tokens x %d ctx", p->n_batch_tokens_max,
                       p->n_ctx_max);
@@ -261,6 +264,7 @@ void kvr_engine_free(struct kvr_engine *e) {
     free(e->rope_tab);
     free(e->rope_rows);
     free(e->row_item);
+    free(e->row_prompt);
     free(e->row_pos);
     free(e->row_rope);
     free(e->unit_row);
@@ -381,6 +385,7 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
         j.a3 = j.a1;
     else
         kvr_matmul_act_prepare(e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type, &j.a3);
+    j.a1.prompt_rows = j.a3.prompt_rows = e->prompt_rows;
     /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
     j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
     if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
@@ -694,6 +699,7 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
     e->items = items;
     e->n_items = n_items;
     e->n_rows = T;
+    e->prompt_rows = NULL;
     int n_logit = 0;
     for (int i = 0, r = 0; i < n_items; i++) {
         struct kvr_forward_item *it = &items[i];
@@ -701,6 +707,9 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
         for (int t = 0; t < it->n_tokens; t++, r++) {
             int pos = s->n_past + t;
             e->row_item[r] = i;
+            e->row_prompt[r] = it->prompt != 0;
+            if (it->prompt)
+                e->prompt_rows = e->row_prompt;
             e->row_pos[r] = pos;
             /* Queries of a sink sequence sit at their cache position. */
             int rpos = s->policy.policy == KVR_KV_SINK ? pos - kv_sink_delta(s, pos) : pos;
@@ -725,18 +734,22 @@ int kvr_engine_forward(struct kvr_engine *e, struct kvr_forward_item *items, int
         run_rows(e, ROW_RMSNORM_ATT);
         /* Q, K and V in one parallel loop: one wake-up and one barrier. */
         struct kvr_matmul_op qkv[3] = {
-            {.y = e->q, .x = e->xb, .w = &lw->wq, .m = T, .beta = 0.0f},
-            {.y = e->k, .x = e->xb, .w = &lw->wk, .m = T, .beta = 0.0f},
-            {.y = e->v, .x = e->xb, .w = &lw->wv, .m = T, .beta = 0.0f}};
+            {.y = e->q, .x = e->xb, .w = &lw->wq, .m = T, .beta = 0.0f, .prompt_rows = e->prompt_rows},
+            {.y = e->k, .x = e->xb, .w = &lw->wk, .m = T, .beta = 0.0f, .prompt_rows = e->prompt_rows},
+            {.y = e->v, .x = e->xb, .w = &lw->wv, .m = T, .beta = 0.0f, .prompt_rows = e->prompt_rows}};
         kvr_matmul_multi(e->tp, e->ws, qkv, 3);
         run_rows(e, ROW_ROPE_STORE);
         if (e->layer_hook)
             e->layer_hook(e->layer_hook_ud, items, n_items, l);
         attention(e);
-        kvr_matmul(e->tp, e->ws, e->x, e->xb2, &lw->wo, T, 1.0f);
+        struct kvr_matmul_op wo = {.y = e->x, .x = e->xb2, .w = &lw->wo, .m = T, .beta = 1.0f,
+                                   .prompt_rows = e->prompt_rows};
+        kvr_matmul_multi(e->tp, e->ws, &wo, 1);
         run_rows(e, ROW_RMSNORM_FFN);
         ffn_up(e, &lw->w1, &lw->w3);
-        kvr_matmul(e->tp, e->ws, e->x, e->hb, &lw->w2, T, 1.0f);
+        struct kvr_matmul_op w2 = {.y = e->x, .x = e->hb, .w = &lw->w2, .m = T, .beta = 1.0f,
+                                   .prompt_rows = e->prompt_rows};
+        kvr_matmul_multi(e->tp, e->ws, &w2, 1);
     }
 
     /* Classifier only for the rows that want logits, LOGIT_ROWS at a time. */

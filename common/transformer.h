@@ -29,6 +29,12 @@ struct kvr_forward_item {
     float *logits;          /* out: (n_tokens, vocab) if all_logits, else (vocab) of the
                              * last token; NULL: no logits */
     int all_logits;
+    int prompt; /* nonzero: these are prompt tokens (prefill). Their rows multiply non-F32
+                 * weights on the prefill GEMM path (f32 activations, weights dequantized
+                 * exactly; matmul.h) instead of the per-value kernels decode uses: every
+                 * caller (generate, prefill node, decode node, ppl, bench) marks a
+                 * sequence's prompt the same way, so its results do not depend on what
+                 * is batched with it. F32 weights ignore the mark. */
 };
 
 struct kvr_engine;

@@ -600,7 +600,7 @@ static int step(void *ud) {
                     continue;
                 tok = s->hist + s->n_prefilled;
             }
-            *it = (struct kvr_forward_item){.seq = s->kv, .tokens = tok, .n_tokens = want};
+            *it = (struct kvr_forward_item){.seq = s->kv, .tokens = tok, .n_tokens = want, .prompt = 1};
         } else {
             continue;
         }

@@ -341,7 +341,7 @@ static int run_pass(void *ud) {
         it->first_held = kvr_kv_policy_first_held(&r->p.policy, r->p.n_prompt, &it->n_sinks);
         n->items[n->n_batch] = (struct kvr_forward_item){
             .seq = it->kv, .tokens = r->prompt + (r->p.n_prompt - len), .n_tokens = len,
-            .logits = n->logits + (size_t)n->n_batch * (size_t)c->vocab_size};
+            .logits = n->logits + (size_t)n->n_batch * (size_t)c->vocab_size, .prompt = 1};
         n->n_batch++;
         tokens += len;
         blocks_left -= need;

@@ -459,6 +459,124 @@ static void test_rows(void) {
     CHECK_EQ(kvr_dtype_row_nbytes(KVR_DTYPE_F16, 172), 344);
 }
 
+/* The prefill GEMM path (matmul.h prompt_rows): every variant's gemm_panel and the
+ * product through kvr_matmul_slice / the pool give, for a prompt row, exactly the fused
+ * multiply-add chain over the exactly dequantized weight row in k order (recomputed here
+ * with fmaf), whatever the other rows, their marks, m or the slice; unmarked rows keep
+ * the per-value kernels' bits. The activations are those of the per-value path (rounded
+ * to the weights' dot type), widened back to f32. */
+static float gemm_ref_value(const float *x, const float *wrow, int k) {
+    float acc = 0.0f;
+    for (int t = 0; t < k; t++)
+        acc = fmaf(x[t], wrow[t], acc);
+    return acc;
+}
+
+static void test_prompt_gemm(struct kvr_threadpool *tp) {
+    enum { M = 14, N = 67 };
+    const int ks[] = {32, 320};
+    /* Rows 0..5 and 8..13 a prompt (two runs), 6 and 7 decode rows. */
+    unsigned char mark[M];
+    for (int i = 0; i < M; i++)
+        mark[i] = i != 6 && i != 7;
+    struct kvr_matmul_ws *ws = NULL;
+    struct kvr_matmul_ws_params wp = {.m_max = M, .k_max = {320, 0, 0}};
+    REQUIRE(kvr_matmul_ws_create(&wp, &ws) == KVR_OK);
+    for (size_t ti = 1; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+        enum kvr_dtype t = all_types[ti];
+        for (size_t ki = 0; ki < 2; ki++) {
+            int k = ks[ki];
+            float *w = malloc((size_t)N * k * sizeof *w), *wd = malloc((size_t)N * k * sizeof *wd);
+            float *x = malloc((size_t)M * k * sizeof *x), *want = malloc((size_t)M * N * sizeof *want);
+            float *y = malloc((size_t)M * N * sizeof *y), *y1 = malloc((size_t)N * sizeof *y1);
+            float *panel = aligned_alloc(64, (size_t)KVR_GEMM_NR * k * sizeof *panel);
+            REQUIRE(w && wd && x && want && y && y1 && panel);
+            for (int i = 0; i < N * k; i++)
+                w[i] = frand(0.05f);
+            for (int i = 0; i < M * k; i++)
+                x[i] = frand(1.0f);
+            void *wbuf;
+            struct kvr_tensor wt = make_weight(t, w, N, k, &wbuf);
+            for (int j = 0; j < N; j++)
+                kvr_tensor_row(&wt, j, wd + (size_t)j * k);
+            /* Activations rounded to the dot type (as the per-value path), widened back. */
+            float *xr = malloc((size_t)M * k * sizeof *xr);
+            size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(t), k);
+            unsigned char *xc = malloc(xs);
+            REQUIRE(xr && xc);
+            struct kvr_tensor xt = {.type = kvr_dtype_dot(t), .data = xc, .rows = 1, .cols = k, .row_nbytes = xs};
+            for (int i = 0; i < M; i++) {
+                kvr_act_convert_row(t, x + (size_t)i * k, xc, k);
+                kvr_tensor_row(&xt, 0, xr + (size_t)i * k);
+            }
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++)
+                    want[(size_t)i * N + j] = gemm_ref_value(xr + (size_t)i * k, wd + (size_t)j * k, k);
+            /* Every variant's kernel on one panel of the last 3 columns (a short one) and
+             * on the first 32, for 1..M rows. */
+            for (int isa = KVR_ISA_SCALAR; isa <= KVR_ISA_AVX512; isa++) {
+                const struct kvr_kernels *K = kvr_kernels_get((enum kvr_isa)isa);
+                if (!K)
+                    continue; /* test_variants says which */
+                for (int c0 = 0; c0 < N; c0 += N - 3) {
+                    int nn = N - c0 < KVR_GEMM_NR ? N - c0 : KVR_GEMM_NR;
+                    for (int t2 = 0; t2 < k; t2++)
+                        for (int jj = 0; jj < KVR_GEMM_NR; jj++)
+                            panel[(size_t)t2 * KVR_GEMM_NR + jj] = jj < nn ? wd[(size_t)(c0 + jj) * k + t2] : 0.0f;
+                    for (int m = 1; m <= M; m += 6) {
+                        memset(y, 0, (size_t)M * N * sizeof *y);
+                        K->gemm_panel(y + c0, N, xr, (size_t)k, m, panel, nn, k, 0.0f);
+                        int same = 1;
+                        for (int i = 0; i < m; i++)
+                            same &= memcmp(y + (size_t)i * N + c0, want + (size_t)i * N + c0, (size_t)nn * 4) == 0;
+                        if (!same)
+                            fprintf(stderr, "  gemm_panel %s %s k=%d m=%d c0=%d differs from the fma chain\n",
+                                    K->name, kvr_dtype_name(t), k, m, c0);
+                        CHECK(same);
+                    }
+                }
+            }
+            /* Through the matmul: marked rows = the chain (beta 1 adds the old value
+             * after), unmarked = the per-value product alone; slices and pool alike. */
+            for (int b = 0; b < 2; b++) {
+                float beta = b ? 1.0f : 0.0f;
+                for (int i = 0; i < M * N; i++)
+                    y[i] = b ? 0.5f : 0.0f;
+                struct kvr_matmul_op op = {.y = y, .x = x, .w = &wt, .m = M, .beta = beta, .prompt_rows = mark};
+                kvr_matmul_multi(b ? tp : NULL, ws, &op, 1);
+                for (int i = 0; i < M; i++) {
+                    if (mark[i]) {
+                        int same = 1;
+                        for (int j = 0; j < N; j++) {
+                            float v = want[(size_t)i * N + j];
+                            if (b)
+                                v = v + 0.5f;
+                            same &= memcmp(&v, y + (size_t)i * N + j, 4) == 0;
+                        }
+                        CHECK(same);
+                    } else {
+                        for (int j = 0; j < N; j++)
+                            y1[j] = b ? 0.5f : 0.0f;
+                        kvr_matmul(NULL, ws, y1, x + (size_t)i * k, &wt, 1, beta);
+                        CHECK(memcmp(y1, y + (size_t)i * N, (size_t)N * 4) == 0);
+                    }
+                }
+                /* A prompt row alone, one slice at a time, as in the batch. */
+                struct kvr_matmul_act a;
+                kvr_matmul_act_prepare(ws, 0, x + (size_t)(M - 1) * k, 1, k, t, &a);
+                a.prompt_rows = mark;
+                for (int j = 0; j < N; j++)
+                    y1[j] = b ? 0.5f : 0.0f;
+                kvr_matmul_slice(y1, N, &a, &wt, 40, N, beta);
+                kvr_matmul_slice(y1, N, &a, &wt, 0, 40, beta);
+                CHECK(memcmp(y1, y + (size_t)(M - 1) * N, (size_t)N * 4) == 0);
+            }
+            free(w), free(wd), free(x), free(want), free(y), free(y1), free(panel), free(wbuf), free(xr), free(xc);
+        }
+    }
+    kvr_matmul_ws_free(ws);
+}
+
 int main(void) {
     struct kvr_threadpool *tp = NULL;
     REQUIRE(kvr_threadpool_create(2, &tp) == KVR_OK);
@@ -467,6 +585,7 @@ int main(void) {
     test_variants();
     test_rows();
     test_matmul(tp);
+    test_prompt_gemm(tp);
     kvr_threadpool_free(tp);
     CHECK_DONE();
 }
