@@ -4,9 +4,10 @@
  * slice of few rows (decode) runs a hand-written AVX2/FMA kernel that reads each weight
  * row once for all m rows, a slice of many rows (prefill) runs single-threaded OpenBLAS
  * sgemm, so OpenBLAS never runs threads of its own beside ours. Weights of the other
- * types (quant.h) take one path for any number of rows: the activations converted once
- * to the type's dot type, then one call of the type's kernel per value, so each value is
- * the same in any batch (not fast yet: issue 13). */
+ * types (quant.h): the activations converted once to the type's dot type; decode rows
+ * then take one call of the type's kernel per value, prompt rows (prompt_rows) the
+ * prefill GEMM on dequantized panels (kernels.h gemm_panel). Either way each value
+ * depends only on its rows and the mark, so it is the same in any batch. */
 #ifndef KVR_MATMUL_H
 #define KVR_MATMUL_H
 
@@ -97,8 +98,9 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
 /* Single-threaded building block for fused parallel loops built elsewhere: columns
  * [n0, n1) of y only, i.e. y[i][j] = x[i] . w[j] + beta * y[i][j] for i < a->m,
  * n0 <= j < n1; y rows are ldy floats apart. a was prepared for w's type. For non-F32
- * weights each value is one kernel call: it depends on neither n0, n1 nor the other rows
- * (a sequence computes the same alone or in a batch, prefill or decode). */
+ * weights a value depends on neither n0, n1 nor the other rows (a sequence computes the
+ * same alone or in a batch): one kernel call per value, or for a->prompt_rows the
+ * prefill GEMM, whose panels live in a per-thread buffer (freed when the thread ends). */
 void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
                       const struct kvr_tensor *w, int n0, int n1, float beta);
 
