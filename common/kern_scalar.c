@@ -30,6 +30,7 @@ const struct kvr_kernels kvr_kernels_scalar = {
     .f32_rows_max_m = 0,
     .f32_small = small_m,
     .gemm_panel = gemm_panel,
+    .widen = gemm_widen,
     .vdot = vdot,
     .exp_shift_sum = exp_shift_sum,
     .swiglu = swiglu,

@@ -57,6 +57,9 @@ struct kvr_kernels {
      * row or column position; for beta 0 or 1. */
     void (*gemm_panel)(float *y, size_t ldy, const float *x, size_t ldx, int m, const float *wp, int n,
                        int k, float beta);
+    /* One row of n values of type t (any of quant.h's four, or a dot type) widened to
+     * f32 exactly, as kvr_dequantize_row: the prefill GEMM's inputs. */
+    void (*widen)(enum kvr_dtype t, const void *src, float *dst, int n);
 
     /* Helpers of the forward pass (transformer.c). */
     float (*vdot)(const float *a, const float *b, int n);

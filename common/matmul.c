@@ -119,14 +119,14 @@ static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const voi
     if (!panel)
         return -1;
     float *row = panel + pn, *x = row + k;
-    struct kvr_tensor xt = {.type = kvr_dtype_dot(w->type), .data = xc, .rows = m, .cols = k, .row_nbytes = xs};
+    enum kvr_dtype xt = kvr_dtype_dot(w->type);
     for (int i = 0; i < m; i++)
-        kvr_tensor_row(&xt, i, x + (size_t)i * (size_t)k);
+        K->widen(xt, (const char *)xc + (size_t)i * xs, x + (size_t)i * (size_t)k, k);
     for (int j0 = n0; j0 < n1; j0 += KVR_GEMM_NR) {
         int nn = n1 - j0 < KVR_GEMM_NR ? n1 - j0 : KVR_GEMM_NR;
         for (int jj = 0; jj < KVR_GEMM_NR; jj++) {
             if (jj < nn) {
-                kvr_tensor_row(w, j0 + jj, row);
+                K->widen(w->type, (const char *)w->data + (size_t)(j0 + jj) * w->row_nbytes, row, k);
                 for (int t = 0; t < k; t++)
                     panel[(size_t)t * KVR_GEMM_NR + (size_t)jj] = row[t];
             } else {

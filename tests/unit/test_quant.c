@@ -512,6 +512,20 @@ static void test_prompt_gemm(struct kvr_threadpool *tp) {
             for (int i = 0; i < M; i++)
                 for (int j = 0; j < N; j++)
                     want[(size_t)i * N + j] = gemm_ref_value(xr + (size_t)i * k, wd + (size_t)j * k, k);
+            /* Every variant's widen is the exact dequantization, here and on an odd tail. */
+            for (int isa = KVR_ISA_SCALAR; isa <= KVR_ISA_AVX512; isa++) {
+                const struct kvr_kernels *K = kvr_kernels_get((enum kvr_isa)isa);
+                if (!K)
+                    continue;
+                for (int j = 0; j < N; j++) {
+                    K->widen(t, (const char *)wt.data + (size_t)j * wt.row_nbytes, y, k);
+                    CHECK(memcmp(y, wd + (size_t)j * k, (size_t)k * 4) == 0);
+                }
+                if (t != KVR_DTYPE_Q8_0) {
+                    K->widen(t, wt.data, y, 37);
+                    CHECK(memcmp(y, wd, 37 * 4) == 0);
+                }
+            }
             /* Every variant's kernel on one panel of the last 3 columns (a short one) and
              * on the first 32, for 1..M rows. */
             for (int isa = KVR_ISA_SCALAR; isa <= KVR_ISA_AVX512; isa++) {
