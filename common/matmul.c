@@ -7,6 +7,7 @@
 #include "matmul.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -112,15 +113,16 @@ static float *panel_get(size_t nfloats) {
  * KVR_GEMM_NR rows at a time, dequantized exactly (F16/BF16 widen, Q8_0's d x q fits
  * f32) into a k-major panel; then the kernel over all m rows. 0, or -1 when no buffer
  * could be allocated. */
-static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const void *xc, size_t xs, int m,
-                       int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
+static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const float *xf, const void *xc, size_t xs,
+                       int m, int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
     size_t pn = (size_t)KVR_GEMM_NR * (size_t)k;
-    float *panel = panel_get(pn + (size_t)k + (size_t)m * (size_t)k);
+    int f32 = w->type == KVR_DTYPE_F32; /* F32 weights: x as it is */
+    float *panel = panel_get(pn + (size_t)k + (f32 ? 0 : (size_t)m * (size_t)k));
     if (!panel)
         return -1;
-    float *row = panel + pn, *x = row + k;
+    float *row = panel + pn, *x = f32 ? (float *)(uintptr_t)xf : row + k;
     enum kvr_dtype xt = kvr_dtype_dot(w->type);
-    for (int i = 0; i < m; i++)
+    for (int i = 0; !f32 && i < m; i++)
         K->widen(xt, (const char *)xc + (size_t)i * xs, x + (size_t)i * (size_t)k, k);
     for (int j0 = n0; j0 < n1; j0 += KVR_GEMM_NR) {
         int nn = n1 - j0 < KVR_GEMM_NR ? n1 - j0 : KVR_GEMM_NR;
@@ -141,6 +143,31 @@ static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const voi
 
 /* ---- entry points ---------------------------------------------------------------- */
 
+/* Rows [i0, i0 + m) of a product on the per-value / F32 kernels (no prompt rows). */
+static void slice_plain(const struct kvr_kernels *K, float *y, int ldy, const struct kvr_matmul_act *a,
+                        const struct kvr_tensor *w, int n0, int n1, float beta, int i0, int m) {
+    int k = a->k;
+    y += (size_t)i0 * (size_t)ldy;
+    /* Non-F32 weights: the rows kernel, whose values depend on nothing but their weight
+     * row and activation row. F32: the rows kernel for a few rows (it streams the weights
+     * at the memory's pace), the blocked kernels up to KVR_MATMUL_SMALL_M rows, OpenBLAS
+     * above. */
+    if (w->type != KVR_DTYPE_F32 || m <= K->f32_rows_max_m) {
+        size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
+        const void *xc = w->type == KVR_DTYPE_F32 ? (const void *)a->x : a->xc;
+        K->rows(w->type, y + n0, (size_t)ldy, (const char *)w->data + (size_t)n0 * w->row_nbytes,
+                w->row_nbytes, n1 - n0, (const char *)xc + (size_t)i0 * xs, xs, m, k, beta);
+        return;
+    }
+    const float *x = a->x + (size_t)i0 * (size_t)k, *wf = w->data;
+    if (m <= KVR_MATMUL_SMALL_M) {
+        K->f32_small(y, ldy, x, wf, m, n0, n1, k, beta);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n1 - n0, k, 1.0f, x, k,
+                wf + (size_t)n0 * (size_t)k, k, beta, y + n0, ldy);
+}
+
 void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
                       const struct kvr_tensor *w, int n0, int n1, float beta) {
     int m = a->m, k = a->k;
@@ -148,41 +175,22 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
         return;
     KVR_ASSERT(a->type == w->type && (int64_t)k == w->cols && n1 <= w->rows);
     const struct kvr_kernels *K = kvr_kernels();
-    /* Non-F32 weights: always the rows kernel, whose values depend on nothing but their
-     * weight row and activation row, so a sequence gives the same bits alone or in any
-     * batch, prefill or decode. F32: the rows kernel for a few rows (it streams the
-     * weights at the memory's pace), the blocked kernels up to KVR_MATMUL_SMALL_M rows,
-     * OpenBLAS above. */
-    if (w->type != KVR_DTYPE_F32 && a->prompt_rows) {
-        /* Runs of prompt rows on the GEMM path, runs of other rows on the rows kernel. */
-        size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
-        const char *wr = (const char *)w->data + (size_t)n0 * w->row_nbytes;
-        for (int i = 0; i < m;) {
-            int g = a->prompt_rows[i] != 0, e = i + 1;
-            while (e < m && (a->prompt_rows[e] != 0) == g)
-                e++;
-            float *yi = y + (size_t)i * (size_t)ldy;
-            const char *xci = (const char *)a->xc + (size_t)i * xs;
-            if (!g || prompt_gemm(K, yi, ldy, xci, xs, e - i, k, w, n0, n1, beta) != 0)
-                K->rows(w->type, yi + n0, (size_t)ldy, wr, w->row_nbytes, n1 - n0, xci, xs, e - i, k, beta);
-            i = e;
-        }
+    if (!a->prompt_rows) {
+        slice_plain(K, y, ldy, a, w, n0, n1, beta, 0, m);
         return;
     }
-    if (w->type != KVR_DTYPE_F32 || m <= K->f32_rows_max_m) {
-        const void *xc = w->type == KVR_DTYPE_F32 ? (const void *)a->x : a->xc;
-        size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
-        K->rows(w->type, y + n0, (size_t)ldy, (const char *)w->data + (size_t)n0 * w->row_nbytes,
-                w->row_nbytes, n1 - n0, xc, xs, m, k, beta);
-        return;
+    /* Runs of prompt rows on the prefill GEMM, runs of other rows as above. */
+    size_t xs = kvr_dtype_row_nbytes(kvr_dtype_dot(w->type), k);
+    for (int i = 0; i < m;) {
+        int g = a->prompt_rows[i] != 0, e = i + 1;
+        while (e < m && (a->prompt_rows[e] != 0) == g)
+            e++;
+        const char *xci = w->type == KVR_DTYPE_F32 ? NULL : (const char *)a->xc + (size_t)i * xs;
+        if (!g || prompt_gemm(K, y + (size_t)i * (size_t)ldy, ldy, a->x + (size_t)i * (size_t)k, xci, xs, e - i, k,
+                              w, n0, n1, beta) != 0)
+            slice_plain(K, y, ldy, a, w, n0, n1, beta, i, e - i);
+        i = e;
     }
-    const float *x = a->x, *wf = w->data;
-    if (m <= KVR_MATMUL_SMALL_M) {
-        K->f32_small(y, ldy, x, wf, m, n0, n1, k, beta);
-        return;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n1 - n0, k, 1.0f, x, k,
-                wf + (size_t)n0 * (size_t)k, k, beta, y + n0, ldy);
 }
 
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {

@@ -482,7 +482,7 @@ static void test_prompt_gemm(struct kvr_threadpool *tp) {
     struct kvr_matmul_ws *ws = NULL;
     struct kvr_matmul_ws_params wp = {.m_max = M, .k_max = {320, 0, 0}};
     REQUIRE(kvr_matmul_ws_create(&wp, &ws) == KVR_OK);
-    for (size_t ti = 1; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+    for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
         enum kvr_dtype t = all_types[ti];
         for (size_t ki = 0; ki < 2; ki++) {
             int k = ks[ki];
@@ -568,7 +568,7 @@ static void test_prompt_gemm(struct kvr_threadpool *tp) {
                             same &= memcmp(&v, y + (size_t)i * N + j, 4) == 0;
                         }
                         CHECK(same);
-                    } else {
+                    } else if (t != KVR_DTYPE_F32) { /* F32's few-row kernels vary with m */
                         for (int j = 0; j < N; j++)
                             y1[j] = b ? 0.5f : 0.0f;
                         kvr_matmul(NULL, ws, y1, x + (size_t)i * k, &wt, 1, beta);
