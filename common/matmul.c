@@ -23,6 +23,10 @@ void kvr_matmul_init(void) { openblas_set_num_threads(1); }
 struct kvr_matmul_ws {
     float *slot[KVR_MATMUL_WS_SLOTS];
     size_t slot_nfloats[KVR_MATMUL_WS_SLOTS];
+    /* Prompt rows of each slot widened back to f32 for the prefill GEMM; allocated at the
+     * first prompt (decode-only engines never pay for them). */
+    float *wide[KVR_MATMUL_WS_SLOTS];
+    size_t wide_nfloats[KVR_MATMUL_WS_SLOTS];
 };
 
 int kvr_matmul_ws_create(const struct kvr_matmul_ws_params *p, struct kvr_matmul_ws **out) {
@@ -54,8 +58,10 @@ int kvr_matmul_ws_create(const struct kvr_matmul_ws_params *p, struct kvr_matmul
 void kvr_matmul_ws_free(struct kvr_matmul_ws *ws) {
     if (!ws)
         return;
-    for (int i = 0; i < KVR_MATMUL_WS_SLOTS; i++)
+    for (int i = 0; i < KVR_MATMUL_WS_SLOTS; i++) {
         free(ws->slot[i]);
+        free(ws->wide[i]);
+    }
     free(ws);
 }
 
@@ -64,17 +70,61 @@ static int ws_fits(const struct kvr_matmul_ws *ws, int slot, int m, int k) {
            (size_t)m * (size_t)k <= ws->slot_nfloats[slot];
 }
 
-void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, int m, int k,
-                            enum kvr_dtype type, struct kvr_matmul_act *a) {
-    *a = (struct kvr_matmul_act){.x = x, .xc = NULL, .type = type, .m = m, .k = k};
+struct prep_job {
+    const struct kvr_kernels *K;
+    const float *x;
+    char *xc;
+    float *xw;
+    const unsigned char *prompt_rows;
+    enum kvr_dtype type;
+    int m, k;
+    size_t xb;
+};
+
+#define PREP_ROWS 16
+
+static void prep_task(void *arg, int task, int thread) {
+    (void)thread;
+    const struct prep_job *j = arg;
+    int i1 = (task + 1) * PREP_ROWS < j->m ? (task + 1) * PREP_ROWS : j->m;
+    enum kvr_dtype dt = kvr_dtype_dot(j->type);
+    for (int i = task * PREP_ROWS; i < i1; i++) {
+        char *dst = j->xc + (size_t)i * j->xb;
+        kvr_act_convert_row(j->type, j->x + (size_t)i * (size_t)j->k, dst, j->k);
+        if (j->xw && j->prompt_rows[i])
+            j->K->widen(dt, dst, j->xw + (size_t)i * (size_t)j->k, j->k);
+    }
+}
+
+void kvr_matmul_act_prepare_rows(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws, int slot, const float *x,
+                                 int m, int k, enum kvr_dtype type, const unsigned char *prompt_rows,
+                                 struct kvr_matmul_act *a) {
+    *a = (struct kvr_matmul_act){.x = x, .xc = NULL, .type = type, .m = m, .k = k, .prompt_rows = prompt_rows};
     if (type == KVR_DTYPE_F32)
         return;
     KVR_ASSERT(ws_fits(ws, slot, m, k));
-    size_t xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k);
-    char *dst = (char *)ws->slot[slot];
-    for (int i = 0; i < m; i++)
-        kvr_act_convert_row(type, x + (size_t)i * (size_t)k, dst + (size_t)i * xb, k);
+    struct prep_job j = {.K = kvr_kernels(), .x = x, .xc = (char *)ws->slot[slot], .prompt_rows = prompt_rows,
+                         .type = type, .m = m, .k = k,
+                         .xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k)};
+    if (prompt_rows) {
+        size_t need = (size_t)m * (size_t)k;
+        if (need > ws->wide_nfloats[slot]) {
+            free(ws->wide[slot]);
+            ws->wide[slot] = malloc(ws->slot_nfloats[slot] * sizeof(float)); /* the slot's size: once */
+            ws->wide_nfloats[slot] = ws->wide[slot] ? ws->slot_nfloats[slot] : 0;
+        }
+        /* Without the buffer each task widens its own copy (the same values). */
+        j.xw = ws->wide[slot];
+    }
+    int n_tasks = (m + PREP_ROWS - 1) / PREP_ROWS;
+    kvr_threadpool_run(m >= 4 * PREP_ROWS ? tp : NULL, prep_task, &j, n_tasks);
     a->xc = ws->slot[slot];
+    a->xw = j.xw;
+}
+
+void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, int m, int k,
+                            enum kvr_dtype type, struct kvr_matmul_act *a) {
+    kvr_matmul_act_prepare_rows(NULL, ws, slot, x, m, k, type, NULL, a);
 }
 
 /* ---- prefill GEMM on dequantized panels ------------------------------------------- */
@@ -116,7 +166,8 @@ static float *panel_get(size_t nfloats) {
 static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const float *xf, const void *xc, size_t xs,
                        int m, int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
     size_t pn = (size_t)KVR_GEMM_NR * (size_t)k;
-    int f32 = w->type == KVR_DTYPE_F32; /* F32 weights: x as it is */
+    /* F32 weights: x as it is; else the rows widened once per product, if there. */
+    int f32 = w->type == KVR_DTYPE_F32 || xc == NULL;
     float *panel = panel_get(pn + (size_t)k + (f32 ? 0 : (size_t)m * (size_t)k));
     if (!panel)
         return -1;
@@ -185,9 +236,9 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
         int g = a->prompt_rows[i] != 0, e = i + 1;
         while (e < m && (a->prompt_rows[e] != 0) == g)
             e++;
-        const char *xci = w->type == KVR_DTYPE_F32 ? NULL : (const char *)a->xc + (size_t)i * xs;
-        if (!g || prompt_gemm(K, y + (size_t)i * (size_t)ldy, ldy, a->x + (size_t)i * (size_t)k, xci, xs, e - i, k,
-                              w, n0, n1, beta) != 0)
+        const char *xci = w->type == KVR_DTYPE_F32 || a->xw ? NULL : (const char *)a->xc + (size_t)i * xs;
+        const float *xf = (w->type == KVR_DTYPE_F32 ? a->x : a->xw) + (size_t)i * (size_t)k;
+        if (!g || prompt_gemm(K, y + (size_t)i * (size_t)ldy, ldy, xf, xci, xs, e - i, k, w, n0, n1, beta) != 0)
             slice_plain(K, y, ldy, a, w, n0, n1, beta, i, e - i);
         i = e;
     }
@@ -253,7 +304,8 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
         /* One conversion per distinct (x, type): Q, K and V of one type share theirs. */
         int shared = -1;
         for (int p = 0; p < o && shared < 0; p++)
-            if (ops[p].x == op->x && ops[p].w->type == op->w->type && ops[p].m == op->m)
+            if (ops[p].x == op->x && ops[p].w->type == op->w->type && ops[p].m == op->m &&
+                ops[p].prompt_rows == op->prompt_rows)
                 shared = p;
         if (shared >= 0) {
             j.act[o] = j.act[shared];
@@ -265,9 +317,8 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
                         slot = s;
             if (slot >= 0)
                 slot_used[slot] = 1;
-            kvr_matmul_act_prepare(ws, slot, op->x, op->m, k, op->w->type, &j.act[o]);
+            kvr_matmul_act_prepare_rows(tp, ws, slot, op->x, op->m, k, op->w->type, op->prompt_rows, &j.act[o]);
         }
-        j.act[o].prompt_rows = op->prompt_rows;
         j.chunk[o] = kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
         j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
         work += (long)op->m * n * k;

@@ -65,6 +65,7 @@ struct kvr_matmul_act {
      * f32 activations; kernels.h gemm_panel) instead of the per-value kernel. Either way
      * a value depends only on its weight row, its activation row and the row's mark. */
     const unsigned char *prompt_rows;
+    const float *xw; /* prompt rows of xc widened back to f32 (row i at xw + i * k), or NULL */
 };
 
 /* Fills *a for x (m, k) and weights of type; converts into ws slot `slot` unless type is
@@ -72,6 +73,14 @@ struct kvr_matmul_act {
  * lives until the slot is prepared again. */
 void kvr_matmul_act_prepare(struct kvr_matmul_ws *ws, int slot, const float *x, int m, int k,
                             enum kvr_dtype type, struct kvr_matmul_act *a);
+
+/* As kvr_matmul_act_prepare, with prompt_rows (may be NULL) recorded in *a and, for
+ * non-F32 types, the marked rows also widened back to f32 once for every slice (xw; the
+ * buffer is allocated at the first prompt, and without it each slice widens its own).
+ * Rows are converted in parallel on tp (may be NULL) when there are many. */
+void kvr_matmul_act_prepare_rows(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws, int slot, const float *x,
+                                 int m, int k, enum kvr_dtype type, const unsigned char *prompt_rows,
+                                 struct kvr_matmul_act *a);
 
 /* y: (m, n) row-major, ldy = n, with n = w->rows; x: (m, k), k = w->cols; y = x . w^T +
  * beta * y. tp may be NULL; ws may be NULL when w is F32. */

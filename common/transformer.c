@@ -380,12 +380,12 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
     int hid = e->c->hidden_dim, T = e->n_rows, d = e->c->dim;
     struct ffn_job j = {.e = e, .w1 = w1, .w3 = w3};
     /* xb converted once per weight type (slot 1 for W3 only when its type differs). */
-    kvr_matmul_act_prepare(e->ws, 0, e->xb, T, d, w1->type, &j.a1);
+    kvr_matmul_act_prepare_rows(e->tp, e->ws, 0, e->xb, T, d, w1->type, e->prompt_rows, &j.a1);
     if (w3->type == w1->type)
         j.a3 = j.a1;
     else
-        kvr_matmul_act_prepare(e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type, &j.a3);
-    j.a1.prompt_rows = j.a3.prompt_rows = e->prompt_rows;
+        kvr_matmul_act_prepare_rows(e->tp, e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type,
+                                    e->prompt_rows, &j.a3);
     /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
     j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
     if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
