@@ -122,6 +122,67 @@ static float dot_q8_0(const struct kvr_block_q8_0 *w, const struct kvr_block_q8_
     return s;
 }
 
+/* Q8_0, 8 weight rows (ws bytes apart) against one activation row: the per-value
+ * arithmetic of dot_q8_0 (exact integer block sums, then s += sumi * (d_w * d_x) in block
+ * order) with the 8 rows in the 8 lanes, so the same bits. The 8 rows are one contiguous
+ * run read block by block; pf (the next run, or NULL) is prefetched alongside in address
+ * order, pf_step bytes per block, so batch-1 decode streams. */
+static inline __m256 q8_8rows(const char *w, size_t ws, const struct kvr_block_q8_0 *x, int nb, const char *pf,
+                              size_t pf_step) {
+    __m256 s = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        if (pf)
+            for (size_t o = 0; o < pf_step; o += 64)
+                _mm_prefetch(pf + (size_t)b * pf_step + o, _MM_HINT_T0);
+        __m256i qx = _mm256_loadu_si256((const __m256i *)(const void *)x[b].qs);
+        __m256i ax = _mm256_sign_epi8(qx, qx); /* |x|, -128 stays 0x80 = 128 unsigned */
+        const char *wb = w + (size_t)b * sizeof(struct kvr_block_q8_0);
+        __m256i p[8];
+        uint16_t dh[8];
+        for (int r = 0; r < 8; r++) {
+            const struct kvr_block_q8_0 *br = (const void *)(wb + (size_t)r * ws);
+            __m256i qw = _mm256_loadu_si256((const __m256i *)(const void *)br->qs);
+            /* |x| * (w signed by x): pairs at most 2 * 128 * 128, no 16-bit saturation. */
+            __m256i pr = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qw, qx));
+            p[r] = _mm256_madd_epi16(pr, ones);
+            memcpy(&dh[r], &br->d, 2);
+        }
+        __m256i h01 = _mm256_hadd_epi32(p[0], p[1]), h23 = _mm256_hadd_epi32(p[2], p[3]);
+        __m256i h45 = _mm256_hadd_epi32(p[4], p[5]), h67 = _mm256_hadd_epi32(p[6], p[7]);
+        __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
+        __m256i sumi = _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
+                                        _mm256_permute2x128_si256(h0123, h4567, 0x31));
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)dh));
+        __m256 prod = _mm256_mul_ps(dw, _mm256_set1_ps(kvr_f16_to_f32(x[b].d)));
+        s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_cvtepi32_ps(sumi), prod));
+    }
+    return s;
+}
+
+static void rows_q8_0(float *y, size_t ldy, const char *w, size_t ws, int n, const char *x, size_t xs, int m,
+                      int k, float beta) {
+    int nb = k / KVR_QK8_0, j = 0;
+    size_t pf_step = 8 * sizeof(struct kvr_block_q8_0);
+    for (; j + 8 <= n; j += 8) {
+        const char *wj = w + (size_t)j * ws;
+        const char *pf = j + 16 <= n ? wj + 8 * ws : NULL;
+        for (int i = 0; i < m; i++) {
+            __m256 s = q8_8rows(wj, ws, (const void *)(x + (size_t)i * xs), nb, i == 0 ? pf : NULL, pf_step);
+            float *yi = y + (size_t)i * ldy + j;
+            if (beta != 0.0f)
+                s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_loadu_ps(yi)));
+            _mm256_storeu_ps(yi, s);
+        }
+    }
+    for (; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            float d = dot_q8_0((const void *)(w + (size_t)j * ws), (const void *)(x + (size_t)i * xs), k);
+            float *yij = y + (size_t)i * ldy + j;
+            *yij = beta != 0.0f ? d + beta * *yij : d;
+        }
+}
+
 /* F16 and BF16 activation rows widened to f32 once per call (exact, so the same bits as
  * widening them chunk by chunk), XBUF floats at a time on the stack. */
 #define XBUF (16 * 1024)
@@ -158,14 +219,7 @@ static void rows_avx2(enum kvr_dtype t, float *y, size_t ldy, const void *w, siz
     case KVR_DTYPE_F32: rows_t(KVR_DTYPE_F32, KVR_DTYPE_F32, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
     case KVR_DTYPE_F16: rows_half(KVR_DTYPE_F16, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
     case KVR_DTYPE_BF16: rows_half(KVR_DTYPE_BF16, y, ldy, wc, ws, n, x, xs, m, k, beta); return;
-    case KVR_DTYPE_Q8_0:
-        for (int j = 0; j < n; j++)
-            for (int i = 0; i < m; i++) {
-                float d = dot_q8_0((const void *)(wc + (size_t)j * ws), (const void *)(x + (size_t)i * xs), k);
-                float *yij = y + (size_t)i * ldy + j;
-                *yij = beta != 0.0f ? d + beta * *yij : d;
-            }
-        return;
+    case KVR_DTYPE_Q8_0: rows_q8_0(y, ldy, wc, ws, n, x, xs, m, k, beta); return;
     }
 }
 
