@@ -246,6 +246,18 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
 
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     int c;
+    if (m == 1) {
+        /* Batch 1 streams each matrix once at the memory's pace: one contiguous range of
+         * whole rows (whole 16-row groups) per thread, so each thread reads one sequential
+         * stream from the first row of its range to the last with no cold restart in
+         * between. Measured against 256 KiB tasks claimed in turn (2 threads, 110M shape,
+         * interleaved runs): F32 +5-10%, F16 +12-24%, Q8_0 +15-18% decode tokens/s. The
+         * price: a thread descheduled by another process holds up the step until it runs
+         * again (the caller cannot take over part of a claimed range). */
+        c = (n + n_threads - 1) / n_threads;
+        c = (c + 15) & ~15;
+        return c < n ? c : n;
+    }
     if (m <= KVR_MATMUL_SMALL_M) {
         /* About 256 KiB of weights per task (in the weights' own type), at least 4 tasks
          * per thread, whole 16-row groups: long sequential streams (every task start is

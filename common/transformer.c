@@ -386,9 +386,10 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
     else
         kvr_matmul_act_prepare_rows(e->tp, e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type,
                                     e->prompt_rows, &j.a3);
-    /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
+    /* Each task reads two weight slices: half the plain chunk keeps the same task size
+     * (batch 1 keeps one range of features per thread, kvr_matmul_chunk). */
     j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
-    if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
+    if (j.chunk >= 32 && T > 1 && T <= KVR_MATMUL_SMALL_M)
         j.chunk = ((j.chunk / 2) + 15) & ~15;
     long work = 2L * T * hid * e->c->dim;
     kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? e->tp : NULL, ffn_task, &j,
