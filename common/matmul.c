@@ -244,20 +244,24 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
     }
 }
 
+int kvr_matmul_chunk_b1(int n, enum kvr_dtype t, int n_threads) {
+    /* Batch 1 streams each matrix once at the memory's pace: per thread one contiguous
+     * range of whole rows (whole 16-row groups), read as one sequential stream with no
+     * cold restart, against 256 KiB tasks claimed in turn: measured (2 threads, 110M
+     * shape, interleaved runs) F16 +12-24%, Q8_0 +15-25% decode tokens/s. F32 gains
+     * another 4-14% when each range is cut into 8 slices handed out in turn
+     * (kvr_matmul_task_order: the threads still read their own range in order while they
+     * keep pace, and a thread slowed by a busy core leaves part of its range to the
+     * other); F16 gains nothing from that and Q8_0 loses 10-25% (its 16-row groups
+     * prefetch the next group, which a slice boundary cuts off). */
+    int q = t == KVR_DTYPE_F32 ? 8 : 1;
+    int c = (n + n_threads * q - 1) / (n_threads * q);
+    c = (c + 15) & ~15;
+    return c < n ? c : n;
+}
+
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     int c;
-    if (m == 1) {
-        /* Batch 1 streams each matrix once at the memory's pace: one contiguous range of
-         * whole rows (whole 16-row groups) per thread, so each thread reads one sequential
-         * stream from the first row of its range to the last with no cold restart in
-         * between. Measured against 256 KiB tasks claimed in turn (2 threads, 110M shape,
-         * interleaved runs): F32 +5-10%, F16 +12-24%, Q8_0 +15-18% decode tokens/s. The
-         * price: a thread descheduled by another process holds up the step until it runs
-         * again (the caller cannot take over part of a claimed range). */
-        c = (n + n_threads - 1) / n_threads;
-        c = (c + 15) & ~15;
-        return c < n ? c : n;
-    }
     if (m <= KVR_MATMUL_SMALL_M) {
         /* About 256 KiB of weights per task (in the weights' own type), at least 4 tasks
          * per thread, whole 16-row groups: long sequential streams (every task start is
@@ -281,12 +285,19 @@ int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     return c < n ? c : n;
 }
 
+int kvr_matmul_task_order(int i, int n_tasks, int n_threads) {
+    if (n_threads < 2 || n_tasks % n_threads != 0)
+        return i;
+    return (i % n_threads) * (n_tasks / n_threads) + i / n_threads;
+}
+
 struct mm_job {
     const struct kvr_matmul_op *ops;
     int n_ops;
     struct kvr_matmul_act act[KVR_MATMUL_MAX_OPS];
     int task0[KVR_MATMUL_MAX_OPS + 1]; /* first task of each op; task0[n_ops] = total */
     int chunk[KVR_MATMUL_MAX_OPS];
+    int nt;
 };
 
 static void mm_task(void *arg, int task, int thread) {
@@ -296,7 +307,10 @@ static void mm_task(void *arg, int task, int thread) {
     while (task >= j->task0[o + 1])
         o++;
     const struct kvr_matmul_op *op = &j->ops[o];
-    int n0 = (task - j->task0[o]) * j->chunk[o];
+    int i = task - j->task0[o];
+    if (op->m == 1)
+        i = kvr_matmul_task_order(i, j->task0[o + 1] - j->task0[o], j->nt);
+    int n0 = i * j->chunk[o];
     int n = (int)op->w->rows;
     int n1 = n0 + j->chunk[o] < n ? n0 + j->chunk[o] : n;
     kvr_matmul_slice(op->y, n, &j->act[o], op->w, n0, n1, op->beta);
@@ -307,6 +321,7 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
     KVR_ASSERT(n_ops >= 1 && n_ops <= KVR_MATMUL_MAX_OPS);
     struct mm_job j = {.ops = ops, .n_ops = n_ops};
     int nt = kvr_threadpool_n_threads(tp);
+    j.nt = nt;
     long work = 0;
     int slot_used[KVR_MATMUL_WS_SLOTS] = {0};
     j.task0[0] = 0;
@@ -331,7 +346,8 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
                 slot_used[slot] = 1;
             kvr_matmul_act_prepare_rows(tp, ws, slot, op->x, op->m, k, op->w->type, op->prompt_rows, &j.act[o]);
         }
-        j.chunk[o] = kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
+        j.chunk[o] = op->m == 1 ? kvr_matmul_chunk_b1(n, op->w->type, nt)
+                                : kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
         j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
         work += (long)op->m * n * k;
     }

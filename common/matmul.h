@@ -117,4 +117,13 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
  * of row_nbytes bytes each on n_threads threads. */
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads);
 
+/* The same for one activation row (batch-1 decode) over n weight rows of type t. */
+int kvr_matmul_chunk_b1(int n, enum kvr_dtype t, int n_threads);
+
+/* The slice a batch-1 product's task i of n_tasks computes on n_threads threads: tasks
+ * are claimed in turn, so slices are handed out round-robin over n_threads contiguous
+ * ranges (task i to range i % n_threads): while the threads keep pace, each reads one
+ * contiguous range; a thread that falls behind leaves the tail of its range to others. */
+int kvr_matmul_task_order(int i, int n_tasks, int n_threads);
+
 #endif /* KVR_MATMUL_H */

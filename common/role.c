@@ -70,18 +70,29 @@ _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status) {
     kvr_xfer_abort(x, code);
 }
 
-int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank) {
+/* Prefill and decode ranks on rank's host, rank included if it is one. */
+static int nodes_sharing(int n, const int *roles, const char *const *hosts, int rank) {
     int sharing = 0;
     for (int r = 0; r < n; r++)
         if ((roles[r] == KVR_ROLE_PREFILL || roles[r] == KVR_ROLE_DECODE) &&
             strcmp(hosts[r], hosts[rank]) == 0)
             sharing++;
-    return sharing <= 1 ? KVR_WEIGHTS_COPY : KVR_WEIGHTS_MMAP;
+    return sharing;
 }
 
-/* "auto" over x's layout. */
-static int resolve_auto(const struct kvr_xfer *x) {
-    int n = kvr_xfer_size(x), mode = KVR_WEIGHTS_MMAP;
+int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank) {
+    return nodes_sharing(n, roles, hosts, rank) <= 1 ? KVR_WEIGHTS_COPY : KVR_WEIGHTS_MMAP;
+}
+
+int kvr_role_threads_auto(int n, const int *roles, const char *const *hosts, int rank, int n_cpus) {
+    int sharing = nodes_sharing(n, roles, hosts, rank);
+    int t = n_cpus / (sharing > 1 ? sharing : 1);
+    return t > 1 ? t : 1;
+}
+
+/* Prefill and decode nodes on this rank's host over x's layout (1 when unknown). */
+static int sharing_of(const struct kvr_xfer *x) {
+    int n = kvr_xfer_size(x), sharing = 1;
     int *roles = malloc((size_t)n * sizeof *roles);
     const char **hosts = malloc((size_t)n * sizeof *hosts);
     if (roles && hosts) {
@@ -89,11 +100,28 @@ static int resolve_auto(const struct kvr_xfer *x) {
             roles[r] = kvr_xfer_role_of(x, r);
             hosts[r] = kvr_xfer_host_of(x, r);
         }
-        mode = kvr_role_weights_auto(n, roles, hosts, kvr_xfer_rank(x));
+        sharing = nodes_sharing(n, roles, hosts, kvr_xfer_rank(x));
     }
     free(roles);
     free(hosts);
-    return mode;
+    return sharing > 1 ? sharing : 1;
+}
+
+/* "auto" over x's layout. */
+static int resolve_auto(const struct kvr_xfer *x) {
+    return sharing_of(x) <= 1 ? KVR_WEIGHTS_COPY : KVR_WEIGHTS_MMAP;
+}
+
+int kvr_role_threads(const struct kvr_xfer *x, int choice) {
+    if (choice > 0)
+        return choice;
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int n_cpus = ncpu > 0 ? (ncpu < 1024 ? (int)ncpu : 1024) : 1;
+    int sharing = x ? sharing_of(x) : 1;
+    int t = n_cpus / sharing > 1 ? n_cpus / sharing : 1;
+    KVR_LOG_INFO("--threads 0: %d (%d CPUs, %d prefill/decode node%s on this host)", t, n_cpus, sharing,
+                 sharing == 1 ? "" : "s");
+    return t;
 }
 
 int kvr_role_load_model(const struct kvr_xfer *x, const char *prog, const char *path, int choice,

@@ -45,6 +45,17 @@ _Noreturn void kvr_role_exit(struct kvr_xfer *x, int status);
  * the host (one page-cache copy for all of them). roles and hosts: (n) per rank, borrowed. */
 int kvr_role_weights_auto(int n, const int *roles, const char *const *hosts, int rank);
 
+/* What --threads 0 (the nodes' default) gives rank: the host's n_cpus divided among the
+ * prefill and decode ranks on that host, at least 1 (a node alone on its host takes every
+ * CPU: batch-1 decode is bound on memory bandwidth, which one core cannot draw alone,
+ * docs/PERFORMANCE.md "Node defaults"). roles and hosts: (n) per rank, borrowed. */
+int kvr_role_threads_auto(int n, const int *roles, const char *const *hosts, int rank, int n_cpus);
+
+/* A node's compute threads for its --threads choice: choice itself when > 0, else
+ * kvr_role_threads_auto over x's layout and this machine's online CPUs (all of them when
+ * x is NULL), logged at info. */
+int kvr_role_threads(const struct kvr_xfer *x, int choice);
+
 /* Loads the model (choice: an index of KVR_NODE_WEIGHTS_CHOICES; "auto" is resolved over
  * x's layout and falls back to mmap when the copy does not fit in memory; n_ctx > 0
  * overrides the file's context, --context) or prints why not ("<prog>: cannot load model

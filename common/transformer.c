@@ -369,6 +369,8 @@ static void ffn_task(void *arg, int task, int thread) {
     const struct ffn_job *j = arg;
     struct kvr_engine *e = j->e;
     int hid = e->c->hidden_dim, T = e->n_rows;
+    if (T == 1)
+        task = kvr_matmul_task_order(task, (hid + j->chunk - 1) / j->chunk, e->n_threads);
     int n0 = task * j->chunk, n1 = n0 + j->chunk < hid ? n0 + j->chunk : hid;
     kvr_matmul_slice(e->hb, hid, &j->a1, j->w1, n0, n1, 0.0f);
     kvr_matmul_slice(e->hb2, hid, &j->a3, j->w3, n0, n1, 0.0f);
@@ -388,7 +390,8 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
                                     e->prompt_rows, &j.a3);
     /* Each task reads two weight slices: half the plain chunk keeps the same task size
      * (batch 1 keeps one range of features per thread, kvr_matmul_chunk). */
-    j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
+    j.chunk = T == 1 ? kvr_matmul_chunk_b1(hid, w1->type, e->n_threads)
+                     : kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
     if (j.chunk >= 32 && T > 1 && T <= KVR_MATMUL_SMALL_M)
         j.chunk = ((j.chunk / 2) + 15) & ~15;
     long work = 2L * T * hid * e->c->dim;

@@ -37,7 +37,7 @@ static const struct kvr_opt opts[] = {
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct decode_cfg, kv_memory), "256MiB", 1, -1, NULL, 0, "KV block pool budget"},
     {"kv-type", KVR_OPT_CHOICE, offsetof(struct decode_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type (every rank and the coordinator need the same)"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct decode_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block"},
-    {"threads", KVR_OPT_INT, offsetof(struct decode_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
+    {"threads", KVR_OPT_INT, offsetof(struct decode_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = this host's CPUs divided among the prefill and decode nodes on it)"},
     {"max-batch", KVR_OPT_INT, offsetof(struct decode_cfg, max_batch), "64", 1, 4096, NULL, 0, "sequences per decode step"},
     {"max-batch-tokens", KVR_OPT_INT, offsetof(struct decode_cfg, max_batch_tokens), "512", 1, 1 << 20, NULL, 0, "tokens per step (recompute windows, colocated prompt chunks)"},
     {"colocated", KVR_OPT_FLAG, offsetof(struct decode_cfg, colocated), "0", 0, -1, NULL, 0, "also prefill prompts (no prefill nodes)"},
@@ -64,6 +64,7 @@ int main(int argc, char **argv) {
     int rc = kvr_role_start(&rp, &argc, &argv, &x);
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);
+    cfg.threads = kvr_role_threads(x, cfg.threads);
     struct kvr_model *model = NULL;
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);

@@ -36,7 +36,7 @@ static const struct kvr_opt opts[] = {
     {"weights", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, weights), "auto", 0, -1, KVR_NODE_WEIGHTS_CHOICES, 0, "mmap: share the file's page cache; copy: private huge-page copy (faster decode, one copy per process); auto: copy when this is the host's only node"},
     {"kv-memory", KVR_OPT_SIZE, offsetof(struct prefill_cfg, kv_memory), "0", 0, -1, NULL, 0, "pool for prompts in flight (0 = sized from the batch limits)"},
     {"block-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, block_tokens), "16", 1, 4096, NULL, 0, "tokens per KV block (one wire message per layer and block)"},
-    {"threads", KVR_OPT_INT, offsetof(struct prefill_cfg, threads), "1", 0, 1024, NULL, 0, "compute threads (0 = all CPUs)"},
+    {"threads", KVR_OPT_INT, offsetof(struct prefill_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads (0 = this host's CPUs divided among the prefill and decode nodes on it)"},
     {"max-batch", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch), "16", 1, 4096, NULL, 0, "prompts per pass"},
     {"max-batch-tokens", KVR_OPT_INT, offsetof(struct prefill_cfg, max_batch_tokens), "0", 0, 1 << 20, NULL, 0, "prompt tokens per pass (0 = max(model context, 1024))"},
     {"kv-type", KVR_OPT_CHOICE, offsetof(struct prefill_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type (every rank and the coordinator need the same); an f16/bf16 cache ships its own values exactly"},
@@ -62,6 +62,7 @@ int main(int argc, char **argv) {
     int rc = kvr_role_start(&rp, &argc, &argv, &x);
     if (rc != KVR_OK)
         kvr_role_exit(x, rc);
+    cfg.threads = kvr_role_threads(x, cfg.threads);
     struct kvr_model *model = NULL;
     if ((rc = kvr_role_load_model(x, rp.prog, cfg.model, cfg.weights, cfg.context, &model)) != KVR_OK)
         kvr_role_exit(x, rc);

@@ -1,6 +1,7 @@
-/* test_role.c - the rule behind a node's --weights auto (common/role.c): a private copy
- * for a node alone on its host, the shared mapping when several nodes share one. Pure
- * function over the job's layout; no MPI needed. */
+/* test_role.c - the rules behind a node's --weights auto and --threads 0 (common/role.c):
+ * a private copy and every CPU for a node alone on its host; the shared mapping and a
+ * share of the CPUs when several nodes share one. Pure functions over the job's layout;
+ * no MPI needed. */
 #include <stdio.h>
 
 #include "check.h"
@@ -33,5 +34,19 @@ int main(void) {
     const int roles2[] = {KVR_ROLE_COORD, KVR_ROLE_DECODE};
     const char *const two_hosts[] = {"a", "b"};
     CHECK_EQ(kvr_role_weights_auto(2, roles2, two_hosts, 1), KVR_WEIGHTS_COPY);
+
+    /* --threads 0: the host's CPUs among its prefill and decode nodes (the coordinator
+     * does not count), at least one each. */
+    for (int r = 1; r < 4; r++) {
+        CHECK_EQ(kvr_role_threads_auto(4, roles1, one_host, r, 2), 1);
+        CHECK_EQ(kvr_role_threads_auto(4, roles1, one_host, r, 12), 4);
+        CHECK_EQ(kvr_role_threads_auto(4, roles1, own_hosts, r, 8), 8);
+    }
+    CHECK_EQ(kvr_role_threads_auto(4, roles1, coord_with_prefill, 1, 2), 2);
+    CHECK_EQ(kvr_role_threads_auto(4, roles1, mixed, 1, 16), 16);
+    CHECK_EQ(kvr_role_threads_auto(4, roles1, mixed, 2, 16), 8);
+    CHECK_EQ(kvr_role_threads_auto(4, roles1, mixed, 3, 1), 1);
+    CHECK(kvr_role_threads(NULL, 3) == 3);
+    CHECK(kvr_role_threads(NULL, 0) >= 1);
     CHECK_DONE();
 }
