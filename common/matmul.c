@@ -248,7 +248,7 @@ int kvr_matmul_chunk_b1(int n, enum kvr_dtype t, int n_threads) {
     /* Batch 1 streams each matrix once at the memory's pace: per thread one contiguous
      * range of whole rows (whole 16-row groups), read as one sequential stream with no
      * cold restart, against 256 KiB tasks claimed in turn: measured (2 threads, 110M
-     * shape, interleaved runs) F16 +12-24%, Q8_0 +15-25% decode tokens/s. F32 gains
+     * shape, interleaved runs) F16 +12-24%, Q8_0 +15-18% decode tokens/s. F32 gains
      * another 4-14% when each range is cut into 8 slices handed out in turn
      * (kvr_matmul_task_order: the threads still read their own range in order while they
      * keep pace, and a thread slowed by a busy core leaves part of its range to the
