@@ -389,7 +389,7 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
         kvr_matmul_act_prepare_rows(e->tp, e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type,
                                     e->prompt_rows, &j.a3);
     /* Each task reads two weight slices: half the plain chunk keeps the same task size
-     * (batch 1 keeps one range of features per thread, kvr_matmul_chunk). */
+     * (batch 1 keeps one range of features per thread, kvr_matmul_chunk_b1). */
     j.chunk = T == 1 ? kvr_matmul_chunk_b1(hid, w1->type, e->n_threads)
                      : kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
     if (j.chunk >= 32 && T > 1 && T <= KVR_MATMUL_SMALL_M)
