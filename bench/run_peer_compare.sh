@@ -21,11 +21,14 @@
 # Weights: the 110M shape from `kvrelay synth-model` (llama2.c format, what llama2.c
 # reads), converted to GGUF by llama.cpp's convert-llama2c-to-ggml and quantized by
 # llama-quantize, so all three read the same numbers. TINYLLAMA=1 adds the TinyLlama
-# 1.1B shape (GQA 32/4; 4.4 GB at f32, slow).
+# 1.1B shape (GQA 32/4; 4.4 GB at f32, slow). llama.cpp's convert-llama2c-to-ggml (build
+# of 2025-02) works in a fixed 2 GiB ggml context and aborts on the 4.4 GB file: our peer
+# build raises its params.mem_model_gb from 2 to 8 (a local edit of the peer, not ours).
 #
 # Environment: KVR (kvrelay binary, default build/bin/kvrelay), PEERS (/work/peers),
 # MODELS (/tmp/kvrelay-bench-models), OUT (/tmp/kvrelay-peer-compare), ROUNDS (2),
-# TYPES ("f32 f16 bf16 q8_0"), THREADS (2), TINYLLAMA (0).
+# TYPES ("f32 f16 bf16 q8_0"), THREADS (2), TINYLLAMA (0), SHAPES (the shapes to run,
+# e.g. "1.1b" alone; default 110m, or "110m 1.1b" with TINYLLAMA=1).
 # Run it alone on the machine (e.g. `flock -x /tmp/kvr-cpu.lock bench/run_peer_compare.sh`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,8 +63,8 @@ declare -A SHAPE=(
     [1.1b]="--dim 2048 --hidden 5632 --layers 22 --heads 32 --kv-heads 4 --vocab 32000 --seq-len 2048 --shared-classifier=0"
 )
 declare -A FILE=([110m]=synth-110m.bin [1.1b]=synth-tinyllama-1.1b.bin)
-shapes="110m"
-[ "$TINYLLAMA" = 1 ] && shapes="110m 1.1b"
+shapes=${SHAPES:-110m}
+[ "$TINYLLAMA" = 1 ] && [ -z "${SHAPES:-}" ] && shapes="110m 1.1b"
 
 for s in $shapes; do
     bin=$MODELS/${FILE[$s]}
