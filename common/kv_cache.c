@@ -399,31 +399,6 @@ int kvr_kv_seq_slot(struct kvr_kv_seq *s, int layer, int pos, float **k, float *
     return rc;
 }
 
-/* n values of type t at src widened to f32 (exact), or rounded into t (to nearest even). */
-static void to_f32(enum kvr_kv_type t, float *dst, const void *src, size_t n) {
-    const uint16_t *h = src;
-    if (t == KVR_KV_F32)
-        memcpy(dst, src, n * sizeof(float));
-    else if (t == KVR_KV_F16)
-        for (size_t i = 0; i < n; i++)
-            dst[i] = kvr_f16_to_f32(h[i]);
-    else
-        for (size_t i = 0; i < n; i++)
-            dst[i] = kvr_bf16_to_f32(h[i]);
-}
-
-static void from_f32(enum kvr_kv_type t, void *dst, const float *src, size_t n) {
-    uint16_t *h = dst;
-    if (t == KVR_KV_F32)
-        memcpy(dst, src, n * sizeof(float));
-    else if (t == KVR_KV_F16)
-        for (size_t i = 0; i < n; i++)
-            h[i] = kvr_f32_to_f16(src[i]);
-    else
-        for (size_t i = 0; i < n; i++)
-            h[i] = kvr_f32_to_bf16(src[i]);
-}
-
 int kvr_kv_seq_export(struct kvr_kv_seq *s, int layer, int pos0, int n, float *k, float *v) {
     size_t kvd = (size_t)s->pool->kv_dim;
     if (n < 0 || layer < 0 || layer >= s->pool->n_layers)
@@ -432,8 +407,8 @@ int kvr_kv_seq_export(struct kvr_kv_seq *s, int layer, int pos0, int n, float *k
         if (!kvr_kv_seq_holds(s, pos0 + i))
             return KVR_ERANGE;
     for (int i = 0; i < n; i++) {
-        to_f32(s->pool->type, k + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 0), kvd);
-        to_f32(s->pool->type, v + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 1), kvd);
+        kv_values_to_f32(s->pool->type, k + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 0), kvd);
+        kv_values_to_f32(s->pool->type, v + (size_t)i * kvd, kv_ptr(s, layer, pos0 + i, 1), kvd);
     }
     return KVR_OK;
 }
@@ -447,8 +422,8 @@ int kvr_kv_seq_import(struct kvr_kv_seq *s, int layer, int pos0, int n, const fl
         if (!kvr_kv_seq_holds(s, pos0 + i))
             return KVR_ERANGE;
     for (int i = 0; i < n; i++) {
-        from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 0), k + (size_t)i * kvd, kvd);
-        from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 1), v + (size_t)i * kvd, kvd);
+        kv_values_from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 0), k + (size_t)i * kvd, kvd);
+        kv_values_from_f32(s->pool->type, kv_ptr(s, layer, pos0 + i, 1), v + (size_t)i * kvd, kvd);
     }
     return KVR_OK;
 }

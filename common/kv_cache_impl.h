@@ -4,7 +4,11 @@
 #define KVR_KV_CACHE_IMPL_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
+#include "half.h"
+#include "kernels.h"
 #include "kv_cache.h"
 
 struct kvr_kv_pool {
@@ -82,6 +86,28 @@ static inline int kv_sinks_visible(const struct kvr_kv_seq *s, int p) {
 static inline int kv_sink_delta(const struct kvr_kv_seq *s, int p) {
     int d = p - s->policy.window + 1;
     return d > 0 ? d : 0;
+}
+
+/* n f32 values into a slot of type t: copied, or rounded to nearest even (half.h; a few
+ * thousand values per token and layer, not worth a vector kernel). */
+static inline void kv_values_from_f32(enum kvr_kv_type t, void *dst, const float *src, size_t n) {
+    uint16_t *h = dst;
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, n * sizeof(float));
+    else if (t == KVR_KV_F16)
+        for (size_t i = 0; i < n; i++)
+            h[i] = kvr_f32_to_f16(src[i]);
+    else
+        for (size_t i = 0; i < n; i++)
+            h[i] = kvr_f32_to_bf16(src[i]);
+}
+
+/* n values of a slot of type t as f32 (exact; the run-time chosen widening kernel). */
+static inline void kv_values_to_f32(enum kvr_kv_type t, float *dst, const void *src, size_t n) {
+    if (t == KVR_KV_F32)
+        memcpy(dst, src, n * sizeof(float));
+    else
+        kvr_kernels()->half_to_f32(t == KVR_KV_F16 ? KVR_DTYPE_F16 : KVR_DTYPE_BF16, dst, src, (int)n);
 }
 
 #endif /* KVR_KV_CACHE_IMPL_H */

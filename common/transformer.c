@@ -285,28 +285,6 @@ void kvr_engine_set_layer_hook(struct kvr_engine *e,
 
 /* ---- row-wise elementwise work ------------------------------------------------- */
 
-/* n f32 values into a cache slot of type t: copied, or rounded to nearest even (half.h;
- * a few thousand values per token and layer, not worth a vector kernel). */
-static void kv_store(enum kvr_kv_type t, void *dst, const float *src, int n) {
-    uint16_t *h = dst;
-    if (t == KVR_KV_F32)
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    else if (t == KVR_KV_F16)
-        for (int i = 0; i < n; i++)
-            h[i] = kvr_f32_to_f16(src[i]);
-    else
-        for (int i = 0; i < n; i++)
-            h[i] = kvr_f32_to_bf16(src[i]);
-}
-
-/* n values of a cache slot of type t as f32 (exact). */
-static void kv_load(enum kvr_kv_type t, float *dst, const void *src, int n) {
-    if (t == KVR_KV_F32)
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    else
-        kvr_kernels()->half_to_f32(t == KVR_KV_F16 ? KVR_DTYPE_F16 : KVR_DTYPE_BF16, dst, src, n);
-}
-
 enum row_op { ROW_RMSNORM_ATT, ROW_ROPE_STORE, ROW_RMSNORM_FFN };
 
 struct row_job {
@@ -337,8 +315,8 @@ static void row_task(void *arg, int task, int thread) {
             /* Sink keys stay unrotated: attention rotates them at their cache place. */
             if (s->policy.policy != KVR_KV_SINK)
                 rope_rotate(k, kvd, c->head_dim, e->row_rope[r]);
-            kv_store(s->pool->type, kv_ptr(s, l, pos, 0), k, kvd);
-            kv_store(s->pool->type, kv_ptr(s, l, pos, 1), v, kvd);
+            kv_values_from_f32(s->pool->type, kv_ptr(s, l, pos, 0), k, kvd);
+            kv_values_from_f32(s->pool->type, kv_ptr(s, l, pos, 1), v, kvd);
             break;
         }
         }
@@ -475,7 +453,7 @@ static void attend_one(struct kvr_engine *e, int r, int g0, int thread) {
             }
             for (int u = 0; u < n; u++, t++, i++) {
                 for (int gg = 0; gg < G; gg++) {
-                    kv_load(kt, krot, kb + ((size_t)u * kvd + (size_t)gg * hd) * elt, hd);
+                    kv_values_to_f32(kt, krot, kb + ((size_t)u * kvd + (size_t)gg * hd) * elt, hd);
                     rope_rotate(krot, hd, hd, rope_at(e, t < n_sink ? t : t - delta));
                     for (int h = 0; h < kv_mul; h++)
                         sc[gg * sstep + (size_t)h * n_keys + i] =
@@ -589,8 +567,8 @@ static void attention(struct kvr_engine *e) {
             int ke = e->row_pos[r0 + n_gemm - 1] + 1;
             for (int t = kb; t < ke; t++) {
                 float *kd = e->kc + (size_t)(t - kb) * kvd;
-                kv_load(s->pool->type, kd, kv_ptr(s, l, t, 0), kvd);
-                kv_load(s->pool->type, e->vc + (size_t)(t - kb) * kvd, kv_ptr(s, l, t, 1), kvd);
+                kv_values_to_f32(s->pool->type, kd, kv_ptr(s, l, t, 0), kvd);
+                kv_values_to_f32(s->pool->type, e->vc + (size_t)(t - kb) * kvd, kv_ptr(s, l, t, 1), kvd);
                 /* GEMM rows of a sink sequence are inside the first window: cache
                  * position == text position. */
                 if (s->policy.policy == KVR_KV_SINK)
