@@ -1068,6 +1068,30 @@ static int drain(struct coord_router *r, int *empty) {
     return cnt;
 }
 
+/* Runs q again from its prompt on another node (its tokens already streamed are skipped:
+ * a re-run is deterministic for the same seed), or fails it with why once it ran out of
+ * tries. The survivor drops its half of this attempt. It gets a fresh queue deadline:
+ * re-runs exist for long generations, which arrived long ago. */
+static void rerun_elsewhere(struct coord_router *r, struct creq *q, const char *why) {
+    if (q->attempt >= r->p.max_retries) {
+        finish_active(r, q, KVR_EUNAVAIL, COORD_FINISH_ERROR, why);
+        return;
+    }
+    active_remove(r, q);
+    abandon(r, q);
+    q->attempt++;
+    new_wire_id(q);
+    q->n_skip = q->n_sent;
+    q->n_seen = 0;
+    q->t_queued = now(r);
+    q->prefill_rank = q->decode_rank = -1;
+    r->cnt.reruns++;
+    KVR_LOG_WARN("req=%llu re-run (attempt %d) after %s; %d tokens already sent", (unsigned long long)q->id,
+                 q->attempt, why, q->n_sent);
+    if (waiting_push(r, q, 1) != KVR_OK)
+        finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
+}
+
 /* ---- new requests, cancels, dead nodes ------------------------------------------------------ */
 
 static void take_inbox(struct coord_router *r, int *did) {
@@ -1152,35 +1176,14 @@ static void node_died(struct coord_router *r, struct cnode *n, double silent) {
             pp = &c->next;
         }
     }
+    char why[MSG_LEN];
+    snprintf(why, sizeof why, "%s node rank %d died", kvr_role_name(n->role), n->rank);
     for (int i = 0; i < r->n_active;) {
         struct creq *q = r->active[i];
-        int hit = q->decode_rank == n->rank || (q->state == CR_PREFILL && q->prefill_rank == n->rank);
-        if (!hit) {
+        if (q->decode_rank == n->rank || (q->state == CR_PREFILL && q->prefill_rank == n->rank))
+            rerun_elsewhere(r, q, why); /* leaves active: active[i] is another request now */
+        else
             i++;
-            continue;
-        }
-        if (q->attempt >= r->p.max_retries) {
-            char msg[MSG_LEN];
-            snprintf(msg, sizeof msg, "%s node rank %d died", kvr_role_name(n->role), n->rank);
-            finish_active(r, q, KVR_EUNAVAIL, COORD_FINISH_ERROR, msg);
-            continue;
-        }
-        /* Run it again from the prompt; the survivor drops its half of this attempt, the
-         * tokens already streamed are skipped. It gets a fresh queue deadline: re-runs
-         * exist for long generations, which arrived long ago. */
-        active_remove(r, q);
-        abandon(r, q);
-        q->attempt++;
-        new_wire_id(q);
-        q->n_skip = q->n_sent;
-        q->n_seen = 0;
-        q->t_queued = now(r);
-        q->prefill_rank = q->decode_rank = -1;
-        r->cnt.reruns++;
-        KVR_LOG_WARN("req=%llu re-run (attempt %d) after rank %d died; %d tokens already sent",
-                     (unsigned long long)q->id, q->attempt, n->rank, q->n_sent);
-        if (waiting_push(r, q, 1) != KVR_OK)
-            finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
     }
     n->reserved_blocks = 0;
     n->inflight_tokens = 0;
@@ -1447,28 +1450,6 @@ static void begin_drain(struct coord_router *r, struct cnode *n, const char *rea
     n->phase = PH_DRAINING;
     n->t_drain = now(r);
     decided(r, "-1 (%s): draining rank %d (%lld blocks reserved)", reason, n->rank, (long long)n->reserved_blocks);
-}
-
-/* Runs q again from its prompt on another node (its tokens already streamed are skipped:
- * a re-run is deterministic for the same seed), or fails it once it ran out of tries. */
-static void rerun_elsewhere(struct coord_router *r, struct creq *q, const char *why) {
-    if (q->attempt >= r->p.max_retries) {
-        finish_active(r, q, KVR_EUNAVAIL, COORD_FINISH_ERROR, why);
-        return;
-    }
-    active_remove(r, q);
-    abandon(r, q);
-    q->attempt++;
-    new_wire_id(q);
-    q->n_skip = q->n_sent;
-    q->n_seen = 0;
-    q->t_queued = now(r);
-    q->prefill_rank = q->decode_rank = -1;
-    r->cnt.reruns++;
-    KVR_LOG_WARN("req=%llu re-run (attempt %d): %s; %d tokens already sent", (unsigned long long)q->id, q->attempt,
-                 why, q->n_sent);
-    if (waiting_push(r, q, 1) != KVR_OK)
-        finish(r, q, KVR_ENOMEM, COORD_FINISH_ERROR, "coordinator out of memory");
 }
 
 static int drain_progress(struct coord_router *r) {

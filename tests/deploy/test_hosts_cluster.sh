@@ -146,7 +146,7 @@ unplug-decode | unplug-prefill)
     wait $GS || { cat "$WORK/streams.log"; fail "streams lost when ${H[$VICTIM]} was unplugged"; }
     tail -n 1 "$WORK/streams.log"
     # Ranks follow the MPMD order: h1 is rank 0, hN rank N-1.
-    reruns=$(grep -c "re-run (attempt [0-9]*) after rank $((VICTIM - 1)) died" "$WORK/mpirun.log" || true)
+    reruns=$(grep -c "re-run (attempt [0-9]*) after [a-z]* node rank $((VICTIM - 1)) died" "$WORK/mpirun.log" || true)
     [ "$reruns" -gt 0 ] || fail "no request of ${H[$VICTIM]} (rank $((VICTIM - 1))) was re-run: the unplug hit nothing"
     echo "$reruns requests of ${H[$VICTIM]} re-run elsewhere"
     echo "every stream exact, $(elapsed "$t2") s after the unplug"
