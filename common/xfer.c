@@ -195,6 +195,26 @@ static int join_init(struct kvr_xfer *x, MPI_Comm parent, enum kvr_role role) {
 
 static int join_init(struct kvr_xfer *x, MPI_Comm parent, enum kvr_role role);
 
+/* The first message on a new intercommunicator: the side that connected says who it is
+ * (LINK_HELLO). KVR_EMPI when the receive fails, KVR_EFORMAT/KVR_EINVAL when it is not a
+ * well-formed LINK_HELLO. */
+static int recv_link_hello(MPI_Comm ic, struct kvr_link *l) {
+    unsigned char b[64 + KVR_PORT_MAX];
+    MPI_Status st;
+    int count = 0;
+    int rc = MPI_Recv(b, (int)sizeof b, MPI_BYTE, 0, KVR_TAG_CTRL, ic, &st);
+    if (rc != MPI_SUCCESS)
+        return mpi_fail(rc, "MPI_Recv(LINK_HELLO)");
+    MPI_Get_count(&st, MPI_BYTE, &count);
+    struct kvr_msg m = {.src = -1, .tag = KVR_TAG_CTRL};
+    rc = kvr_msg_parse_header(b, (size_t)count, &m);
+    if (rc == KVR_OK && m.kind != KVR_MSG_LINK_HELLO)
+        rc = KVR_EFORMAT;
+    if (rc == KVR_OK)
+        rc = kvr_msg_parse_link(&m, l);
+    return rc;
+}
+
 /* A node started as its own job (another mpirun, an sbatch): it opens a port, leaves the
  * port's name in join_dir for the coordinator to find, and accepts the coordinator's
  * connection (reverse join: the running coordinator never waits in an accept). Needs an
@@ -228,19 +248,8 @@ static int join_by_port(struct kvr_xfer *x, enum kvr_role role) {
         return mpi_fail(rc, "MPI_Comm_accept");
     MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
     /* The coordinator says who it is (LINK_HELLO), then JOIN_INFO as for a spawned node. */
-    unsigned char b[64 + KVR_PORT_MAX];
-    MPI_Status st;
-    int count = 0;
-    if ((rc = MPI_Recv(b, (int)sizeof b, MPI_BYTE, 0, KVR_TAG_CTRL, ic, &st)) != MPI_SUCCESS)
-        return mpi_fail(rc, "MPI_Recv(LINK_HELLO)");
-    MPI_Get_count(&st, MPI_BYTE, &count);
-    struct kvr_msg m = {.src = -1, .tag = KVR_TAG_CTRL};
     struct kvr_link l;
-    rc = kvr_msg_parse_header(b, (size_t)count, &m);
-    if (rc == KVR_OK && m.kind != KVR_MSG_LINK_HELLO)
-        rc = KVR_EFORMAT;
-    if (rc == KVR_OK)
-        rc = kvr_msg_parse_link(&m, &l);
+    rc = recv_link_hello(ic, &l);
     if (rc == KVR_OK && l.value != KVR_ROLE_COORD)
         rc = KVR_EINVAL;
     if (rc != KVR_OK) {
@@ -821,21 +830,8 @@ int kvr_xfer_accept(struct kvr_xfer *x, const char *port, int *peer_id) {
         return mpi_fail(rc, "MPI_Comm_accept");
     MPI_Comm_set_errhandler(ic, MPI_ERRORS_RETURN);
     /* The connecting side says who it is first. */
-    unsigned char b[64 + KVR_PORT_MAX];
-    MPI_Status st;
-    int count = 0;
-    if ((rc = MPI_Recv(b, (int)sizeof b, MPI_BYTE, 0, KVR_TAG_CTRL, ic, &st)) != MPI_SUCCESS) {
-        MPI_Comm_disconnect(&ic);
-        return mpi_fail(rc, "MPI_Recv(LINK_HELLO)");
-    }
-    MPI_Get_count(&st, MPI_BYTE, &count);
-    struct kvr_msg m = {.src = -1, .tag = KVR_TAG_CTRL};
     struct kvr_link l;
-    rc = kvr_msg_parse_header(b, (size_t)count, &m);
-    if (rc == KVR_OK && m.kind != KVR_MSG_LINK_HELLO)
-        rc = KVR_EFORMAT;
-    if (rc == KVR_OK)
-        rc = kvr_msg_parse_link(&m, &l);
+    rc = recv_link_hello(ic, &l);
     if (rc == KVR_OK && (l.peer == x->rank || (l.peer < x->size && x->peers[l.peer].own)))
         rc = KVR_EINVAL;
     if (rc != KVR_OK) {
