@@ -359,22 +359,4 @@ static void rows_avx512(enum kvr_dtype t, float *y, size_t ldy, const void *w, s
     }
 }
 
-const struct kvr_kernels kvr_kernels_avx512 = {
-    .name = "avx512",
-    .isa = KVR_ISA_AVX512,
-    .rows = rows_avx512,
-    .f32_rows_max_m = 1,
-    .f32_small = small_m,
-    .gemm_panel = gemm_panel,
-    .widen = gemm_widen,
-    .vdot = vdot,
-    .exp_shift_sum = exp_shift_sum,
-    .swiglu = swiglu,
-    .qk_run = qk_run,
-    .av_run = av_run,
-    .qk_run_h = qk_run_h,
-    .av_run_h = av_run_h,
-    .half_to_f32 = half_to_f32,
-    .prefetch_rows = prefetch_rows,
-    .sum_u64 = sum_u64,
-};
+KVR_KERNEL_TABLE(kvr_kernels_avx512, "avx512", KVR_ISA_AVX512, rows_avx512, 1);

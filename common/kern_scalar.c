@@ -23,22 +23,4 @@ static void rows_scalar(enum kvr_dtype t, float *y, size_t ldy, const void *w, s
     }
 }
 
-const struct kvr_kernels kvr_kernels_scalar = {
-    .name = "scalar",
-    .isa = KVR_ISA_SCALAR,
-    .rows = rows_scalar,
-    .f32_rows_max_m = 0,
-    .f32_small = small_m,
-    .gemm_panel = gemm_panel,
-    .widen = gemm_widen,
-    .vdot = vdot,
-    .exp_shift_sum = exp_shift_sum,
-    .swiglu = swiglu,
-    .qk_run = qk_run,
-    .av_run = av_run,
-    .qk_run_h = qk_run_h,
-    .av_run_h = av_run_h,
-    .half_to_f32 = half_to_f32,
-    .prefetch_rows = prefetch_rows,
-    .sum_u64 = sum_u64,
-};
+KVR_KERNEL_TABLE(kvr_kernels_scalar, "scalar", KVR_ISA_SCALAR, rows_scalar, 0);
