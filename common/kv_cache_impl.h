@@ -22,6 +22,7 @@ struct kvr_kv_pool {
     size_t elt;             /* bytes per element: 4 (f32) or 2 (f16, bf16) */
     size_t block_nelts;     /* n_layers * 2 * block_tokens * kv_dim */
     char *mem;              /* (n_blocks, n_layers, 2, block_tokens, kv_dim) of type */
+    size_t mem_nbytes;      /* of the mapping at mem (whole 2 MiB units) */
     int *free_stack;        /* (n_blocks) free block ids, top at n_free - 1 */
 };
 
