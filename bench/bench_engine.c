@@ -67,7 +67,7 @@ static const struct kvr_opt eng_opts[] = {
     {"threads", KVR_OPT_INT, offsetof(struct eng_cfg, threads), "0", 0, 1024, NULL, 0, "compute threads for ceilings and engine (0 = online CPUs)"},
     {"reps", KVR_OPT_INT, offsetof(struct eng_cfg, reps), "0", 0, 100, NULL, 0, "timed repetitions per measurement; the best is reported (0 = 3, --quick 1)"},
     {"models", KVR_OPT_STRING, offsetof(struct eng_cfg, models), NULL, 0, -1, NULL, 0, "comma-separated subset of 260k,110m,1.1b (default: all; --quick: 260k,110m)"},
-    {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "mmap", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages"},
+    {"weights", KVR_OPT_CHOICE, offsetof(struct eng_cfg, weights), "copy", 0, -1, KVR_WEIGHTS_CHOICES, 0, "how weights are held: mmap of the file, or a copy in huge pages (what a node alone on its host uses: --weights auto)"},
     {"bundled-model", KVR_OPT_STRING, offsetof(struct eng_cfg, bundled), KVR_SHARED_DIR "/models/stories260K.bin", 0, -1, NULL, 0, "model file measured as 260k: the bundled checkpoint, or any GGUF / llama2.c file"},
     {"kv-type", KVR_OPT_CHOICE, offsetof(struct eng_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type"},
     {"decode-only", KVR_OPT_FLAG, offsetof(struct eng_cfg, decode_only), "0", 0, -1, NULL, 0, "skip the prefill measurements (the decode template is still prefilled, untimed)"},
