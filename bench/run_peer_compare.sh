@@ -6,10 +6,12 @@
 # one is named and skipped.
 #
 # What runs, per round and per weight type (f32 f16 bf16 q8_0 by default), in turn:
-#   kvrelay bench engine --json    prefill 128/512, decode at batch 1/8/32 (context 128),
+#   kvrelay bench engine --json    prefill 128/512, decode at batch 1/8/32 (from position 128),
 #                                  and this run's read-bandwidth and sgemm ceilings
 #                                  (weights as its default: a copy in huge pages, what a
 #                                  node alone on its host runs with --weights auto)
+#   kvrelay bench engine --decode-only --decode-ctx 1 --reps 2
+#                                  batch-1 decode from position 1, as llama-bench's tg64
 #   llama-bench                    pp512 and tg64 (llama.cpp's own prompt / generation test),
 #                                  with its weights mmapped and not (-mmp 0,1): the better
 #                                  of the two is its number
@@ -94,6 +96,9 @@ for r in $(seq 1 "$ROUNDS"); do
             echo "round $r: $s $t: kvrelay" >&2
             "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 1 \
                 --threads "$THREADS" --json > "$OUT/kvr-$s-$t-$r.json"
+            echo "round $r: $s $t: kvrelay decode from position 1 (tg64's positions)" >&2
+            "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 2 --decode-only \
+                --decode-ctx 1 --threads "$THREADS" --json > "$OUT/kvs-$s-$t-$r.json"
             if [ $have_lcpp = 1 ]; then
                 echo "round $r: $s $t: llama-bench" >&2
                 "$LCPP/llama-bench" -m "$g" -p 512 -n 64 -t "$THREADS" -r 2 -mmp 0,1 -o json \
@@ -140,6 +145,14 @@ for f in sorted(glob.glob(os.path.join(out, "kvr-*.json"))):
             add((s, t, "kvr_tg_b%d" % x["batch"]), x["decode_tok_s"])
             if x["batch"] == 1: add((s, t, "kvr_bw_frac"), x["decode_bw_fraction"])
     add((s, t, "bw"), j["bw_gbs"])
+# Batch 1 from position 1 (two repetitions of 64 steps, the better): the positions of
+# llama-bench's tg64, which starts from an empty context.
+for f in sorted(glob.glob(os.path.join(out, "kvs-*.json"))):
+    s, t, r = re.match(r".*/kvs-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    for x in json.load(open(f))["results"]:
+        if x["phase"] == "decode" and x["batch"] == 1:
+            add((s, t, "kvr_tg_pos1"), x["decode_tok_s"])
+            add((s, t, "kvr_bw_frac_pos1"), x["decode_bw_fraction"])
 for f in sorted(glob.glob(os.path.join(out, "lb-*.json"))):
     s, t, r = re.match(r".*/lb-(.+?)-(.+)-(\d+)\.json$", f).groups()
     try: j = json.load(open(f))
@@ -177,17 +190,20 @@ def fmt(v, d=1): return "-" if v is None else ("%.*f" % (d, v))
 def ratio(a, b): return None if a is None or b is None or b == 0 else a / b
 print("# kvrelay vs llama.cpp vs llama2.c, medians of %d round(s); read-bandwidth ceiling per round: %s GB/s"
       % (max(1, len(bw_all) // max(1, len({(k[0], k[1]) for k in rows}))), ", ".join("%.1f" % b for b in bw_all)))
-print("| shape | type | kernel | kvr tg B=1 | llama.cpp tg | llama2.c tg | vs llama.cpp | vs llama2.c | ceiling fraction | kvr pp512 | llama.cpp pp512 | pp ratio | kvr B=32 | llama.cpp B=32 | B=32 ratio |")
-print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("kvr tg B=1: batch-1 decode from position 1 (llama-bench tg64's positions; llama2.c's run starts there too);")
+print("kvr tg B=1 @128: the same from position 128 (the engine benchmark's default). Ceiling fractions: both.")
+print("| shape | type | kernel | kvr tg B=1 | llama.cpp tg | llama2.c tg | vs llama.cpp | vs llama2.c | ceiling fraction | kvr tg B=1 @128 | fraction @128 | kvr pp512 | llama.cpp pp512 | pp ratio | kvr B=32 | llama.cpp B=32 | B=32 ratio |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+def pct(v): return "-" if v is None else "%.0f%%" % (100 * v)
 for (s, t) in sorted({(k[0], k[1]) for k in rows}):
-    kt, lt, ct = g(s, t, "kvr_tg_b1"), g(s, t, "lcpp_tg"), g(s, t, "l2c_tg")
+    kt, lt, ct = g(s, t, "kvr_tg_pos1"), g(s, t, "lcpp_tg"), g(s, t, "l2c_tg")
+    k128 = g(s, t, "kvr_tg_b1")
     kp, lp = g(s, t, "kvr_pp512"), g(s, t, "lcpp_pp512")
     k32, l32 = g(s, t, "kvr_tg_b32"), g(s, t, "lcpp_bb_b32")
-    fr = g(s, t, "kvr_bw_frac")
-    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
         s, t, g(s, t, "kernel") or "-", fmt(kt), fmt(lt), fmt(ct), fmt(ratio(kt, lt), 2), fmt(ratio(kt, ct), 2),
-        "-" if fr is None else "%.0f%%" % (100 * fr), fmt(kp), fmt(lp), fmt(ratio(kp, lp), 2),
-        fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
+        pct(g(s, t, "kvr_bw_frac_pos1")), fmt(k128), pct(g(s, t, "kvr_bw_frac")), fmt(kp), fmt(lp),
+        fmt(ratio(kp, lp), 2), fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
 print()
 print("| shape | type | kvr tg B=1 @2048 (f16 KV) | llama.cpp tg B=1 @2048 (f16 KV) | ratio |")
 print("| --- | --- | ---: | ---: | ---: |")
