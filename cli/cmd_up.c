@@ -264,6 +264,30 @@ static void remove_dir(const char *dir) {
     rmdir(dir);
 }
 
+/* Status directories that earlier runs left behind: a `kvrelay up` that was SIGKILLed
+ * (the one end that cannot remove its own) leaves <tmp>/kvrelay-up.<pid>.XXXXXX; each
+ * run removes those whose pid no longer exists. A live pid (or one of another user's,
+ * EPERM) is left alone; files it may not remove stay, as before. */
+static void sweep_stale_dirs(const char *tmp) {
+    DIR *d = opendir(tmp);
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        long pid = 0;
+        int end = 0;
+        if (sscanf(e->d_name, "kvrelay-up.%ld.%n", &pid, &end) != 1 || end == 0 || strlen(e->d_name + end) != 6 ||
+            pid <= 0 || (pid_t)pid == getpid())
+            continue;
+        if (kill((pid_t)pid, 0) == 0 || errno != ESRCH)
+            continue;
+        char path[4400];
+        snprintf(path, sizeof path, "%s/%s", tmp, e->d_name);
+        remove_dir(path);
+    }
+    closedir(d);
+}
+
 /* A client for the readiness probe: Health needs no token, but TLS needs a CA. */
 static int probe_client(const struct up_cfg *cfg, const char *addr, struct kvr_client **out) {
     struct kvr_client_opts o = {.tls = cfg->tls_cert != NULL,
@@ -354,7 +378,8 @@ int kvr_cmd_up(int argc, char **argv) {
     /* The guards record each rank's end here (see cli/guard.c). */
     const char *tmp = getenv("TMPDIR");
     char status_dir[4096];
-    snprintf(status_dir, sizeof status_dir, "%s/kvrelay-up.XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    sweep_stale_dirs(tmp && *tmp ? tmp : "/tmp");
+    snprintf(status_dir, sizeof status_dir, "%s/kvrelay-up.%ld.XXXXXX", tmp && *tmp ? tmp : "/tmp", (long)getpid());
     if (!mkdtemp(status_dir)) {
         fprintf(stderr, "kvrelay up: cannot create a directory in %s: %s\n",
                 tmp && *tmp ? tmp : "/tmp", strerror(errno));

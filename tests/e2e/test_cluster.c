@@ -53,6 +53,7 @@
  *   mismatch   a prefill node given the F16 file of the same model, a decode node at
  *              another --context, the coordinator at another --context: each time up
  *              exits 1 with the coordinator's reason and leaves no process behind. */
+#include <dirent.h>
 #include <errno.h>
 #include <strings.h>
 #include <pthread.h>
@@ -961,6 +962,23 @@ static void listeners(int port, int *n, int *n_loopback) {
     }
 }
 
+/* Status directories of the `kvrelay up` with this pid (kvrelay-up.<pid>.XXXXXX in
+ * TMPDIR or /tmp). */
+static int up_dirs_of(pid_t pid) {
+    const char *tmp = getenv("TMPDIR");
+    DIR *d = opendir(tmp && *tmp ? tmp : "/tmp");
+    if (!d)
+        return -1;
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "kvrelay-up.%ld.", (long)pid);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        n += !strncmp(e->d_name, prefix, strlen(prefix));
+    closedir(d);
+    return n;
+}
+
 static void scenario_launcher(void) {
     const char *args[] = {"--prefill", "1", "--decode", "1", NULL};
 
@@ -973,6 +991,7 @@ static void scenario_launcher(void) {
     listeners(cl.port, &n_listen, &n_loop);
     CHECK(n_listen >= 1);
     CHECK_EQ(n_loop, n_listen);
+    pid_t killed_up = cl.pid;
     kill(cl.pid, SIGKILL);
     CHECK_EQ(cluster_wait(&cl, 10), 128 + SIGKILL);
     int left = cluster_wait_gone(&cl, 20);
@@ -980,9 +999,13 @@ static void scenario_launcher(void) {
         fprintf(stderr, "launcher: %d processes outlived a SIGKILLed kvrelay up\n", left);
     CHECK_EQ(left, 0);
     cluster_stop(&cl, 5); /* forgets it (nothing left to stop) */
+    /* A SIGKILLed up cannot remove its status directory: the next up does. */
+    CHECK_EQ(up_dirs_of(killed_up), 1);
 
     /* 2. mpirun dies: its ranks go, and up reports a job that ended by itself. */
     REQUIRE(cluster_start(&cl, 120, args) == 0);
+    CHECK_EQ(up_dirs_of(killed_up), 0);
+    CHECK_EQ(up_dirs_of(cl.pid), 1);
     pid_t mpirun = mpirun_of_cluster();
     CHECK(mpirun > 0);
     if (mpirun > 0)
