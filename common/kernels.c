@@ -97,9 +97,13 @@ const char *kvr_isa_name(enum kvr_isa isa) {
     return "unknown";
 }
 
+/* The avx512 table as this CPU runs it: plus the BF16 prefill GEMM where the CPU has
+ * AVX512_BF16 (filled once, in choose). */
+static struct kvr_kernels avx512_here;
+
 static const struct kvr_kernels *table(enum kvr_isa isa) {
     switch (isa) {
-    case KVR_ISA_AVX512: return &kvr_kernels_avx512;
+    case KVR_ISA_AVX512: return &avx512_here;
     case KVR_ISA_AVX2: return &kvr_kernels_avx2;
     case KVR_ISA_SCALAR: return &kvr_kernels_scalar;
     }
@@ -108,6 +112,11 @@ static const struct kvr_kernels *table(enum kvr_isa isa) {
 
 static void choose(void) {
     detect();
+    avx512_here = kvr_kernels_avx512;
+    if (cpu.avx512bf16) {
+        avx512_here.gemm_pack_bf16 = kvr_gemm_pack_bf16;
+        avx512_here.gemm_panel_bf16 = kvr_gemm_panel_bf16_avx512;
+    }
     /* kvr_cpu_isa() calls kvr_kernels(): not from inside the once routine. */
     enum kvr_isa best = KVR_ISA_SCALAR;
     if (cpu.os_avx512 && cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512vnni &&

@@ -4,6 +4,8 @@
  * from its own source file with its own target flags:
  *
  *   avx512  AVX-512 F/BW/VL (+VNNI for Q8_0 products)    common/kern_avx512.c
+ *           + AVX512-BF16 where the CPU has it: the BF16 prefill GEMM
+ *                                                         common/kern_avx512bf16.c
  *   avx2    AVX2 + FMA + F16C                             common/kern_avx2.c
  *   scalar  portable C, any CPU                           common/kern_scalar.c
  *
@@ -57,6 +59,21 @@ struct kvr_kernels {
      * row or column position; for beta 0 or 1. */
     void (*gemm_panel)(float *y, size_t ldy, const float *x, size_t ldx, int m, const float *wp, int n,
                        int k, float beta);
+    /* The prefill GEMM over BF16 weights with AVX512-BF16 dot products (vdpbf16ps), or
+     * NULL (both) where the CPU lacks AVX512_BF16 or another variant runs: kernels.c sets
+     * them at selection time, only in the avx512 table (common/kern_avx512bf16.c).
+     * gemm_pack_bf16 packs n <= KVR_GEMM_NR BF16 weight rows (k values each, wstride bytes
+     * apart) into wp: (k + 1) / 2 k-pairs, each KVR_GEMM_NR 32-bit words, word j =
+     * (w_j[2p] low half, w_j[2p + 1] high half; 0 past an odd k's end and for columns
+     * j >= n); wp 64-byte aligned. gemm_panel_bf16 then gives, for i < m, j < n,
+     *   y[i * ldy + j] = sum over k-pairs of x[i][2p] w_j[2p] + x[i][2p+1] w_j[2p+1]
+     *                    (+ beta * old y when beta != 0)
+     * with x bf16 rows (kvr_act_convert_row's BF16 rows) ldx elements apart: one
+     * vdpbf16ps step per k-pair in order from 0 (exact products, denormals flushed): other
+     * bits than gemm_panel's chain, but the same at any m, row or column position. */
+    void (*gemm_pack_bf16)(uint32_t *wp, const void *w, size_t wstride, int n, int k);
+    void (*gemm_panel_bf16)(float *y, size_t ldy, const uint16_t *x, size_t ldx, int m, const uint32_t *wp,
+                            int n, int k, float beta);
     /* One row of n values of type t (any of quant.h's four, or a dot type) widened to
      * f32 exactly, as kvr_dequantize_row: the prefill GEMM's inputs. */
     void (*widen)(enum kvr_dtype t, const void *src, float *dst, int n);
@@ -106,5 +123,9 @@ const char *kvr_cpu_features(void);
 extern const struct kvr_kernels kvr_kernels_scalar;
 extern const struct kvr_kernels kvr_kernels_avx2;
 extern const struct kvr_kernels kvr_kernels_avx512;
+/* kern_avx512bf16.c: the gemm_*_bf16 pair; call only where the CPU has AVX512_BF16. */
+void kvr_gemm_pack_bf16(uint32_t *wp, const void *w, size_t wstride, int n, int k);
+void kvr_gemm_panel_bf16_avx512(float *y, size_t ldy, const uint16_t *x, size_t ldx, int m, const uint32_t *wp,
+                                int n, int k, float beta);
 
 #endif /* KVR_KERNELS_H */

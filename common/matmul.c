@@ -106,7 +106,8 @@ void kvr_matmul_act_prepare_rows(struct kvr_threadpool *tp, struct kvr_matmul_ws
     struct prep_job j = {.K = kvr_kernels(), .x = x, .xc = (char *)ws->slot[slot], .prompt_rows = prompt_rows,
                          .type = type, .m = m, .k = k,
                          .xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k)};
-    if (prompt_rows) {
+    /* BF16 on the AVX512-BF16 GEMM reads the bf16 rows themselves: no f32 copy. */
+    if (prompt_rows && !(type == KVR_DTYPE_BF16 && j.K->gemm_panel_bf16)) {
         size_t need = (size_t)m * (size_t)k;
         if (need > ws->wide_nfloats[slot]) {
             free(ws->wide[slot]);
@@ -161,13 +162,28 @@ static float *panel_get(size_t nfloats) {
  * rows the per-value path uses, already rounded to the weights' dot type (xc: F16, BF16
  * or Q8_0 blocks, as llama.cpp rounds them), widened back to f32 exactly; the weights,
  * KVR_GEMM_NR rows at a time, dequantized exactly (F16/BF16 widen, Q8_0's d x q fits
- * f32) into a k-major panel; then the kernel over all m rows. 0, or -1 when no buffer
- * could be allocated. */
+ * f32) into a k-major panel; then the kernel over all m rows. BF16 weights where the
+ * kernels have AVX512-BF16 (K->gemm_panel_bf16): the bf16 rows xc as they are, the
+ * weights packed as bf16 pairs, vdpbf16ps (kernels.h). xf: the f32 rows (F32 weights, or
+ * the widened copy) or NULL. 0, or -1 when no buffer could be allocated. */
 static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const float *xf, const void *xc, size_t xs,
                        int m, int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
+    if (w->type == KVR_DTYPE_BF16 && K->gemm_panel_bf16) {
+        /* AVX512-BF16: the bf16 rows as they are against a panel of bf16 pairs. */
+        size_t pw = (size_t)KVR_GEMM_NR * (size_t)((k + 1) / 2);
+        uint32_t *wp = (uint32_t *)panel_get((pw * sizeof(uint32_t) + sizeof(float) - 1) / sizeof(float));
+        if (!wp)
+            return -1;
+        for (int j0 = n0; j0 < n1; j0 += KVR_GEMM_NR) {
+            int nn = n1 - j0 < KVR_GEMM_NR ? n1 - j0 : KVR_GEMM_NR;
+            K->gemm_pack_bf16(wp, (const char *)w->data + (size_t)j0 * w->row_nbytes, w->row_nbytes, nn, k);
+            K->gemm_panel_bf16(y + j0, (size_t)ldy, xc, xs / sizeof(uint16_t), m, wp, nn, k, beta);
+        }
+        return 0;
+    }
     size_t pn = (size_t)KVR_GEMM_NR * (size_t)k;
-    /* F32 weights: x as it is; else the rows widened once per product, if there. */
-    int f32 = w->type == KVR_DTYPE_F32 || xc == NULL;
+    /* F32 weights, or rows already widened: xf as it is; else xc's rows widened here. */
+    int f32 = xf != NULL;
     float *panel = panel_get(pn + (size_t)k + (f32 ? 0 : (size_t)m * (size_t)k));
     if (!panel)
         return -1;
@@ -236,8 +252,12 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
         int g = a->prompt_rows[i] != 0, e = i + 1;
         while (e < m && (a->prompt_rows[e] != 0) == g)
             e++;
-        const char *xci = w->type == KVR_DTYPE_F32 || a->xw ? NULL : (const char *)a->xc + (size_t)i * xs;
-        const float *xf = (w->type == KVR_DTYPE_F32 ? a->x : a->xw) + (size_t)i * (size_t)k;
+        /* The converted rows (NULL for F32) and the f32 ones if there (F32: x itself;
+         * else the widened copy, absent for BF16 on AVX512-BF16 or when the copy could
+         * not be allocated: prompt_gemm widens or reads xc then). */
+        const char *xci = w->type == KVR_DTYPE_F32 ? NULL : (const char *)a->xc + (size_t)i * xs;
+        const float *xf0 = w->type == KVR_DTYPE_F32 ? a->x : a->xw;
+        const float *xf = xf0 ? xf0 + (size_t)i * (size_t)k : NULL;
         if (!g || prompt_gemm(K, y + (size_t)i * (size_t)ldy, ldy, xf, xci, xs, e - i, k, w, n0, n1, beta) != 0)
             slice_plain(K, y, ldy, a, w, n0, n1, beta, i, e - i);
         i = e;

@@ -24,3 +24,9 @@ add_test(NAME kernels_bad_name
                  --tokenizer ${KVR_SHARED_DIR}/models/tok512.bin --temperature 0 --steps 4 --verbose)
 set_tests_properties(kernels_bad_name PROPERTIES TIMEOUT 60 LABELS "engine;kernels"
                      ENVIRONMENT "KVR_KERNEL=avx9" PASS_REGULAR_EXPRESSION "KVR_KERNEL=avx9: not one of avx512, avx2, scalar")
+
+# The kernels' products once more under KVR_KERNEL=avx2: there the engine must not take the
+# AVX512-BF16 prefill GEMM (test_gemm_bf16 checks the table), and BF16 prompt rows through
+# kvr_matmul must be the f32 fused multiply-add chain again (test_prompt_gemm).
+add_test(NAME test_quant_avx2 COMMAND test_quant)
+set_tests_properties(test_quant_avx2 PROPERTIES TIMEOUT 60 LABELS "gguf;kernels" ENVIRONMENT "KVR_KERNEL=avx2")

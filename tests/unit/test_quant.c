@@ -8,7 +8,10 @@
  *    1e-11), and with the exact activations (the convention's own error: NMSE per type);
  *  - kvr_matmul for each type, few rows and many, one thread and two, with beta, against
  *    the double reference; for non-F32 weights, slices and batches that change no bit;
- *    kvr_matmul_multi sharing one conversion across ops of mixed types.
+ *    kvr_matmul_multi sharing one conversion across ops of mixed types;
+ *  - the prefill GEMM: every variant's f32 panel kernel against the fmaf chain, and the
+ *    AVX512-BF16 one (where the CPU has it; said when skipped) against the double
+ *    reference of its bf16 inputs, bit-identical at any m, row or column place.
  * Weights are decoded for the references by ref_dequant_row (tests/unit/ref_forward.c),
  * written apart from quant.c. */
 #include <math.h>
@@ -463,6 +466,152 @@ static void test_rows(void) {
     CHECK_EQ(kvr_dtype_row_nbytes(KVR_DTYPE_F16, 172), 344);
 }
 
+/* ---- the BF16 prefill GEMM on AVX512-BF16 (kernels.h gemm_panel_bf16) ------------------------ */
+
+/* Columns c0 .. c0+nn-1 of an (n, k) bf16 matrix as kernels.h describes the panel: per
+ * k-pair p, KVR_GEMM_NR words (w[j][2p] | w[j][2p+1] << 16), zeros past an odd k's end and
+ * past nn. Written here apart from the kernels' own packing. */
+static void pack_bf16_pairs(uint32_t *wp, const uint16_t *w, int k, int c0, int nn) {
+    for (int p = 0; p < (k + 1) / 2; p++)
+        for (int j = 0; j < KVR_GEMM_NR; j++) {
+            uint32_t lo = 0, hi = 0;
+            if (j < nn) {
+                lo = w[(size_t)(c0 + j) * k + 2 * (size_t)p];
+                hi = 2 * p + 1 < k ? w[(size_t)(c0 + j) * k + 2 * (size_t)p + 1] : 0;
+            }
+            wp[(size_t)p * KVR_GEMM_NR + j] = lo | hi << 16;
+        }
+}
+
+static double bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y[i][j] (i < m, j < n, ldy = n) by the kernel, panel by panel, from bf16 x (m, k) and w (n, k). */
+static void gemm_bf16_all(const struct kvr_kernels *K, float *y, const uint16_t *x, int m, const uint16_t *w, int n,
+                          int k, uint32_t *wp, float beta) {
+    for (int c0 = 0; c0 < n; c0 += KVR_GEMM_NR) {
+        int nn = n - c0 < KVR_GEMM_NR ? n - c0 : KVR_GEMM_NR;
+        pack_bf16_pairs(wp, w, k, c0, nn);
+        K->gemm_panel_bf16(y + c0, (size_t)n, x, (size_t)k, m, wp, nn, k, beta);
+    }
+}
+
+/* gemm_pack_bf16 packs as kernels.h says; gemm_panel_bf16 agrees with a double-precision
+ * recomputation from the same bf16 inputs within the rounding of k/2 pair steps (two
+ * roundings each, of partial sums at most sum |x w|; plus denormal products flushed), and
+ * a value depends on nothing but its two rows: the same bits for any m, any place of the
+ * row in the 12-row blocks, any place of the column in the panel; beta 1 adds the old
+ * value after. Only the avx512 variant has it, and only on a CPU with AVX512_BF16. */
+static void test_gemm_bf16(void) {
+    for (int isa = KVR_ISA_SCALAR; isa < KVR_ISA_AVX512; isa++) {
+        const struct kvr_kernels *K = kvr_kernels_get((enum kvr_isa)isa);
+        CHECK(!K || (!K->gemm_panel_bf16 && !K->gemm_pack_bf16));
+    }
+    const char *forced = getenv("KVR_KERNEL");
+    if (forced && (strcmp(forced, "avx2") == 0 || strcmp(forced, "scalar") == 0))
+        CHECK(kvr_kernels()->gemm_panel_bf16 == NULL); /* the f32 GEMM runs */
+    const struct kvr_kernels *K = kvr_kernels_get(KVR_ISA_AVX512);
+    if (!K || !K->gemm_panel_bf16) {
+        fprintf(stderr, "test_gemm_bf16: SKIPPED: this CPU lacks AVX512_BF16 (has: %s); the BF16 prefill "
+                "GEMM is not used here\n", kvr_cpu_features()[0] ? kvr_cpu_features() : "no vector extensions");
+        return;
+    }
+    enum { M = 14, N = 45 };
+    const int ks[] = {2, 33, 768, 1025};
+    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
+        int k = ks[ki], kpad = (k + 1) / 2;
+        uint16_t *w = malloc((size_t)N * k * sizeof *w), *x = malloc((size_t)M * k * sizeof *x);
+        uint16_t *xrev = malloc((size_t)M * k * sizeof *xrev);
+        float *xf = malloc((size_t)k * sizeof *xf), *y = malloc((size_t)M * N * sizeof *y);
+        float *y2 = malloc((size_t)M * N * sizeof *y2);
+        uint32_t *wp = aligned_alloc(64, (size_t)KVR_GEMM_NR * kpad * 4 + 64);
+        uint32_t *wq = aligned_alloc(64, (size_t)KVR_GEMM_NR * kpad * 4 + 64);
+        REQUIRE(w && x && xrev && xf && y && y2 && wp && wq);
+        for (int i = 0; i < N * k; i++)
+            w[i] = kvr_f32_to_bf16(frand(0.05f));
+        for (int i = 0; i < M; i++) {
+            for (int t = 0; t < k; t++)
+                xf[t] = frand(1.0f);
+            if (i == 3)
+                xf[0] = 1e-39f; /* a denormal: flushed by the instruction */
+            kvr_act_convert_row(KVR_DTYPE_BF16, xf, x + (size_t)i * k, k);
+        }
+        for (int i = 0; i < M; i++)
+            memcpy(xrev + (size_t)i * k, x + (size_t)(M - 1 - i) * k, (size_t)k * sizeof *x);
+        /* The kernels' packing, a full panel and a short one (5 columns at 40). */
+        for (int c0 = 0; c0 < N; c0 += 40) {
+            int nn = N - c0 < KVR_GEMM_NR ? N - c0 : KVR_GEMM_NR;
+            K->gemm_pack_bf16(wp, w + (size_t)c0 * k, (size_t)k * 2, nn, k);
+            pack_bf16_pairs(wq, w, k, c0, nn);
+            CHECK(memcmp(wp, wq, (size_t)KVR_GEMM_NR * kpad * 4) == 0);
+        }
+        /* Against the double recomputation. */
+        gemm_bf16_all(K, y, x, M, w, N, k, wp, 0.0f);
+        int near = 1;
+        double worst = 0;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                double d = 0, a = 0;
+                for (int t = 0; t < k; t++) {
+                    double pr = bf16_value(x[(size_t)i * k + t]) * bf16_value(w[(size_t)j * k + t]);
+                    d += pr;
+                    a += fabs(pr);
+                }
+                double err = fabs((double)y[(size_t)i * N + j] - d);
+                double tol = (double)(k + 2) * 0x1p-24 * a + (double)k * 0x1p-126;
+                if (!(err <= tol)) {
+                    if (near)
+                        fprintf(stderr, "  gemm_panel_bf16 k=%d y[%d][%d] = %.9g, double %.9g, tolerance %.3g\n", k,
+                                i, j, (double)y[(size_t)i * N + j], d, tol);
+                    near = 0;
+                }
+                if (a > 0 && err / a > worst)
+                    worst = err / a;
+            }
+        CHECK(near);
+        /* Any m: each run of rows from the first, 1 .. M. */
+        int same_m = 1;
+        for (int m = 1; m <= M; m++) {
+            gemm_bf16_all(K, y2, x, m, w, N, k, wp, 0.0f);
+            same_m &= memcmp(y2, y, (size_t)m * N * sizeof *y) == 0;
+        }
+        CHECK(same_m);
+        /* The rows in reverse order: every row at another place of its block. */
+        gemm_bf16_all(K, y2, xrev, M, w, N, k, wp, 0.0f);
+        int same_place = 1;
+        for (int i = 0; i < M; i++)
+            same_place &= memcmp(y2 + (size_t)i * N, y + (size_t)(M - 1 - i) * N, N * sizeof *y) == 0;
+        CHECK(same_place);
+        /* Columns 7 .. 38 as one panel: each column at another place in it. */
+        pack_bf16_pairs(wp, w, k, 7, KVR_GEMM_NR);
+        K->gemm_panel_bf16(y2, N, x, (size_t)k, M, wp, KVR_GEMM_NR, k, 0.0f);
+        int same_col = 1;
+        for (int i = 0; i < M; i++)
+            same_col &= memcmp(y2 + (size_t)i * N, y + (size_t)i * N + 7, KVR_GEMM_NR * sizeof *y) == 0;
+        CHECK(same_col);
+        /* beta 1: the value, then + old; columns past n untouched. */
+        for (int i = 0; i < M * N; i++)
+            y2[i] = 0.5f;
+        pack_bf16_pairs(wp, w, k, 0, 20);
+        K->gemm_panel_bf16(y2, N, x, (size_t)k, M, wp, 20, k, 1.0f);
+        int beta_ok = 1;
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float v = j < 20 ? y[(size_t)i * N + j] + 0.5f : 0.5f;
+                beta_ok &= memcmp(&v, y2 + (size_t)i * N + j, sizeof v) == 0;
+            }
+        CHECK(beta_ok);
+        fprintf(stderr, "test_gemm_bf16 k=%d: worst error / sum|x w| %.2e (bound %.2e), same bits at any m, "
+                "row or column place: %s\n", k, worst, (double)(k + 2) * 0x1p-24,
+                same_m && same_place && same_col ? "yes" : "NO");
+        free(w), free(x), free(xrev), free(xf), free(y), free(y2), free(wp), free(wq);
+    }
+}
+
 /* The prefill GEMM path (matmul.h prompt_rows): every variant's gemm_panel and the
  * product through kvr_matmul_slice / the pool give, for a prompt row, exactly the fused
  * multiply-add chain over the exactly dequantized weight row in k order (recomputed here
@@ -554,6 +703,19 @@ static void test_prompt_gemm(struct kvr_threadpool *tp) {
                     }
                 }
             }
+            /* BF16 where the engine runs the AVX512-BF16 GEMM: marked rows are that
+             * kernel's value of the row alone (test_gemm_bf16 checks it), not the chain. */
+            const struct kvr_kernels *Kc = kvr_kernels();
+            if (t == KVR_DTYPE_BF16 && Kc->gemm_panel_bf16) {
+                uint32_t *pairs = aligned_alloc(64, (size_t)KVR_GEMM_NR * ((k + 1) / 2) * 4 + 64);
+                REQUIRE(pairs);
+                const uint16_t *xb = (const uint16_t *)(const void *)xc;
+                for (int i = 0; i < M; i++) {
+                    kvr_act_convert_row(t, x + (size_t)i * k, xc, k);
+                    gemm_bf16_all(Kc, want + (size_t)i * N, xb, 1, wt.data, N, k, pairs, 0.0f);
+                }
+                free(pairs);
+            }
             /* Through the matmul: marked rows = the chain (beta 1 adds the old value
              * after), unmarked = the per-value product alone; slices and pool alike. */
             for (int b = 0; b < 2; b++) {
@@ -603,6 +765,7 @@ int main(void) {
     test_variants();
     test_rows();
     test_matmul(tp);
+    test_gemm_bf16();
     test_prompt_gemm(tp);
     kvr_threadpool_free(tp);
     CHECK_DONE();
