@@ -62,10 +62,13 @@ struct kvr_matmul_act {
     int m, k;
     /* Per row (m bytes), or NULL for none: nonzero marks a prompt row, which the product
      * computes on the prefill GEMM path (weights dequantized exactly to f32 in panels,
-     * f32 activations; kernels.h gemm_panel) instead of the per-value kernel. Either way
-     * a value depends only on its weight row, its activation row and the row's mark. */
+     * f32 activations; kernels.h gemm_panel; BF16 on AVX512-BF16: bf16 pairs,
+     * gemm_panel_bf16) instead of the per-value kernel. Either way a value depends only
+     * on its weight row, its activation row and the row's mark (and, for that BF16 path,
+     * on whether the CPU has AVX512_BF16). */
     const unsigned char *prompt_rows;
-    const float *xw; /* prompt rows of xc widened back to f32 (row i at xw + i * k), or NULL */
+    const float *xw; /* prompt rows of xc widened back to f32 (row i at xw + i * k), or NULL
+                      * (also for BF16 on AVX512-BF16, whose GEMM reads xc) */
 };
 
 /* Fills *a for x (m, k) and weights of type; converts into ws slot `slot` unless type is
