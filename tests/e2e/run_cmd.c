@@ -58,9 +58,12 @@ int run_cmd(char *const argv[], int timeout_s, struct cmd_result *r) {
         fprintf(stderr, "run_cmd: cannot create capture files: %s\n", strerror(errno));
         goto out;
     }
+    /* The product's own variables stay out of the child (a test sets what it means to),
+     * except the kernel choice: a test run under KVR_KERNEL compares its in-process
+     * engine with the commands it runs, which must use the same kernels. */
     size_t k = 0;
     for (size_t i = 0; i < n_env; i++)
-        if (strncmp(environ[i], "KVR_", 4) != 0)
+        if (strncmp(environ[i], "KVR_", 4) != 0 || strncmp(environ[i], "KVR_KERNEL=", 11) == 0)
             env[k++] = environ[i];
     env[k] = NULL;
     if (posix_spawn_file_actions_init(&fa) != 0)
