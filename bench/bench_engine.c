@@ -3,7 +3,6 @@
  * machine's ceilings measured in the same run (read bandwidth over a buffer far larger
  * than the caches, cblas_sgemm GFLOP/s at 2048^3), both on all the threads it is given.
  * Reports numbers (a table, or one JSON object with --json); asserts nothing. */
-#define _DEFAULT_SOURCE /* madvise(MADV_HUGEPAGE), MAP_ANONYMOUS */
 
 #include <errno.h>
 #include <stddef.h>
@@ -11,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +19,7 @@
 #include "bench.h"
 #include "cli.h"
 #include "clock.h"
+#include "hugemem.h"
 #include "json.h"
 #include "kernels.h"
 #include "kv_cache.h"
@@ -213,15 +212,13 @@ static void bw_task(void *arg, int task, int thread) {
 
 /* Best read bandwidth (GB/s) over reps passes of a buffer of nbytes on tp's threads. */
 static double measure_bw(struct kvr_threadpool *tp, size_t nbytes, int reps) {
-    void *mem = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) {
+    /* The machine's best case: huge pages keep TLB misses out of the stream. */
+    size_t len = 0;
+    void *mem = kvr_huge_alloc(nbytes, &len);
+    if (!mem) {
         KVR_LOG_ERROR("cannot map %zu bytes: %s", nbytes, strerror(errno));
         return 0.0;
     }
-#ifdef MADV_HUGEPAGE
-    /* The machine's best case: huge pages keep TLB misses out of the stream. */
-    madvise(mem, nbytes, MADV_HUGEPAGE);
-#endif
     memset(mem, 1, nbytes);
     struct bw_job *j = calloc(1, sizeof *j);
     double bw = 0.0;
@@ -244,7 +241,7 @@ static double measure_bw(struct kvr_threadpool *tp, size_t nbytes, int reps) {
             KVR_LOG_WARN("bandwidth buffer checksum mismatch (%llu)", (unsigned long long)total);
         free(j);
     }
-    munmap(mem, nbytes);
+    kvr_huge_free(mem, len);
     return bw;
 }
 

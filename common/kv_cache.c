@@ -1,8 +1,6 @@
 /* kv_cache.c - block pool, per-sequence block tables, policy eviction (kv_cache.h).
  * Owns all block memory of a node; the forward pass reads slots through
  * kv_cache_impl.h, the decode node's scheduler and the prefill node own sequences. */
-/* MADV_HUGEPAGE is a Linux extension beyond POSIX. */
-#define _DEFAULT_SOURCE
 #include "kv_cache_impl.h"
 
 #include <errno.h>
@@ -10,9 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <sys/mman.h>
-
 #include "half.h"
+#include "hugemem.h"
 #include "log.h"
 #include "status.h"
 
@@ -112,13 +109,12 @@ uint64_t kvr_kv_token_nbytes_type(enum kvr_kv_type type, int n_layers, int kv_di
     return 2ull * (uint64_t)n_layers * (uint64_t)kv_dim * (uint64_t)kvr_kv_type_nbytes(type);
 }
 
-/* Block memory: anonymous memory in whole 2 MiB units, backed by transparent huge pages
- * where the kernel allows. Every decode step writes each sequence's new slot and reads its
- * whole context; in 4 KiB pages a fresh position costs a page fault per 4 KiB (measured
- * on the 110M F32 model at batch 1: 0.38-0.44 ms of a 10-14 ms step went to the two
- * stores of the new slot, 0.03-0.05 ms in huge pages) and attention a TLB miss per 4 KiB
- * of context. Untouched pages cost nothing until a sequence first reaches them. Under
- * AddressSanitizer the heap instead, so that an access past the pool is still caught. */
+/* Block memory: huge-page memory (hugemem.h). Every decode step writes each sequence's
+ * new slot and reads its whole context; in 4 KiB pages a fresh position costs a page fault
+ * per 4 KiB (measured on the 110M F32 model at batch 1: 0.38-0.44 ms of a 10-14 ms step
+ * went to the two stores of the new slot, 0.03-0.05 ms in huge pages) and attention a TLB
+ * miss per 4 KiB of context. Under AddressSanitizer the heap instead, so that an access
+ * past the pool is still caught (-DKV_POOL_HEAP=1 forces it, for comparisons). */
 #if defined(__SANITIZE_ADDRESS__)
 #define KV_POOL_HEAP 1
 #elif defined(__has_feature)
@@ -161,16 +157,7 @@ int kvr_kv_pool_create(const struct kvr_kv_pool_params *p, struct kvr_kv_pool **
 #if KV_POOL_HEAP
     pool->mem = aligned_alloc(64, (total + 63) & ~(size_t)63);
 #else
-    size_t huge = (size_t)2 << 20;
-    size_t len = (total + huge - 1) / huge * huge;
-    void *mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem != MAP_FAILED) {
-        pool->mem = mem;
-        pool->mem_nbytes = len;
-#ifdef MADV_HUGEPAGE
-        madvise(mem, len, MADV_HUGEPAGE);
-#endif
-    }
+    pool->mem = kvr_huge_alloc(total, &pool->mem_nbytes);
 #endif
     pool->free_stack = malloc((size_t)n_blocks * sizeof *pool->free_stack);
     if (!pool->mem || !pool->free_stack) {
@@ -194,8 +181,7 @@ void kvr_kv_pool_free(struct kvr_kv_pool *pool) {
 #if KV_POOL_HEAP
     free(pool->mem);
 #else
-    if (pool->mem)
-        munmap(pool->mem, pool->mem_nbytes);
+    kvr_huge_free(pool->mem, pool->mem_nbytes);
 #endif
     free(pool->free_stack);
     free(pool);

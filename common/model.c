@@ -2,7 +2,7 @@
  * header, GGUF files (`llama` architecture) against their metadata through gguf.c; writes
  * synthetic llama2.c checkpoints for benchmarks. Owns the mapping (or the private copy of
  * the weights) and the per-layer views; every role calls it. */
-/* MADV_HUGEPAGE is a Linux extension beyond POSIX. */
+/* The declarations sys/mman.h and unistd.h give beyond strict POSIX. */
 #define _DEFAULT_SOURCE
 #include "model.h"
 
@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "gguf.h"
+#include "hugemem.h"
 #include "log.h"
 #include "status.h"
 #include "tokenizer.h"
@@ -495,31 +496,24 @@ static int gguf_views(struct kvr_model *m) {
 
 /* ---- loading -------------------------------------------------------------------------- */
 
-/* Copies the weights (the file from data_off) into anonymous memory aligned to 2 MiB and
- * backed by transparent huge pages where the kernel allows: decode streams every weight
- * each step, and in 4 KiB page-cache pages it pays a TLB miss and a prefetcher restart
- * every 4 KiB, on rows that start 28 bytes off alignment (llama2.c files). */
+/* Copies the weights (the file from data_off) into huge-page memory (hugemem.h): decode
+ * streams every weight each step, and in 4 KiB page-cache pages it pays a TLB miss and a
+ * prefetcher restart every 4 KiB, on rows that start 28 bytes off alignment (llama2.c
+ * files). */
 static int copy_weights(struct kvr_model *m, int fd, size_t fsize) {
-    size_t n = fsize - m->data_off;
-    size_t huge = (size_t)2 << 20;
-    size_t len = (n + huge - 1) / huge * huge;
-    if (len == 0)
-        len = huge;
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-        KVR_LOG_ERROR("cannot allocate %zu bytes for the weights of '%s': %s", len, m->path, strerror(errno));
+    size_t n = fsize - m->data_off, len = 0;
+    void *p = kvr_huge_alloc(n, &len);
+    if (!p) {
+        KVR_LOG_ERROR("cannot allocate %zu bytes for the weights of '%s': %s", n, m->path, strerror(errno));
         return KVR_ENOMEM;
     }
-#ifdef MADV_HUGEPAGE
-    madvise(p, len, MADV_HUGEPAGE);
-#endif
     size_t done = 0;
     while (done < n) {
         ssize_t k = pread(fd, (char *)p + done, n - done > ((size_t)1 << 30) ? (size_t)1 << 30 : n - done,
                           (off_t)(m->data_off + done));
         if (k <= 0) {
             KVR_LOG_ERROR("cannot read the weights of '%s': %s", m->path, k < 0 ? strerror(errno) : "short file");
-            munmap(p, len);
+            kvr_huge_free(p, len);
             return KVR_EIO;
         }
         done += (size_t)k;
@@ -745,8 +739,7 @@ void kvr_model_free(struct kvr_model *m) {
     kvr_gguf_free(m->gguf);
     if (m->map_owned && m->file)
         munmap((void *)(uintptr_t)m->file, m->file_nbytes);
-    if (m->copy)
-        munmap(m->copy, m->copy_nbytes);
+    kvr_huge_free(m->copy, m->copy_nbytes);
     free(m->w.layers);
     free(m->path);
     free(m);
