@@ -70,6 +70,12 @@ static int ws_fits(const struct kvr_matmul_ws *ws, int slot, int m, int k) {
            (size_t)m * (size_t)k <= ws->slot_nfloats[slot];
 }
 
+/* Whether prompt rows over weights of type t take the AVX512-BF16 GEMM (kernels.h
+ * gemm_panel_bf16), which reads the bf16 rows themselves: they get no widened copy. */
+static int bf16_gemm(const struct kvr_kernels *K, enum kvr_dtype t) {
+    return t == KVR_DTYPE_BF16 && K->gemm_panel_bf16 != NULL;
+}
+
 struct prep_job {
     const struct kvr_kernels *K;
     const float *x;
@@ -106,8 +112,7 @@ void kvr_matmul_act_prepare_rows(struct kvr_threadpool *tp, struct kvr_matmul_ws
     struct prep_job j = {.K = kvr_kernels(), .x = x, .xc = (char *)ws->slot[slot], .prompt_rows = prompt_rows,
                          .type = type, .m = m, .k = k,
                          .xb = kvr_dtype_row_nbytes(kvr_dtype_dot(type), k)};
-    /* BF16 on the AVX512-BF16 GEMM reads the bf16 rows themselves: no f32 copy. */
-    if (prompt_rows && !(type == KVR_DTYPE_BF16 && j.K->gemm_panel_bf16)) {
+    if (prompt_rows && !bf16_gemm(j.K, type)) {
         size_t need = (size_t)m * (size_t)k;
         if (need > ws->wide_nfloats[slot]) {
             free(ws->wide[slot]);
@@ -168,7 +173,7 @@ static float *panel_get(size_t nfloats) {
  * the widened copy) or NULL. 0, or -1 when no buffer could be allocated. */
 static int prompt_gemm(const struct kvr_kernels *K, float *y, int ldy, const float *xf, const void *xc, size_t xs,
                        int m, int k, const struct kvr_tensor *w, int n0, int n1, float beta) {
-    if (w->type == KVR_DTYPE_BF16 && K->gemm_panel_bf16) {
+    if (bf16_gemm(K, w->type)) {
         /* AVX512-BF16: the bf16 rows as they are against a panel of bf16 pairs. */
         size_t pw = (size_t)KVR_GEMM_NR * (size_t)((k + 1) / 2);
         uint32_t *wp = (uint32_t *)panel_get((pw * sizeof(uint32_t) + sizeof(float) - 1) / sizeof(float));
