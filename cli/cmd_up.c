@@ -377,12 +377,13 @@ int kvr_cmd_up(int argc, char **argv) {
     }
     /* The guards record each rank's end here (see cli/guard.c). */
     const char *tmp = getenv("TMPDIR");
+    if (!tmp || !*tmp)
+        tmp = "/tmp";
     char status_dir[4096];
-    sweep_stale_dirs(tmp && *tmp ? tmp : "/tmp");
-    snprintf(status_dir, sizeof status_dir, "%s/kvrelay-up.%ld.XXXXXX", tmp && *tmp ? tmp : "/tmp", (long)getpid());
+    sweep_stale_dirs(tmp);
+    snprintf(status_dir, sizeof status_dir, "%s/kvrelay-up.%ld.XXXXXX", tmp, (long)getpid());
     if (!mkdtemp(status_dir)) {
-        fprintf(stderr, "kvrelay up: cannot create a directory in %s: %s\n",
-                tmp && *tmp ? tmp : "/tmp", strerror(errno));
+        fprintf(stderr, "kvrelay up: cannot create a directory in %s: %s\n", tmp, strerror(errno));
         return KVR_EXIT_RUNTIME;
     }
     char *extra_p = strdup(cfg.extra_prefill), *extra_d = strdup(cfg.extra_decode);

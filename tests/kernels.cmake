@@ -4,13 +4,18 @@
 # KVR_KERNEL), so the AVX2 and scalar paths of attention, norms and products are tested on
 # an AVX-512 machine too: the golden teacher-forced logits and greedy texts (test_golden),
 # batched decode with mixed KV policies equal to one sequence at a time (test_policies), and
-# `kvrelay generate --verbose` naming the variant it runs; test_cli_gguf at the end.
+# `kvrelay generate --verbose` naming the variant it runs, and `kvrelay generate` on every
+# GGUF type against the engine in the test and llama.cpp's texts (test_cli_gguf: run_cmd
+# passes KVR_KERNEL to the commands it runs, so both sides use the forced variant).
 foreach(k avx2 scalar)
   add_test(NAME test_golden_${k} COMMAND test_golden)
   set_tests_properties(test_golden_${k} PROPERTIES TIMEOUT 120 LABELS "engine;kernels"
                        ENVIRONMENT "KVR_KERNEL=${k}")
   add_test(NAME test_policies_${k} COMMAND test_policies)
   set_tests_properties(test_policies_${k} PROPERTIES TIMEOUT 120 LABELS "engine;kernels"
+                       ENVIRONMENT "KVR_KERNEL=${k}")
+  add_test(NAME test_cli_gguf_${k} COMMAND test_cli_gguf)
+  set_tests_properties(test_cli_gguf_${k} PROPERTIES TIMEOUT 300 LABELS "gguf;kernels"
                        ENVIRONMENT "KVR_KERNEL=${k}")
 endforeach()
 
@@ -30,13 +35,3 @@ set_tests_properties(kernels_bad_name PROPERTIES TIMEOUT 60 LABELS "engine;kerne
 # kvr_matmul must be the f32 fused multiply-add chain again (test_prompt_gemm).
 add_test(NAME test_quant_avx2 COMMAND test_quant)
 set_tests_properties(test_quant_avx2 PROPERTIES TIMEOUT 60 LABELS "gguf;kernels" ENVIRONMENT "KVR_KERNEL=avx2")
-
-# `kvrelay generate` on every GGUF type against the engine in the test and against
-# llama.cpp's texts, on the lower variants too: run_cmd passes KVR_KERNEL to the commands it
-# runs, so both sides use the forced variant (they used to differ: the child ran the best
-# one, and the Q8_0 comparison failed under scalar).
-foreach(k avx2 scalar)
-  add_test(NAME test_cli_gguf_${k} COMMAND test_cli_gguf)
-  set_tests_properties(test_cli_gguf_${k} PROPERTIES TIMEOUT 300 LABELS "gguf;kernels"
-                       ENVIRONMENT "KVR_KERNEL=${k}")
-endforeach()
