@@ -82,12 +82,14 @@ struct kvr_kernels {
     float (*vdot)(const float *a, const float *b, int n);
     float (*exp_shift_sum)(float *x, int n, float max); /* x = e^(x - max), returns the sum */
     void (*swiglu)(float *a, const float *b, int n);    /* a = silu(a) * b */
-    /* sc[h * n_keys + u] = (q_h . k_u) / scale, h < kv_mul, u < n (keys ldk floats apart). */
-    void (*qk_run)(float *sc, int n_keys, const float *q, int kv_mul, int hd, const float *k,
-                   size_t ldk, int n, float scale);
-    /* out_h += sum_u a[h * n_keys + u] * v_u, h < kv_mul, u < n (values ldv floats apart). */
-    void (*av_run)(float *out, const float *a, int n_keys, int kv_mul, int hd, const float *v,
-                   size_t ldv, int n);
+    /* One run of n cached f32 rows (ldk floats apart) for G KV heads of hd floats each:
+     * sc[gg * sstep + h * n_keys + u] = (q_(gg,h) . k_(u,gg)) / scale for query head h < kv_mul
+     * of KV head gg (q_(gg,h) at q + gg * qstep + h * hd), u < n; and
+     * out[gg * qstep + h * hd ..] += sum_u a[gg * sstep + h * n_keys + u] * v_(u,gg). */
+    void (*qk_rows)(float *sc, size_t sstep, int n_keys, const float *q, size_t qstep, int G, int kv_mul, int hd,
+                    const float *k, size_t ldk, int n, float scale);
+    void (*av_rows)(float *out, size_t qstep, const float *a, size_t sstep, int n_keys, int G, int kv_mul, int hd,
+                    const float *v, size_t ldv, int n);
     /* The same over an f16 or bf16 KV cache (t = KVR_DTYPE_F16 or KVR_DTYPE_BF16; keys and
      * values ldk/ldv elements apart), widened to f32 exactly while read (kern_half.inc). */
     void (*qk_run_h)(enum kvr_dtype t, float *sc, int n_keys, const float *q, int kv_mul, int hd,
@@ -96,8 +98,6 @@ struct kvr_kernels {
                      const uint16_t *v, size_t ldv, int n);
     /* dst[i] = src[i] widened exactly from f16/bf16 (t as above), i < n. */
     void (*half_to_f32)(enum kvr_dtype t, float *dst, const uint16_t *src, int n);
-    /* Prefetch hint for up to 4 of n rows at p (ld floats apart, len floats each). */
-    void (*prefetch_rows)(const float *p, int n, size_t ld, int len);
 
     /* Sum of n 64-bit words (the bandwidth probe of `kvrelay bench`). */
     uint64_t (*sum_u64)(const uint64_t *p, size_t n);

@@ -1,7 +1,7 @@
 /* test_transformer.c - the forward pass (common/transformer.c) against itself and against
  * the naive reference of ref_forward.c: prefill == decode (K, V and logits; dense and
  * sink), the cache loses nothing (200 tokens vs recomputing every prefix without a
- * cache), batched == separate, and MHA/GQA/MQA shapes with shared and separate
+ * cache), batched == separate, attention pieces give the same bits alone and batched, and MHA/GQA/MQA shapes with shared and separate
  * classifiers on synthetic checkpoints.
  *
  * Norms. "rel" is the relative L2 distance of whole vectors, ||a - b||_2 / ||b||_2, per
@@ -40,12 +40,13 @@ struct rig {
     struct kvr_engine *e;
 };
 
-static void rig_open(struct rig *r, struct kvr_model *m, int n_threads, int n_batch, int n_items,
-                     int n_ctx, int n_blocks) {
+static void rig_open_type(struct rig *r, struct kvr_model *m, enum kvr_kv_type type, int n_threads,
+                          int n_batch, int n_items, int n_ctx, int n_blocks) {
     memset(r, 0, sizeof *r);
     r->m = m;
     r->c = kvr_model_config(m);
     struct kvr_kv_pool_params pp = {
+        .type = type,
         .n_layers = r->c->n_layers,
         .kv_dim = r->c->kv_dim,
         .block_tokens = BT,
@@ -59,6 +60,11 @@ static void rig_open(struct rig *r, struct kvr_model *m, int n_threads, int n_ba
                                    .n_items_max = n_items,
                                    .n_ctx_max = n_ctx};
     REQUIRE(kvr_engine_create(&ep, &r->e) == KVR_OK);
+}
+
+static void rig_open(struct rig *r, struct kvr_model *m, int n_threads, int n_batch, int n_items,
+                     int n_ctx, int n_blocks) {
+    rig_open_type(r, m, KVR_KV_F32, n_threads, n_batch, n_items, n_ctx, n_blocks);
 }
 
 static void rig_close(struct rig *r) {
@@ -282,7 +288,7 @@ static void test_prefill_equals_decode(struct kvr_model *m, const int *tokens) {
  * engine runs them with its cache as one prefill, as a short prompt then 183 decode
  * steps, and in uneven chunks. Two threads, so the pool's split paths run too. */
 static void test_cache_vs_reference(struct kvr_model *m, const int *tokens) {
-    enum { N = 200 };
+    enum { N = 200 }; /* decode steps past 128 keys attend in two pieces (transformer.c) */
     fprintf(stderr, "cache vs no-cache reference (%d tokens):\n", N);
     const struct kvr_model_config *c = kvr_model_config(m);
     int V = c->vocab_size;
@@ -398,6 +404,97 @@ static void test_batched(struct kvr_model *m, const int *tokens) {
     }
     free(scratch);
     rig_close(&r);
+}
+
+/* ---- 5b. attention pieces: the same bits alone, batched, on any thread count ------------- */
+
+/* A query of more than 128 keys is attended in pieces of 128 keys folded in order; alone
+ * (or with few other queries) the pieces run as tasks of their own, in a batch of many
+ * queries one task folds them in turn. Both must give the same bits: a sequence's logits
+ * may not depend on what it is batched with or on the engine's threads. Sequence A (a
+ * 20-token prompt, then single steps to 300 tokens: 1 to 3 pieces) runs alone on 2
+ * threads and on 1, and on 1 thread with its decode steps batched with three others' (4
+ * queries per call, the whole-query path there); every decode row's logits compared bit for bit. (This model's
+ * attention is too small to wake the pool: on 2 threads the piece tasks run in turn on
+ * the caller, which is the order-independence the pool relies on.) Dense and sink
+ * (window 200, 4 sinks: keys rotated while read), f32 and f16 caches, the model's F16 GGUF. */
+static void test_pieces_bits(const int *tokens) {
+    enum { N = 300, PROMPT = 20, NB = 4 };
+    fprintf(stderr, "attention pieces: alone (2 and 1 threads) vs batched, bit for bit:\n");
+    /* F16 weights: their products' bits do not depend on the rows of a call (F32 weights
+     * take another kernel above one row, kernels.h). */
+    struct kvr_model *m = NULL;
+    REQUIRE(kvr_model_load(shared_path("models/gguf/stories260K-f16.gguf"), &m) == KVR_OK);
+    const struct kvr_model_config *c = kvr_model_config(m);
+    size_t V = (size_t)c->vocab_size, rows = (size_t)N * V;
+    float *alone2 = malloc(rows * sizeof(float)), *alone1 = malloc(rows * sizeof(float)),
+          *batched = malloc(rows * sizeof(float)), *other = malloc(V * sizeof(float));
+    REQUIRE(alone2 && alone1 && batched && other);
+    static const struct {
+        enum kvr_kv_policy policy;
+        int window, sinks;
+        enum kvr_kv_type type;
+        const char *name;
+    } cases[] = {{KVR_KV_DENSE, 0, 0, KVR_KV_F32, "dense f32"},
+                 {KVR_KV_DENSE, 0, 0, KVR_KV_F16, "dense f16"},
+                 {KVR_KV_SINK, 200, 4, KVR_KV_F32, "sink f32"},
+                 {KVR_KV_SINK, 200, 4, KVR_KV_F16, "sink f16"}};
+    int chunks[N - PROMPT + 1]; /* the prompt, then single steps */
+    chunks[0] = PROMPT;
+    for (int i = 1; i <= N - PROMPT; i++)
+        chunks[i] = 1;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        int n_blocks = NB * ((N + BT - 1) / BT + 2);
+        struct rig r;
+        float *outs[2] = {alone2, alone1};
+        for (int nt = 2; nt >= 1; nt--) {
+            rig_open_type(&r, m, cases[ci].type, nt, PROMPT, NB, N, n_blocks);
+            struct kvr_kv_seq *s = seq_new(&r, cases[ci].policy, cases[ci].window, cases[ci].sinks, N);
+            memset(outs[2 - nt], 0xff, rows * sizeof(float));
+            CHECK_EQ(run_chunks(&r, s, tokens, N, chunks, N - PROMPT + 1, outs[2 - nt]), KVR_OK);
+            kvr_kv_seq_free(s);
+            rig_close(&r);
+        }
+        rig_open_type(&r, m, cases[ci].type, 1, PROMPT * NB, NB, N, n_blocks);
+        struct kvr_kv_seq *seqs[NB];
+        for (int i = 0; i < NB; i++)
+            seqs[i] = seq_new(&r, cases[ci].policy, cases[ci].window, cases[ci].sinks, N);
+        memset(batched, 0xff, rows * sizeof(float));
+        /* Prompts one call each (a prompt's bits depend on the rows of its call: BLAS),
+         * then every decode step of the four in one call. */
+        for (int i = 0; i < NB; i++) {
+            struct kvr_forward_item it = {.seq = seqs[i], .tokens = tokens + 7 * i, .n_tokens = PROMPT,
+                                          .logits = i ? other : batched, .all_logits = i == 0};
+            CHECK_EQ(kvr_engine_forward(r.e, &it, 1), KVR_OK);
+        }
+        for (int done = PROMPT; done < N; done++) {
+            struct kvr_forward_item items[NB];
+            for (int i = 0; i < NB; i++)
+                items[i] = (struct kvr_forward_item){.seq = seqs[i],
+                                                     .tokens = tokens + done + 7 * i,
+                                                     .n_tokens = 1,
+                                                     .logits = i ? NULL : batched + (size_t)done * V};
+            CHECK_EQ(kvr_engine_forward(r.e, items, NB), KVR_OK);
+        }
+        for (int i = 0; i < NB; i++)
+            kvr_kv_seq_free(seqs[i]);
+        rig_close(&r);
+        size_t off = (size_t)PROMPT * V, n = rows - off;
+        int same21 = memcmp(alone2 + off, alone1 + off, n * sizeof(float)) == 0;
+        int same_b = memcmp(alone2 + off, batched + off, n * sizeof(float)) == 0;
+        size_t at;
+        double e = max_abs(batched + off, alone2 + off, n, &at);
+        fprintf(stderr, "  %s: 2 vs 1 thread %s, alone vs batched %s (worst |diff| %.3g at step %zu)\n",
+                cases[ci].name, same21 ? "identical" : "DIFFER", same_b ? "identical" : "DIFFER", e,
+                (size_t)PROMPT + at / V);
+        CHECK(same21);
+        CHECK(same_b);
+    }
+    free(alone2);
+    free(alone1);
+    free(batched);
+    free(other);
+    kvr_model_free(m);
 }
 
 /* ---- 6. shapes ------------------------------------------------------------------------- */
@@ -584,9 +681,10 @@ static void test_check_item(struct kvr_model *m, const int *tokens) {
 int main(void) {
     struct kvr_model *m = NULL;
     REQUIRE(kvr_model_load(shared_path("models/stories260K.bin"), &m) == KVR_OK);
-    int *tokens = story_tokens(200);
+    int *tokens = story_tokens(330);
     test_prefill_equals_decode(m, tokens);
     test_batched(m, tokens);
+    test_pieces_bits(tokens);
     test_shapes();
     test_check_item(m, tokens);
     test_cache_vs_reference(m, tokens);
