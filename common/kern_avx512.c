@@ -53,7 +53,7 @@ static inline __attribute__((always_inline)) void
 rtile(enum kvr_dtype t, enum kvr_dtype tx, int RM, int RN, int PF, float *y, size_t ldy, const char *w, size_t ws,
       const char *x, size_t xs, int k, float beta) {
     const int es = t == KVR_DTYPE_F32 ? 4 : 2;
-    __m512 acc[4][2][2];
+    __m512 acc[6][2][2];
     for (int q = 0; q < RM; q++)
         for (int j = 0; j < RN; j++)
             acc[q][j][0] = acc[q][j][1] = _mm512_setzero_ps();
@@ -150,6 +150,8 @@ rows_t(enum kvr_dtype t, enum kvr_dtype tx, float *y, size_t ldy, const char *w,
     for (; j + 2 <= n; j += 2) {
         const char *wj = w + (size_t)j * ws;
         int i = 0;
+        for (; i + 6 <= m; i += 6)
+            rtile(t, tx, 6, 2, 0, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
         for (; i + 4 <= m; i += 4)
             rtile(t, tx, 4, 2, 0, y + (size_t)i * ldy + j, ldy, wj, ws, x + (size_t)i * xs, xs, k, beta);
         switch (m - i) {
