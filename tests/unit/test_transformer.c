@@ -575,6 +575,8 @@ static void test_shapes(void) {
     } shapes[] = {
         {"MHA shared", 4, 4, 1},   {"MHA separate", 4, 4, 0}, {"GQA shared", 8, 2, 1},
         {"GQA separate", 4, 2, 0}, {"MQA shared", 4, 1, 1},   {"MQA separate", 8, 1, 0},
+        /* Heads of 16 and 32 floats: the 512-bit attention kernels' own path. */
+        {"MHA head 16", 2, 2, 1},  {"GQA head 16", 2, 1, 0},  {"one head of 32", 1, 1, 1},
     };
     enum { N = 40, PROMPT = 25 };
     int tokens[N];
