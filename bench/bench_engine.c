@@ -57,6 +57,7 @@ struct eng_cfg {
     int kv_type;
     int decode_ctx;
     int decode_only;
+    int ceilings_only;
 };
 
 static const struct kvr_opt eng_opts[] = {
@@ -71,6 +72,7 @@ static const struct kvr_opt eng_opts[] = {
     {"kv-type", KVR_OPT_CHOICE, offsetof(struct eng_cfg, kv_type), "f32", 0, -1, KVR_KV_TYPE_CHOICES, 0, "KV-cache element type"},
     {"decode-only", KVR_OPT_FLAG, offsetof(struct eng_cfg, decode_only), "0", 0, -1, NULL, 0, "skip the prefill measurements (the decode template is still prefilled, untimed)"},
     {"decode-ctx", KVR_OPT_INT, offsetof(struct eng_cfg, decode_ctx), "128", 1, KVR_MODEL_CTX_MAX, NULL, 0, "tokens of context each decoding sequence holds before it is timed; past 128 only batch 1 is measured (the model's context must hold it: see --context)"},
+    {"ceilings-only", KVR_OPT_FLAG, offsetof(struct eng_cfg, ceilings_only), "0", 0, -1, NULL, 0, "measure the read-bandwidth and sgemm ceilings once and no model (the memory mode a peer's run next to it sees)"},
     {"context", KVR_OPT_INT, offsetof(struct eng_cfg, context), "0", 0, KVR_MODEL_CTX_MAX, NULL, 0, "context length of every model loaded (0 = each file's)"},
 };
 
@@ -599,6 +601,8 @@ static void print_table(const struct bench *b, const char *cpu) {
                b->models[i].name, (double)b->models[i].params / 1e6, b->models[i].types,
                (double)b->models[i].weight_bytes / 1e6, (double)b->models[i].kv_token_bytes / 1e3,
                (double)b->models[i].peak_rss / 1048576.0);
+    if (b->n_rows == 0)
+        return;
     printf("\n%-26s %-8s %5s %6s %10s %10s %8s %8s %9s\n", "model", "phase", "batch", "ctx",
            "tok/s", "median", "GB/s", "GFLOP/s", "fraction");
     for (int i = 0; i < b->n_rows; i++) {
@@ -707,7 +711,7 @@ int kvr_bench_engine(int argc, char **argv) {
     kvr_bench_cpu_model(cpu, sizeof cpu);
 
     /* Synthesize the checkpoints before measuring anything: writing them is I/O. */
-    for (int i = 0; i < MAX_MODELS; i++) {
+    for (int i = 0; i < MAX_MODELS && !b->cfg.ceilings_only; i++) {
         if (!wanted(list, specs[i].key))
             continue;
         if (!specs[i].file) {
@@ -721,7 +725,7 @@ int kvr_bench_engine(int argc, char **argv) {
 
     if (measure_ceilings(b) != KVR_OK)
         goto out;
-    for (int i = 0; i < MAX_MODELS; i++) {
+    for (int i = 0; i < MAX_MODELS && !b->cfg.ceilings_only; i++) {
         if (!wanted(list, specs[i].key))
             continue;
         if (run_model(b, &specs[i], b->paths[i]) != KVR_OK || measure_ceilings(b) != KVR_OK)

@@ -12,6 +12,9 @@
 #                                  node alone on its host runs with --weights auto)
 #   kvrelay bench engine --decode-only --decode-ctx 1 --reps 2
 #                                  batch-1 decode from position 1, as llama-bench's tg64
+#   kvrelay bench engine --ceilings-only
+#                                  the read ceiling just before llama-bench (the memory mode
+#                                  its run sees; the batch-1 pairs table uses it)
 #   llama-bench                    pp512 and tg64 (llama.cpp's own prompt / generation test),
 #                                  with its weights mmapped and not (-mmp 0,1): the better
 #                                  of the two is its number
@@ -100,6 +103,9 @@ for r in $(seq 1 "$ROUNDS"); do
             "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 2 --decode-only \
                 --decode-ctx 1 --threads "$THREADS" --json > "$OUT/kvs-$s-$t-$r.json"
             if [ $have_lcpp = 1 ]; then
+                # The memory mode llama-bench's run sees (this VM's bandwidth moves
+                # between ~35 and ~70 GB/s from minute to minute): a probe just before it.
+                "$KVR" bench engine --ceilings-only --threads "$THREADS" --json > "$OUT/lbc-$s-$t-$r.json"
                 echo "round $r: $s $t: llama-bench" >&2
                 "$LCPP/llama-bench" -m "$g" -p 512 -n 64 -t "$THREADS" -r 2 -mmp 0,1 -o json \
                     > "$OUT/lb-$s-$t-$r.json" 2> "$OUT/lb-$s-$t-$r.err"
@@ -205,6 +211,34 @@ for (s, t) in sorted({(k[0], k[1]) for k in rows}):
         pct(g(s, t, "kvr_bw_frac_pos1")), fmt(k128), pct(g(s, t, "kvr_bw_frac")), fmt(kp), fmt(lp),
         fmt(ratio(kp, lp), 2), fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
 print()
+# Batch 1 round by round, each side with the read ceiling probed next to its own run:
+# a ratio means something only where both ran in the same memory mode (ceilings within
+# 20% of each other).
+pairs = {}
+for f in sorted(glob.glob(os.path.join(out, "kvs-*.json"))):
+    s, t, r = re.match(r".*/kvs-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    j = json.load(open(f))
+    k = [x["decode_tok_s"] for x in j["results"] if x["phase"] == "decode" and x["batch"] == 1]
+    try:
+        lb = json.load(open(os.path.join(out, "lb-%s-%s-%s.json" % (s, t, r))))
+        lbc = json.load(open(os.path.join(out, "lbc-%s-%s-%s.json" % (s, t, r))))
+    except Exception:
+        continue
+    tg = [x["avg_ts"] for x in lb if x.get("n_gen") == 64 and x.get("n_prompt") == 0]
+    if k and tg: pairs[(s, t, int(r))] = (k[0], j["bw_gbs_min"], j["bw_gbs"], max(tg), lbc["bw_gbs"])
+if pairs:
+    print("| shape | type | round | kvr tg B=1 | its ceilings (GB/s) | llama.cpp tg | ceiling before it | same mode | ratio |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |")
+    same = {}
+    for (s, t, r), (k, kb0, kb1, l, lc) in sorted(pairs.items()):
+        ok = abs(lc - kb1) <= 0.2 * kb1 or abs(lc - kb0) <= 0.2 * kb0
+        if ok: same.setdefault((s, t), []).append(k / l)
+        print("| %s | %s | %d | %.1f | %.1f-%.1f | %.1f | %.1f | %s | %.2f |" % (s, t, r, k, kb0, kb1, l, lc,
+              "yes" if ok else "no", k / l))
+    for (s, t), v in sorted(same.items()):
+        print("%s %s: batch 1 vs llama.cpp in the same memory mode, %d round(s): median %.2fx (%s)" % (
+            s, t, len(v), med(v), ", ".join("%.2f" % x for x in v)))
+    print()
 print("| shape | type | kvr tg B=1 @2048 (f16 KV) | llama.cpp tg B=1 @2048 (f16 KV) | ratio |")
 print("| --- | --- | ---: | ---: | ---: |")
 for (s, t) in sorted({(k[0], k[1]) for k in rows}):
