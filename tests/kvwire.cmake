@@ -40,3 +40,9 @@ endif()
 
 # MPI message writers and parsers (issue 15): round trips, truncation, hostile fields.
 kvr_unit_test(test_msg SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/unit/test_msg.c TIMEOUT 60 LABELS unit protocol)
+
+# `kvrelay bench engine --json` (issue 13): its numbers recomputed from its own fields,
+# --ceilings-only, a bad --models list (system python3; runs build/bin/kvrelay).
+add_test(NAME test_bench_engine
+  COMMAND /usr/bin/python3 ${CMAKE_CURRENT_SOURCE_DIR}/e2e/test_bench_engine.py ${CMAKE_BINARY_DIR}/bin ${KVR_SHARED_DIR})
+set_tests_properties(test_bench_engine PROPERTIES TIMEOUT 300 LABELS "bench;kernels" RUN_SERIAL TRUE)
