@@ -576,6 +576,14 @@ static void piece_finish(const struct kvr_engine *e, int r, float *run, int h0, 
     }
 }
 
+/* Piece ch (keys ch*ATT_CHUNK ..) of query row r's n_keys keys for KV heads g0 .. into pc. */
+static void attend_piece(struct kvr_engine *e, int r, int g0, int ch, int n_keys, int thread, float *pc) {
+    int h0 = g0 * (e->c->n_heads / e->c->n_kv_heads);
+    int i1 = (ch + 1) * ATT_CHUNK < n_keys ? (ch + 1) * ATT_CHUNK : n_keys;
+    attend_keys(e, r, g0, ch * ATT_CHUNK, i1, thread, piece_out(e, pc, h0), piece_max(e, pc, h0),
+                piece_sum(e, pc, h0));
+}
+
 /* Attention of query row r for KV heads g0 .. g0+att_group-1, all its keys in one task. A
  * query of more than ATT_CHUNK keys is computed in pieces of ATT_CHUNK keys (the last one
  * shorter), each a softmax-weighted sum relative to its own maximum, folded in key order:
@@ -592,10 +600,7 @@ static void attend_unit(struct kvr_engine *e, int r, int g0, int thread) {
     }
     float *run = e->att_acc + (size_t)thread * 2 * e->piece_floats, *cur = run + e->piece_floats;
     for (int ch = 0; ch < nch; ch++) {
-        float *pc = ch ? cur : run;
-        int i1 = (ch + 1) * ATT_CHUNK < n_keys ? (ch + 1) * ATT_CHUNK : n_keys;
-        attend_keys(e, r, g0, ch * ATT_CHUNK, i1, thread, piece_out(e, pc, h0), piece_max(e, pc, h0),
-                    piece_sum(e, pc, h0));
+        attend_piece(e, r, g0, ch, n_keys, thread, ch ? cur : run);
         if (ch)
             piece_merge(e, run, cur, h0, nh);
     }
@@ -621,11 +626,8 @@ static void split_task(void *arg, int task, int thread) {
         attend_unit(e, r, g0, thread);
         return;
     }
-    int h0 = g0 * (e->c->n_heads / e->c->n_kv_heads), n_keys = unit_keys(e, r);
-    float *pc = e->att_pieces + (size_t)(e->unit_piece0[u] + ch) * e->piece_floats;
-    int i1 = (ch + 1) * ATT_CHUNK < n_keys ? (ch + 1) * ATT_CHUNK : n_keys;
-    attend_keys(e, r, g0, ch * ATT_CHUNK, i1, thread, piece_out(e, pc, h0), piece_max(e, pc, h0),
-                piece_sum(e, pc, h0));
+    attend_piece(e, r, g0, ch, unit_keys(e, r), thread,
+                 e->att_pieces + (size_t)(e->unit_piece0[u] + ch) * e->piece_floats);
 }
 
 /* ---- attention: GEMM path for the prompt rows of one item ------------------------ */
@@ -711,12 +713,16 @@ static void attention(struct kvr_engine *e) {
     if (e->n_units > 0) {
         /* Queries of more than ATT_CHUNK keys are computed in pieces (attend_unit). When
          * few queries have to keep the threads busy, the pieces are tasks of their own
-         * (split_task), each reading whole cached rows of its keys in token order. */
+         * (split_task), each reading whole cached rows of its keys in token order. work:
+         * two multiply-adds per key and query feature (scores, then values). */
         int n_split = 0, n_tasks_full = 0;
+        long work = 0;
         for (int u = 0; u < e->n_units; u++) {
-            e->unit_nch[u] = att_chunks(unit_keys(e, e->unit_row[u]));
+            int n_keys = unit_keys(e, e->unit_row[u]);
+            e->unit_nch[u] = att_chunks(n_keys);
             n_split += e->unit_nch[u] > 1 ? e->unit_nch[u] : 0;
             n_tasks_full += e->unit_nch[u];
+            work += 2L * n_keys * c->dim;
         }
         e->att_split = n_split > 0 && n_split <= e->n_pieces_max && e->n_units < 4 * e->n_threads;
         int per_unit_tasks = e->att_split ? n_tasks_full : e->n_units;
@@ -734,10 +740,6 @@ static void attention(struct kvr_engine *e) {
             }
         }
         int n_groups = c->n_kv_heads / e->att_group;
-        /* Two multiply-adds per key and query feature (scores, then values). */
-        long work = 0;
-        for (int u = 0; u < e->n_units; u++)
-            work += 2L * (e->row_pos[e->unit_row[u]] + 1) * c->dim;
         /* The cache is read cold (the weights streamed through since the last step):
          * threads pay off from a few dozen keys of a 768-wide model (measured, 110M F32,
          * batch 1 from position 1, 2 threads: attention 0.27 ms a step against 0.36

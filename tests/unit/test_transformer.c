@@ -414,9 +414,9 @@ static void test_batched(struct kvr_model *m, const int *tokens) {
  * may not depend on what it is batched with or on the engine's threads. Sequence A (a
  * 20-token prompt, then single steps to 300 tokens: 1 to 3 pieces) runs alone on 2
  * threads and on 1, and on 1 thread with its decode steps batched with three others' (4
- * queries per call, the whole-query path there); every decode row's logits compared bit for bit. (This model's
- * attention is too small to wake the pool: on 2 threads the piece tasks run in turn on
- * the caller, which is the order-independence the pool relies on.) Dense and sink
+ * queries per call, the whole-query path there); every decode row's logits compared bit for bit
+ * (from 128 keys this model's attention wakes the pool: on 2 threads the pieces of one
+ * query run on both). Dense and sink
  * (window 200, 4 sinks: keys rotated while read), f32 and f16 caches, the model's F16 GGUF. */
 static void test_pieces_bits(const int *tokens) {
     enum { N = 300, PROMPT = 20, NB = 4 };
