@@ -40,6 +40,8 @@
 #define MAX_MODELS 3
 #define BW_BUFFER_MIB 1024   /* read-bandwidth buffer: 32x the L3 of this class of CPU */
 #define SGEMM_N 2048
+#define MAX_REPS 16          /* repetitions whose paired probes a row keeps */
+#define PROBE_CHUNK (4u << 20) /* bytes per task of a read probe: threads balance */
 
 static const int prefill_lens[] = {128, 512};
 static const int decode_batches[] = {1, 8, 32};
@@ -114,6 +116,12 @@ struct result {
     double bw_fraction;
     double flops_fraction;
     uint64_t peak_rss;
+    /* Batch 1: the step's own weights read by the probe next to each repetition
+     * (struct step_probe), n_paired repetitions between n_paired + 1 probes. */
+    int n_paired;
+    double rep_gbs[MAX_REPS];        /* each repetition's GB/s */
+    double probe_gbs[MAX_REPS + 1];  /* probe r: just before repetition r (r = reps: after the last) */
+    double bw_fraction_paired;       /* median over r of rep_gbs[r] / max(probe r, probe r+1) */
 };
 
 struct bench {
@@ -302,6 +310,78 @@ static int measure_ceilings(struct bench *b) {
     return KVR_OK;
 }
 
+/* ---- the step's own bytes ------------------------------------------------------- */
+
+/* A read probe over exactly the weights a decode step reads (every layer's seven
+ * matrices and the classifier, where the model holds them: the copy in huge pages or the
+ * mapping), in 4 MiB pieces claimed by the threads in turn, no barrier between matrices.
+ * Taken just before and just after each batch-1 repetition, it is the read ceiling of
+ * the same bytes in the same memory mode: this VM's bandwidth moves by tens of percent
+ * from minute to minute, so a fraction against the best probe of a whole run mixes
+ * modes, and one against the adjacent probes does not. */
+struct step_probe {
+    const uint64_t **p; /* (n) piece starts, 8-byte aligned */
+    size_t *words;      /* (n) words per piece */
+    int n;
+    double nbytes;
+    uint64_t sums[1024];
+};
+
+static int probe_add(struct step_probe *sp, int cap, const struct kvr_tensor *t) {
+    const char *a = t->data, *e = a + (size_t)t->rows * t->row_nbytes;
+    a += (8 - (uintptr_t)a % 8) % 8; /* whole aligned words inside the tensor */
+    for (; a + 8 <= e && sp->n < cap; a += PROBE_CHUNK) {
+        size_t nb = (size_t)(e - a) < PROBE_CHUNK ? (size_t)(e - a) : PROBE_CHUNK;
+        sp->p[sp->n] = (const uint64_t *)(const void *)a;
+        sp->words[sp->n++] = nb / 8;
+        sp->nbytes += (double)(nb / 8 * 8);
+    }
+    return sp->n < cap ? 0 : -1;
+}
+
+static int step_probe_init(struct step_probe *sp, const struct kvr_model *m) {
+    const struct kvr_model_config *c = kvr_model_config(m);
+    const struct kvr_model_weights *w = kvr_model_weights(m);
+    int cap = (int)(kvr_model_step_nbytes(m) / PROBE_CHUNK) + 8 * c->n_layers + 8;
+    memset(sp, 0, sizeof *sp);
+    sp->p = malloc((size_t)cap * sizeof *sp->p);
+    sp->words = malloc((size_t)cap * sizeof *sp->words);
+    if (!sp->p || !sp->words)
+        return KVR_ENOMEM;
+    for (int l = 0; l < c->n_layers; l++) {
+        const struct kvr_layer_weights *lw = &w->layers[l];
+        const struct kvr_tensor *ts[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
+        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
+            if (probe_add(sp, cap, ts[i]) != 0)
+                return KVR_ENOMEM;
+    }
+    return probe_add(sp, cap, &w->wcls) != 0 ? KVR_ENOMEM : KVR_OK;
+}
+
+static void step_probe_free(struct step_probe *sp) {
+    free(sp->p);
+    free(sp->words);
+    sp->p = NULL;
+    sp->words = NULL;
+}
+
+static void step_probe_task(void *arg, int task, int thread) {
+    struct step_probe *sp = arg;
+    sp->sums[thread] += kvr_kernels()->sum_u64(sp->p[task], sp->words[task]);
+}
+
+/* Best GB/s of two passes over the step's weights on tp's threads. */
+static double step_probe_run(struct kvr_threadpool *tp, struct step_probe *sp) {
+    double best_gbs = 0.0;
+    for (int r = 0; r < 2; r++) {
+        double t0 = kvr_clock_now();
+        kvr_threadpool_run(tp, step_probe_task, sp, sp->n);
+        double gbs = sp->nbytes / (kvr_clock_now() - t0) / 1e9;
+        best_gbs = gbs > best_gbs ? gbs : best_gbs;
+    }
+    return best_gbs;
+}
+
 /* ---- model runs ----------------------------------------------------------------- */
 
 /* FLOPs of a prefill of T tokens from position 0, counted as the engine performs them:
@@ -397,6 +477,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     float *logits = NULL;
     double *times = NULL;
     struct kvr_forward_item items[32];
+    struct step_probe probe = {0};
     int n_seqs = 0, rc;
     int reps = b->reps;
     int steps = b->cfg.quick ? (sp->decode_steps + 1) / 2 : sp->decode_steps;
@@ -443,6 +524,10 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
                                    .n_items_max = 32, .n_ctx_max = n_ctx};
     if ((rc = kvr_kv_pool_create(&pp, &pool)) != KVR_OK || (rc = kvr_engine_create(&ep, &e)) != KVR_OK) {
         fprintf(stderr, "bench engine: cannot set up the engine for %s: %s\n", sp->name, kvr_status_str(rc));
+        goto out;
+    }
+    if ((rc = step_probe_init(&probe, m)) != KVR_OK) {
+        fprintf(stderr, "bench engine: cannot set up the read probe for %s: %s\n", sp->name, kvr_status_str(rc));
         goto out;
     }
     int n_times = reps > 32 ? reps : 32;
@@ -525,13 +610,20 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
                                                  .logits = logits + (size_t)i * V};
         }
         double bytes_sum = 0.0, flops_sum = 0.0;
+        /* Batch 1: a probe of the step's own weights before each repetition and after the
+         * last (struct step_probe). */
+        int paired = B == 1 && probe.n > 0;
+        double rep_gbs[MAX_REPS], probe_gbs[MAX_REPS + 1];
         for (int r = -1; r < reps; r++) { /* r == -1: one untimed warm-up step */
             int n = r < 0 ? 1 : steps;
+            if (paired && r >= 0 && r < MAX_REPS)
+                probe_gbs[r] = step_probe_run(kvr_engine_threadpool(e), &probe);
+            double rep_bytes = 0.0;
             double t0 = kvr_clock_now();
             for (int st = 0; st < n; st++) {
                 if (r >= 0) {
                     double keys = (double)B * (kvr_kv_seq_n_past(seqs[0]) + 1);
-                    bytes_sum += (double)weight_nbytes + keys * (double)tok_nbytes;
+                    rep_bytes += (double)weight_nbytes + keys * (double)tok_nbytes;
                     flops_sum += decode_flops(c, B, keys);
                 }
                 if ((rc = kvr_engine_forward(e, items, B)) != KVR_OK) {
@@ -541,9 +633,17 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
                 for (int i = 0; i < B; i++)
                     dtok[i] = next_token(&rng, V);
             }
-            if (r >= 0)
-                times[r] = (double)B * n / (kvr_clock_now() - t0);
+            if (r >= 0) {
+                double dt = kvr_clock_now() - t0;
+                times[r] = (double)B * n / dt;
+                bytes_sum += rep_bytes;
+                if (r < MAX_REPS)
+                    rep_gbs[r] = rep_bytes / dt / 1e9;
+            }
         }
+        int n_paired = reps < MAX_REPS ? reps : MAX_REPS;
+        if (paired)
+            probe_gbs[n_paired] = step_probe_run(kvr_engine_threadpool(e), &probe);
         struct result *row = add_row(b);
         if (row) {
             row->model = sp->name;
@@ -560,6 +660,19 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
             row->gflops = row->flops * row->tok_s / B / 1e9;
             fprintf(stderr, "bench engine: %s decode batch %d: %.1f tok/s (%.1f GB/s, %.1f GFLOP/s)\n",
                     sp->name, B, row->tok_s, row->gbs, row->gflops);
+            if (paired) {
+                double frac[MAX_REPS];
+                row->n_paired = n_paired;
+                for (int r = 0; r < n_paired; r++) {
+                    double ceil = probe_gbs[r] > probe_gbs[r + 1] ? probe_gbs[r] : probe_gbs[r + 1];
+                    row->rep_gbs[r] = rep_gbs[r];
+                    frac[r] = rep_gbs[r] / ceil;
+                }
+                memcpy(row->probe_gbs, probe_gbs, (size_t)(n_paired + 1) * sizeof probe_gbs[0]);
+                row->bw_fraction_paired = median(frac, n_paired);
+                fprintf(stderr, "bench engine: %s decode batch 1: %.1f%% of the step's own weights read next "
+                        "to each repetition (median of %d)\n", sp->name, 100.0 * row->bw_fraction_paired, n_paired);
+            }
         }
         for (int i = 0; i < n_seqs; i++) {
             kvr_kv_seq_free(seqs[i]);
@@ -580,6 +693,7 @@ out:
         for (int i = (int)first_row; i < b->n_rows; i++)
             b->rows[i].peak_rss = rss;
     }
+    step_probe_free(&probe);
     kvr_model_free(m);
     free(tokens);
     free(logits);
@@ -611,6 +725,9 @@ static void print_table(const struct bench *b, const char *cpu) {
                r->decode ? "decode" : "prefill", r->batch, r->prompt_len, r->tok_s, r->tok_s_median,
                r->gbs, r->gflops, 100.0 * (r->decode ? r->bw_fraction : r->flops_fraction),
                r->decode ? "of bandwidth" : "of sgemm");
+        if (r->n_paired > 0)
+            printf("%-26s %-8s %5s %6s %10s %10s %8s %8s %7.1f%% of its own weights read next to each repetition\n",
+                   "", "", "", "", "", "", "", "", 100.0 * r->bw_fraction_paired);
     }
 }
 
@@ -654,6 +771,15 @@ static void print_json(const struct bench *b, const char *cpu) {
                    "\"decode_flops_fraction\":%.4f,",
                    r->steps, r->tok_s, r->tok_s_median, r->bytes, r->gbs, r->bw_fraction, r->gflops,
                    r->flops_fraction);
+        if (r->n_paired > 0) {
+            printf("\"decode_bw_fraction_paired\":%.4f,\"rep_gbs\":[", r->bw_fraction_paired);
+            for (int k = 0; k < r->n_paired; k++)
+                printf("%s%.3f", k ? "," : "", r->rep_gbs[k]);
+            printf("],\"paired_probe_gbs\":[");
+            for (int k = 0; k <= r->n_paired; k++)
+                printf("%s%.3f", k ? "," : "", r->probe_gbs[k]);
+            printf("],");
+        }
         else
             printf("\"prefill_tok_s\":%.3f,\"prefill_tok_s_median\":%.3f,\"flops\":%.0f,"
                    "\"gflops\":%.3f,\"prefill_flops_fraction\":%.4f,",

@@ -297,6 +297,8 @@ void kvr_engine_free(struct kvr_engine *e) {
 
 const struct kvr_engine_params *kvr_engine_params(const struct kvr_engine *e) { return &e->p; }
 
+struct kvr_threadpool *kvr_engine_threadpool(const struct kvr_engine *e) { return e->tp; }
+
 void kvr_engine_set_layer_hook(struct kvr_engine *e,
                                void (*fn)(void *ud, const struct kvr_forward_item *items,
                                           int n_items, int layer),

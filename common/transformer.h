@@ -38,6 +38,7 @@ struct kvr_forward_item {
 };
 
 struct kvr_engine;
+struct kvr_threadpool;
 
 /* Sizes every buffer from params (no allocation per call) and pins OpenBLAS to one
  * thread. KVR_EINVAL for a non-positive limit, KVR_ENOMEM. Returns owned *out; free with
@@ -48,6 +49,10 @@ int kvr_engine_create(const struct kvr_engine_params *p, struct kvr_engine **out
 void kvr_engine_free(struct kvr_engine *e);
 
 const struct kvr_engine_params *kvr_engine_params(const struct kvr_engine *e);
+
+/* The engine's compute threads (borrowed): a caller may run its own
+ * parallel loops on them between forward calls (the benchmark's read probes). */
+struct kvr_threadpool *kvr_engine_threadpool(const struct kvr_engine *e);
 
 /* Installs fn to be called on the calling thread after layer `layer` of every forward
  * call has stored its K and V for all items (before that layer's attention): the

@@ -67,6 +67,21 @@ for r in rows:
           "batch %d: bytes per step = weights + %.1f keys per sequence (context %d)" % (B, kv, r["prompt_len"]))
     check(close(r["gbs"], r["bytes_per_step"] * tok / B / 1e9, 2e-3), "batch %d: GB/s = bytes per step x steps/s" % B)
     check(close(r["decode_bw_fraction"], r["gbs"] / j["bw_gbs"], 2e-3), "batch %d: fraction = GB/s / best ceiling" % B)
+    if B != 1:
+        check("decode_bw_fraction_paired" not in r, "batch %d: no paired probes (batch 1 only)" % B)
+        continue
+    # Batch 1: a probe of the step's own weights before each repetition and after the
+    # last; the paired fraction is the median of each repetition's GB/s over the larger
+    # of its two neighbouring probes.
+    reps, probes = r.get("rep_gbs", []), r.get("paired_probe_gbs", [])
+    check(len(reps) == j["reps"] and len(probes) == len(reps) + 1 and min(probes + [1]) > 0,
+          "batch 1: %d repetitions between %d probes of its own weights" % (len(reps), len(probes)))
+    if reps and len(probes) == len(reps) + 1:
+        fr = sorted(g / max(probes[i], probes[i + 1]) for i, g in enumerate(reps))
+        med = fr[len(fr) // 2] if len(fr) % 2 else 0.5 * (fr[len(fr) // 2 - 1] + fr[len(fr) // 2])
+        check(close(r["decode_bw_fraction_paired"], med, 2e-3),
+              "batch 1: paired fraction %.4f = median of repetition / neighbouring probe" % r["decode_bw_fraction_paired"])
+        check(close(max(reps), r["gbs"], 2e-3), "batch 1: the best repetition's GB/s is the row's (%.3f)" % max(reps))
 
 # A model that is not one of the benchmark's: a usage error, nothing measured.
 rc, out, err = run(["--models", "260k,nope", "--json"])
