@@ -12,6 +12,11 @@
 #                                  node alone on its host runs with --weights auto)
 #   kvrelay bench engine --decode-only --decode-ctx 1 --reps 2
 #                                  batch-1 decode from position 1, as llama-bench's tg64
+#                                  (batch 1 also against a probe of its own weights just
+#                                  before and after each repetition: the paired fraction)
+#   kvrelay bench engine --decode-only --kv-type f16
+#                                  decode at batch 1/8/32 with an f16 KV cache, llama.cpp's
+#                                  default cache type: batch 32 like for like
 #   kvrelay bench engine --ceilings-only
 #                                  the read ceiling just before llama-bench (the memory mode
 #                                  its run sees; the batch-1 pairs table uses it)
@@ -102,6 +107,9 @@ for r in $(seq 1 "$ROUNDS"); do
             echo "round $r: $s $t: kvrelay decode from position 1 (tg64's positions)" >&2
             "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 2 --decode-only \
                 --decode-ctx 1 --threads "$THREADS" --json > "$OUT/kvs-$s-$t-$r.json"
+            echo "round $r: $s $t: kvrelay decode with an f16 KV cache (llama.cpp's default)" >&2
+            "$KVR" bench engine --models 260k --bundled-model "$g" --context "$ctx" --reps 1 --decode-only \
+                --kv-type f16 --threads "$THREADS" --json > "$OUT/kvf-$s-$t-$r.json"
             if [ $have_lcpp = 1 ]; then
                 # The memory mode llama-bench's run sees (this VM's bandwidth moves
                 # between ~35 and ~70 GB/s from minute to minute): a probe just before it.
@@ -159,6 +167,11 @@ for f in sorted(glob.glob(os.path.join(out, "kvs-*.json"))):
         if x["phase"] == "decode" and x["batch"] == 1:
             add((s, t, "kvr_tg_pos1"), x["decode_tok_s"])
             add((s, t, "kvr_bw_frac_pos1"), x["decode_bw_fraction"])
+            add((s, t, "kvr_bw_paired_pos1"), x.get("decode_bw_fraction_paired"))
+for f in sorted(glob.glob(os.path.join(out, "kvf-*.json"))):
+    s, t, r = re.match(r".*/kvf-(.+?)-(.+)-(\d+)\.json$", f).groups()
+    for x in json.load(open(f))["results"]:
+        if x["phase"] == "decode" and x["batch"] == 32: add((s, t, "kvr_tg_b32_f16kv"), x["decode_tok_s"])
 for f in sorted(glob.glob(os.path.join(out, "lb-*.json"))):
     s, t, r = re.match(r".*/lb-(.+?)-(.+)-(\d+)\.json$", f).groups()
     try: j = json.load(open(f))
@@ -197,19 +210,22 @@ def ratio(a, b): return None if a is None or b is None or b == 0 else a / b
 print("# kvrelay vs llama.cpp vs llama2.c, medians of %d round(s); read-bandwidth ceiling per round: %s GB/s"
       % (max(1, len(bw_all) // max(1, len({(k[0], k[1]) for k in rows}))), ", ".join("%.1f" % b for b in bw_all)))
 print("kvr tg B=1: batch-1 decode from position 1 (llama-bench tg64's positions; llama2.c's run starts there too);")
-print("kvr tg B=1 @128: the same from position 128 (the engine benchmark's default). Ceiling fractions: both.")
-print("| shape | type | kernel | kvr tg B=1 | llama.cpp tg | llama2.c tg | vs llama.cpp | vs llama2.c | ceiling fraction | kvr tg B=1 @128 | fraction @128 | kvr pp512 | llama.cpp pp512 | pp ratio | kvr B=32 | llama.cpp B=32 | B=32 ratio |")
-print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("kvr tg B=1 @128: the same from position 128 (the engine benchmark's default). Ceiling fractions: both, against")
+print("the best probe of the run; paired: against the probes of the step's own weights next to each repetition.")
+print("kvr B=32: kvrelay's default f32 KV cache; (f16 KV): the cache type llama.cpp's batched-bench runs with.")
+print("| shape | type | kernel | kvr tg B=1 | llama.cpp tg | llama2.c tg | vs llama.cpp | vs llama2.c | ceiling fraction | paired | kvr tg B=1 @128 | fraction @128 | kvr pp512 | llama.cpp pp512 | pp ratio | kvr B=32 | kvr B=32 (f16 KV) | llama.cpp B=32 | B=32 ratio | ratio (f16 KV) |")
+print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 def pct(v): return "-" if v is None else "%.0f%%" % (100 * v)
 for (s, t) in sorted({(k[0], k[1]) for k in rows}):
     kt, lt, ct = g(s, t, "kvr_tg_pos1"), g(s, t, "lcpp_tg"), g(s, t, "l2c_tg")
     k128 = g(s, t, "kvr_tg_b1")
     kp, lp = g(s, t, "kvr_pp512"), g(s, t, "lcpp_pp512")
-    k32, l32 = g(s, t, "kvr_tg_b32"), g(s, t, "lcpp_bb_b32")
-    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+    k32, l32, k32h = g(s, t, "kvr_tg_b32"), g(s, t, "lcpp_bb_b32"), g(s, t, "kvr_tg_b32_f16kv")
+    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
         s, t, g(s, t, "kernel") or "-", fmt(kt), fmt(lt), fmt(ct), fmt(ratio(kt, lt), 2), fmt(ratio(kt, ct), 2),
-        pct(g(s, t, "kvr_bw_frac_pos1")), fmt(k128), pct(g(s, t, "kvr_bw_frac")), fmt(kp), fmt(lp),
-        fmt(ratio(kp, lp), 2), fmt(k32), fmt(l32), fmt(ratio(k32, l32), 2)))
+        pct(g(s, t, "kvr_bw_frac_pos1")), pct(g(s, t, "kvr_bw_paired_pos1")), fmt(k128), pct(g(s, t, "kvr_bw_frac")),
+        fmt(kp), fmt(lp), fmt(ratio(kp, lp), 2), fmt(k32), fmt(k32h), fmt(l32), fmt(ratio(k32, l32), 2),
+        fmt(ratio(k32h, l32), 2)))
 print()
 # Batch 1 round by round, each side with the read ceiling probed next to its own run:
 # a ratio means something only where both ran in the same memory mode (ceilings within
@@ -225,15 +241,16 @@ for f in sorted(glob.glob(os.path.join(out, "kvs-*.json"))):
     except Exception:
         continue
     tg = [x["avg_ts"] for x in lb if x.get("n_gen") == 64 and x.get("n_prompt") == 0]
-    if k and tg: pairs[(s, t, int(r))] = (k[0], j["bw_gbs_min"], j["bw_gbs"], max(tg), lbc["bw_gbs"])
+    pf = [x.get("decode_bw_fraction_paired") for x in j["results"] if x["phase"] == "decode" and x["batch"] == 1]
+    if k and tg: pairs[(s, t, int(r))] = (k[0], j["bw_gbs_min"], j["bw_gbs"], max(tg), lbc["bw_gbs"], pf[0] if pf else None)
 if pairs:
-    print("| shape | type | round | kvr tg B=1 | its ceilings (GB/s) | llama.cpp tg | ceiling before it | same mode | ratio |")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: | --- | ---: |")
+    print("| shape | type | round | kvr tg B=1 | its ceilings (GB/s) | paired fraction | llama.cpp tg | ceiling before it | same mode | ratio |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |")
     same = {}
-    for (s, t, r), (k, kb0, kb1, l, lc) in sorted(pairs.items()):
+    for (s, t, r), (k, kb0, kb1, l, lc, pf) in sorted(pairs.items()):
         ok = abs(lc - kb1) <= 0.2 * kb1 or abs(lc - kb0) <= 0.2 * kb0
         if ok: same.setdefault((s, t), []).append(k / l)
-        print("| %s | %s | %d | %.1f | %.1f-%.1f | %.1f | %.1f | %s | %.2f |" % (s, t, r, k, kb0, kb1, l, lc,
+        print("| %s | %s | %d | %.1f | %.1f-%.1f | %s | %.1f | %.1f | %s | %.2f |" % (s, t, r, k, kb0, kb1, pct(pf), l, lc,
               "yes" if ok else "no", k / l))
     for (s, t), v in sorted(same.items()):
         print("%s %s: batch 1 vs llama.cpp in the same memory mode, %d round(s): median %.2fx (%s)" % (
