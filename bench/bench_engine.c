@@ -328,15 +328,17 @@ struct step_probe {
 };
 
 static int probe_add(struct step_probe *sp, int cap, const struct kvr_tensor *t) {
-    const char *a = t->data, *e = a + (size_t)t->rows * t->row_nbytes;
-    a += (8 - (uintptr_t)a % 8) % 8; /* whole aligned words inside the tensor */
-    for (; a + 8 <= e && sp->n < cap; a += PROBE_CHUNK) {
-        size_t nb = (size_t)(e - a) < PROBE_CHUNK ? (size_t)(e - a) : PROBE_CHUNK;
-        sp->p[sp->n] = (const uint64_t *)(const void *)a;
+    const char *base = t->data;
+    size_t len = (size_t)t->rows * t->row_nbytes, off = (8 - (uintptr_t)base % 8) % 8;
+    for (; off + 8 <= len; off += PROBE_CHUNK) { /* whole aligned words inside the tensor */
+        if (sp->n == cap)
+            return -1;
+        size_t nb = len - off < PROBE_CHUNK ? len - off : PROBE_CHUNK;
+        sp->p[sp->n] = (const uint64_t *)(const void *)(base + off);
         sp->words[sp->n++] = nb / 8;
         sp->nbytes += (double)(nb / 8 * 8);
     }
-    return sp->n < cap ? 0 : -1;
+    return 0;
 }
 
 static int step_probe_init(struct step_probe *sp, const struct kvr_model *m) {
@@ -616,7 +618,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         double rep_gbs[MAX_REPS], probe_gbs[MAX_REPS + 1];
         for (int r = -1; r < reps; r++) { /* r == -1: one untimed warm-up step */
             int n = r < 0 ? 1 : steps;
-            if (paired && r >= 0 && r < MAX_REPS)
+            if (paired && r >= 0 && r <= MAX_REPS) /* r == MAX_REPS: after repetition MAX_REPS - 1 */
                 probe_gbs[r] = step_probe_run(kvr_engine_threadpool(e), &probe);
             double rep_bytes = 0.0;
             double t0 = kvr_clock_now();
@@ -642,8 +644,8 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
             }
         }
         int n_paired = reps < MAX_REPS ? reps : MAX_REPS;
-        if (paired)
-            probe_gbs[n_paired] = step_probe_run(kvr_engine_threadpool(e), &probe);
+        if (paired && reps <= MAX_REPS)
+            probe_gbs[reps] = step_probe_run(kvr_engine_threadpool(e), &probe);
         struct result *row = add_row(b);
         if (row) {
             row->model = sp->name;
