@@ -481,7 +481,7 @@ static void attend_keys(struct kvr_engine *e, int r, int g0, int i_lo, int i_hi,
                 continue;
             }
             if (!rotate) {
-                /* Rows of G*hd floats in token order, all heads of the group. */
+                /* The run's rows of G*hd floats, head by head over the whole run. */
                 kr->qk_rows(sc + i, sstep, nk, q, qstep, G, kv_mul, hd, (const float *)(const void *)kb, kvd, n,
                             scale);
                 t += n;
