@@ -82,14 +82,14 @@ struct kvr_kernels {
     float (*vdot)(const float *a, const float *b, int n);
     float (*exp_shift_sum)(float *x, int n, float max); /* x = e^(x - max), returns the sum */
     void (*swiglu)(float *a, const float *b, int n);    /* a = silu(a) * b */
-    /* One run of n cached f32 rows (ldk floats apart) for G KV heads of hd floats each:
-     * sc[gg * sstep + h * n_keys + u] = (q_(gg,h) . k_(u,gg)) / scale for query head h < kv_mul
-     * of KV head gg (q_(gg,h) at q + gg * qstep + h * hd), u < n; and
-     * out[gg * qstep + h * hd ..] += sum_u a[gg * sstep + h * n_keys + u] * v_(u,gg). */
-    void (*qk_rows)(float *sc, size_t sstep, int n_keys, const float *q, size_t qstep, int G, int kv_mul, int hd,
-                    const float *k, size_t ldk, int n, float scale);
-    void (*av_rows)(float *out, size_t qstep, const float *a, size_t sstep, int n_keys, int G, int kv_mul, int hd,
-                    const float *v, size_t ldv, int n);
+    /* One run of n keys inside a cache block, keys ldk floats apart, for one KV head and its
+     * kv_mul query heads (q_h at q + h*hd):
+     * sc[h * n_keys + u] = (q_h . k_u) / scale, h < kv_mul, u < n. */
+    void (*qk_run)(float *sc, int n_keys, const float *q, int kv_mul, int hd, const float *k,
+                   size_t ldk, int n, float scale);
+    /* out_h += sum_u a[h * n_keys + u] * v_u, h < kv_mul, u < n (values ldv floats apart). */
+    void (*av_run)(float *out, const float *a, int n_keys, int kv_mul, int hd, const float *v,
+                   size_t ldv, int n);
     /* The same over an f16 or bf16 KV cache (t = KVR_DTYPE_F16 or KVR_DTYPE_BF16; keys and
      * values ldk/ldv elements apart), widened to f32 exactly while read (kern_half.inc). */
     void (*qk_run_h)(enum kvr_dtype t, float *sc, int n_keys, const float *q, int kv_mul, int hd,

@@ -465,25 +465,23 @@ static void attend_keys(struct kvr_engine *e, int r, int g0, int i_lo, int i_hi,
         while (t < t_end) {
             int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
             const char *kb = (const char *)kv_ptr(s, l, t, 0) + (size_t)g0 * hd * elt;
-            if (!rotate && kt != KVR_KV_F32) {
-                /* 2-byte values, widened in the kernel: the whole run inside the block per
-                 * head (the block's rows stay in L1 across the heads), so the kernel's
-                 * 8-key reductions and the value accumulators in registers span 16 tokens
-                 * (measured: runs of 4 read the half cache at ~2/3 of f32's bytes/s). */
-                const uint16_t *kh = (const uint16_t *)(const void *)kb;
-                if (t + n < t_end)
-                    prefetch_block(kv_ptr(s, l, t + n, 0), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
-                for (int gg = 0; gg < G; gg++)
-                    kr->qk_run_h(ht, sc + gg * sstep + i, nk, q + gg * qstep, kv_mul, hd,
-                                 kh + (size_t)gg * hd, kvd, n, scale);
-                t += n;
-                i += n;
-                continue;
-            }
             if (!rotate) {
-                /* The run's rows of G*hd floats, head by head over the whole run. */
-                kr->qk_rows(sc + i, sstep, nk, q, qstep, G, kv_mul, hd, (const float *)(const void *)kb, kvd, n,
-                            scale);
+                /* The whole run inside the block, head by head: the kernels' 8-key
+                 * reductions and the value accumulators in registers span up to a block
+                 * (measured: runs of 4 rows read the half cache at ~2/3 of f32's bytes/s,
+                 * and f32 attention took 15-25% longer). 2-byte values are widened in the
+                 * kernel, and their next block prefetched (prefetch_block). */
+                if (kt != KVR_KV_F32 && t + n < t_end)
+                    prefetch_block(kv_ptr(s, l, t + n, 0), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
+                for (int gg = 0; gg < G; gg++) {
+                    float *scg = sc + gg * sstep + i;
+                    const float *qg = q + gg * qstep;
+                    const char *kg = kb + (size_t)gg * hd * elt;
+                    if (kt == KVR_KV_F32)
+                        kr->qk_run(scg, nk, qg, kv_mul, hd, (const float *)(const void *)kg, kvd, n, scale);
+                    else
+                        kr->qk_run_h(ht, scg, nk, qg, kv_mul, hd, (const uint16_t *)(const void *)kg, kvd, n, scale);
+                }
                 t += n;
                 i += n;
                 continue;
@@ -521,18 +519,17 @@ static void attend_keys(struct kvr_engine *e, int r, int g0, int i_lo, int i_hi,
         while (t < t_end) {
             int n = bt - t % bt < t_end - t ? bt - t % bt : t_end - t;
             const char *vbc = (const char *)kv_ptr(s, l, t, 1) + (size_t)g0 * hd * elt;
-            if (kt != KVR_KV_F32) {
-                const uint16_t *vh = (const uint16_t *)(const void *)vbc;
-                if (t + n < t_end)
-                    prefetch_block(kv_ptr(s, l, t + n, 1), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
-                for (int gg = 0; gg < G; gg++)
-                    kr->av_run_h(ht, out + gg * qstep, sc + gg * sstep + i, nk, kv_mul, hd,
-                                 vh + (size_t)gg * hd, kvd, n);
-                t += n;
-                i += n;
-                continue;
+            if (kt != KVR_KV_F32 && t + n < t_end)
+                prefetch_block(kv_ptr(s, l, t + n, 1), g0, G, hd, kvd, t_end - t - n < bt ? t_end - t - n : bt);
+            for (int gg = 0; gg < G; gg++) {
+                float *og = out + gg * qstep;
+                const float *ag = sc + gg * sstep + i;
+                const char *vg = vbc + (size_t)gg * hd * elt;
+                if (kt == KVR_KV_F32)
+                    kr->av_run(og, ag, nk, kv_mul, hd, (const float *)(const void *)vg, kvd, n);
+                else
+                    kr->av_run_h(ht, og, ag, nk, kv_mul, hd, (const uint16_t *)(const void *)vg, kvd, n);
             }
-            kr->av_rows(out, qstep, sc + i, sstep, nk, G, kv_mul, hd, (const float *)(const void *)vbc, kvd, n);
             t += n;
             i += n;
         }
