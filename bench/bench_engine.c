@@ -117,7 +117,7 @@ struct result {
     double flops_fraction;
     uint64_t peak_rss;
     /* Batch 1: the step's own weights read by the probe next to each repetition
-     * (struct step_probe), n_paired repetitions between n_paired + 1 probes. */
+     * (struct read_probe), n_paired repetitions between n_paired + 1 probes. */
     int n_paired;
     double rep_gbs[MAX_REPS];        /* each repetition's GB/s */
     double probe_gbs[MAX_REPS + 1];  /* probe r: just before repetition r (r = reps: after the last) */
@@ -207,17 +207,65 @@ static int next_token(uint64_t *s, int vocab) {
 
 /* ---- ceilings ------------------------------------------------------------------- */
 
-struct bw_job {
-    const uint64_t *buf; /* (n) words */
-    size_t n, chunk;
+/* A read probe: sums, as 64-bit words, a list of memory regions in pieces of at most 4 MiB
+ * that the threads claim in turn (no barrier between regions); one pass reads every byte
+ * once. The machine's read ceiling reads a buffer far larger than the caches; batch-1
+ * decode rows also read the step's own weights (step_probe_init) just before and after
+ * each repetition: this VM's bandwidth moves by tens of percent from minute to minute,
+ * so a fraction against the best probe of a whole run can mix memory modes, and one
+ * against the adjacent probes of the same bytes cannot. */
+struct read_probe {
+    const uint64_t **p; /* (cap) piece starts, 8-byte aligned */
+    size_t *words;      /* (cap) words per piece */
+    int n, cap;
+    double nbytes;      /* read by one pass */
     uint64_t sums[1024];
 };
 
-static void bw_task(void *arg, int task, int thread) {
-    struct bw_job *j = arg;
-    size_t i0 = (size_t)task * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
-    uint64_t s = kvr_kernels()->sum_u64(j->buf + i0, i1 - i0);
-    j->sums[thread] += s;
+static int probe_init(struct read_probe *rp, int cap) {
+    memset(rp, 0, sizeof *rp);
+    rp->p = malloc((size_t)cap * sizeof *rp->p);
+    rp->words = malloc((size_t)cap * sizeof *rp->words);
+    rp->cap = cap;
+    return rp->p && rp->words ? KVR_OK : KVR_ENOMEM;
+}
+
+static void probe_free(struct read_probe *rp) {
+    free(rp->p);
+    free(rp->words);
+    rp->p = NULL;
+    rp->words = NULL;
+}
+
+/* The whole aligned words of the len bytes at base, as pieces. */
+static int probe_add(struct read_probe *rp, const void *base, size_t len) {
+    size_t off = (8 - (uintptr_t)base % 8) % 8;
+    for (; off + 8 <= len; off += PROBE_CHUNK) {
+        if (rp->n == rp->cap)
+            return KVR_ENOMEM;
+        size_t nb = len - off < PROBE_CHUNK ? len - off : PROBE_CHUNK;
+        rp->p[rp->n] = (const uint64_t *)(const void *)((const char *)base + off);
+        rp->words[rp->n++] = nb / 8;
+        rp->nbytes += (double)(nb / 8 * 8);
+    }
+    return KVR_OK;
+}
+
+static void probe_task(void *arg, int task, int thread) {
+    struct read_probe *rp = arg;
+    rp->sums[thread] += kvr_kernels()->sum_u64(rp->p[task], rp->words[task]);
+}
+
+/* Best GB/s of passes passes on tp's threads. */
+static double probe_run(struct kvr_threadpool *tp, struct read_probe *rp, int passes) {
+    double best_gbs = 0.0;
+    for (int r = 0; r < passes; r++) {
+        double t0 = kvr_clock_now();
+        kvr_threadpool_run(tp, probe_task, rp, rp->n);
+        double gbs = rp->nbytes / (kvr_clock_now() - t0) / 1e9;
+        best_gbs = gbs > best_gbs ? gbs : best_gbs;
+    }
+    return best_gbs;
 }
 
 /* Best read bandwidth (GB/s) over reps passes of a buffer of nbytes on tp's threads. */
@@ -230,31 +278,39 @@ static double measure_bw(struct kvr_threadpool *tp, size_t nbytes, int reps) {
         return 0.0;
     }
     memset(mem, 1, nbytes);
-    struct bw_job *j = calloc(1, sizeof *j);
+    struct read_probe *rp = malloc(sizeof *rp);
     double bw = 0.0;
-    if (j) {
-        j->buf = mem;
-        j->n = nbytes / sizeof(uint64_t);
-        j->chunk = (4u << 20) / sizeof(uint64_t); /* 4 MiB per task: threads balance */
-        int n_tasks = (int)((j->n + j->chunk - 1) / j->chunk);
-        for (int r = 0; r < reps; r++) {
-            double t0 = kvr_clock_now();
-            kvr_threadpool_run(tp, bw_task, j, n_tasks);
-            double t = kvr_clock_now() - t0;
-            if ((double)nbytes / t / 1e9 > bw)
-                bw = (double)nbytes / t / 1e9;
-        }
+    if (rp && probe_init(rp, (int)(nbytes / PROBE_CHUNK) + 1) == KVR_OK && probe_add(rp, mem, nbytes) == KVR_OK) {
+        bw = probe_run(tp, rp, reps);
         uint64_t total = 0;
         for (int i = 0; i < 1024; i++)
-            total += j->sums[i];
+            total += rp->sums[i];
         if (total != (uint64_t)reps * (nbytes / 8) * 0x0101010101010101ull)
             KVR_LOG_WARN("bandwidth buffer checksum mismatch (%llu)", (unsigned long long)total);
-        free(j);
     }
+    if (rp)
+        probe_free(rp);
+    free(rp);
     kvr_huge_free(mem, len);
     return bw;
 }
 
+/* The weights a decode step reads: every layer's seven matrices and the classifier, where
+ * the model holds them (the copy in huge pages or the mapping). */
+static int step_probe_init(struct read_probe *rp, const struct kvr_model *m) {
+    const struct kvr_model_config *c = kvr_model_config(m);
+    const struct kvr_model_weights *w = kvr_model_weights(m);
+    int rc = probe_init(rp, (int)(kvr_model_step_nbytes(m) / PROBE_CHUNK) + 8 * c->n_layers + 8);
+    for (int l = 0; rc == KVR_OK && l < c->n_layers; l++) {
+        const struct kvr_layer_weights *lw = &w->layers[l];
+        const struct kvr_tensor *ts[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
+        for (size_t i = 0; rc == KVR_OK && i < sizeof ts / sizeof ts[0]; i++)
+            rc = probe_add(rp, ts[i]->data, (size_t)ts[i]->rows * ts[i]->row_nbytes);
+    }
+    if (rc == KVR_OK)
+        rc = probe_add(rp, w->wcls.data, (size_t)w->wcls.rows * w->wcls.row_nbytes);
+    return rc;
+}
 /* Best cblas_sgemm GFLOP/s at n^3 with OpenBLAS's own n_threads threads. */
 static double measure_sgemm(int n, int n_threads, int reps) {
     size_t nn = (size_t)n * (size_t)n;
@@ -308,80 +364,6 @@ static int measure_ceilings(struct bench *b) {
     b->n_ceiling_runs++;
     fprintf(stderr, "bench engine: ceilings now: read %.1f GB/s, sgemm %.1f GFLOP/s\n", bw, gf);
     return KVR_OK;
-}
-
-/* ---- the step's own bytes ------------------------------------------------------- */
-
-/* A read probe over exactly the weights a decode step reads (every layer's seven
- * matrices and the classifier, where the model holds them: the copy in huge pages or the
- * mapping), in 4 MiB pieces claimed by the threads in turn, no barrier between matrices.
- * Taken just before and just after each batch-1 repetition, it is the read ceiling of
- * the same bytes in the same memory mode: this VM's bandwidth moves by tens of percent
- * from minute to minute, so a fraction against the best probe of a whole run mixes
- * modes, and one against the adjacent probes does not. */
-struct step_probe {
-    const uint64_t **p; /* (n) piece starts, 8-byte aligned */
-    size_t *words;      /* (n) words per piece */
-    int n;
-    double nbytes;
-    uint64_t sums[1024];
-};
-
-static int probe_add(struct step_probe *sp, int cap, const struct kvr_tensor *t) {
-    const char *base = t->data;
-    size_t len = (size_t)t->rows * t->row_nbytes, off = (8 - (uintptr_t)base % 8) % 8;
-    for (; off + 8 <= len; off += PROBE_CHUNK) { /* whole aligned words inside the tensor */
-        if (sp->n == cap)
-            return -1;
-        size_t nb = len - off < PROBE_CHUNK ? len - off : PROBE_CHUNK;
-        sp->p[sp->n] = (const uint64_t *)(const void *)(base + off);
-        sp->words[sp->n++] = nb / 8;
-        sp->nbytes += (double)(nb / 8 * 8);
-    }
-    return 0;
-}
-
-static int step_probe_init(struct step_probe *sp, const struct kvr_model *m) {
-    const struct kvr_model_config *c = kvr_model_config(m);
-    const struct kvr_model_weights *w = kvr_model_weights(m);
-    int cap = (int)(kvr_model_step_nbytes(m) / PROBE_CHUNK) + 8 * c->n_layers + 8;
-    memset(sp, 0, sizeof *sp);
-    sp->p = malloc((size_t)cap * sizeof *sp->p);
-    sp->words = malloc((size_t)cap * sizeof *sp->words);
-    if (!sp->p || !sp->words)
-        return KVR_ENOMEM;
-    for (int l = 0; l < c->n_layers; l++) {
-        const struct kvr_layer_weights *lw = &w->layers[l];
-        const struct kvr_tensor *ts[] = {&lw->wq, &lw->wk, &lw->wv, &lw->wo, &lw->w1, &lw->w2, &lw->w3};
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++)
-            if (probe_add(sp, cap, ts[i]) != 0)
-                return KVR_ENOMEM;
-    }
-    return probe_add(sp, cap, &w->wcls) != 0 ? KVR_ENOMEM : KVR_OK;
-}
-
-static void step_probe_free(struct step_probe *sp) {
-    free(sp->p);
-    free(sp->words);
-    sp->p = NULL;
-    sp->words = NULL;
-}
-
-static void step_probe_task(void *arg, int task, int thread) {
-    struct step_probe *sp = arg;
-    sp->sums[thread] += kvr_kernels()->sum_u64(sp->p[task], sp->words[task]);
-}
-
-/* Best GB/s of two passes over the step's weights on tp's threads. */
-static double step_probe_run(struct kvr_threadpool *tp, struct step_probe *sp) {
-    double best_gbs = 0.0;
-    for (int r = 0; r < 2; r++) {
-        double t0 = kvr_clock_now();
-        kvr_threadpool_run(tp, step_probe_task, sp, sp->n);
-        double gbs = sp->nbytes / (kvr_clock_now() - t0) / 1e9;
-        best_gbs = gbs > best_gbs ? gbs : best_gbs;
-    }
-    return best_gbs;
 }
 
 /* ---- model runs ----------------------------------------------------------------- */
@@ -479,7 +461,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
     float *logits = NULL;
     double *times = NULL;
     struct kvr_forward_item items[32];
-    struct step_probe probe = {0};
+    struct read_probe probe = {0};
     int n_seqs = 0, rc;
     int reps = b->reps;
     int steps = b->cfg.quick ? (sp->decode_steps + 1) / 2 : sp->decode_steps;
@@ -613,13 +595,13 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         }
         double bytes_sum = 0.0, flops_sum = 0.0;
         /* Batch 1: a probe of the step's own weights before each repetition and after the
-         * last (struct step_probe). */
+         * last (struct read_probe). */
         int paired = B == 1 && probe.n > 0;
         double rep_gbs[MAX_REPS], probe_gbs[MAX_REPS + 1];
         for (int r = -1; r < reps; r++) { /* r == -1: one untimed warm-up step */
             int n = r < 0 ? 1 : steps;
             if (paired && r >= 0 && r <= MAX_REPS) /* r == MAX_REPS: after repetition MAX_REPS - 1 */
-                probe_gbs[r] = step_probe_run(kvr_engine_threadpool(e), &probe);
+                probe_gbs[r] = probe_run(kvr_engine_threadpool(e), &probe, 2);
             double rep_bytes = 0.0;
             double t0 = kvr_clock_now();
             for (int st = 0; st < n; st++) {
@@ -645,7 +627,7 @@ static int run_model(struct bench *b, const struct model_spec *sp, const char *p
         }
         int n_paired = reps < MAX_REPS ? reps : MAX_REPS;
         if (paired && reps <= MAX_REPS)
-            probe_gbs[reps] = step_probe_run(kvr_engine_threadpool(e), &probe);
+            probe_gbs[reps] = probe_run(kvr_engine_threadpool(e), &probe, 2);
         struct result *row = add_row(b);
         if (row) {
             row->model = sp->name;
@@ -695,7 +677,7 @@ out:
         for (int i = (int)first_row; i < b->n_rows; i++)
             b->rows[i].peak_rss = rss;
     }
-    step_probe_free(&probe);
+    probe_free(&probe);
     kvr_model_free(m);
     free(tokens);
     free(logits);
