@@ -7,6 +7,7 @@
 #include "matmul.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -269,22 +270,6 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
     }
 }
 
-int kvr_matmul_chunk_b1(int n, enum kvr_dtype t, int n_threads) {
-    /* Batch 1 streams each matrix once at the memory's pace: per thread one contiguous
-     * range of whole rows (whole 16-row groups), read as one sequential stream with no
-     * cold restart, against 256 KiB tasks claimed in turn: measured (2 threads, 110M
-     * shape, interleaved runs) F16 +12-24%, Q8_0 +15-18% decode tokens/s. F32 gains
-     * another 4-14% when each range is cut into 8 slices handed out in turn
-     * (kvr_matmul_task_order: the threads still read their own range in order while they
-     * keep pace, and a thread slowed by a busy core leaves part of its range to the
-     * other); F16 gains nothing from that and Q8_0 loses 10-25% (its 16-row groups
-     * prefetch the next group, which a slice boundary cuts off). */
-    int q = t == KVR_DTYPE_F32 ? 8 : 1;
-    int c = (n + n_threads * q - 1) / (n_threads * q);
-    c = (c + 15) & ~15;
-    return c < n ? c : n;
-}
-
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     int c;
     if (m <= KVR_MATMUL_SMALL_M) {
@@ -310,11 +295,101 @@ int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
     return c < n ? c : n;
 }
 
-int kvr_matmul_task_order(int i, int n_tasks, int n_threads) {
-    if (n_threads < 2 || n_tasks % n_threads != 0)
-        return i;
-    return (i % n_threads) * (n_tasks / n_threads) + i / n_threads;
+/* ---- batch 1: one range of rows per thread ------------------------------------- */
+
+/* Batch 1 reads every weight once per step, so a step runs at the memory's pace only
+ * while every thread streams: each thread owns one contiguous range of each product
+ * (one sequential stream the hardware prefetchers follow, no cold restarts inside it)
+ * and the ends are balanced by taking from the back of the others' ranges. A claim takes
+ * 1/div of what is left (at least a slice): few claims while a range is long, single
+ * slices at its end, so the threads finish within a slice of each other whatever pace
+ * each had (a thread slowed by a busy core leaves its tail to the other). */
+#define B1_SLICE 16      /* rows per slice: whole 16-row groups (the Q8_0 kernel's) */
+#define B1_MAX_RANGES 16 /* threads past this own no range: they only take from the backs */
+
+/* A range's unclaimed slices [lo, hi) as hi << 32 | lo, on a cache line of its own. */
+struct b1_range {
+    _Alignas(64) _Atomic uint64_t lohi;
+};
+
+struct b1_job {
+    void (*fn)(void *arg, int part, int r0, int r1, int thread);
+    void *arg;
+    int n_parts, n_ranges, div;
+    int n_rows[KVR_MATMUL_MAX_OPS];
+    struct b1_range r[KVR_MATMUL_MAX_OPS][B1_MAX_RANGES];
+};
+
+/* Claims a quarter of what is left of r (at least one slice), from its front or its back:
+ * slices [*s0, *s0 + returned count); 0 when r is empty. */
+static int b1_take(struct b1_range *r, int back, int div, int *s0) {
+    uint64_t v = atomic_load_explicit(&r->lohi, memory_order_relaxed);
+    for (;;) {
+        uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+        if (lo >= hi)
+            return 0;
+        uint32_t n = (hi - lo + (uint32_t)div - 1) / (uint32_t)div;
+        uint64_t nv = back ? (uint64_t)(hi - n) << 32 | lo : (uint64_t)hi << 32 | (lo + n);
+        if (atomic_compare_exchange_weak_explicit(&r->lohi, &v, nv, memory_order_relaxed, memory_order_relaxed)) {
+            *s0 = (int)(back ? hi - n : lo);
+            return (int)n;
+        }
+    }
 }
+
+static void b1_rows(const struct b1_job *j, int p, int s0, int n, int thread) {
+    int r1 = (s0 + n) * B1_SLICE;
+    j->fn(j->arg, p, s0 * B1_SLICE, r1 < j->n_rows[p] ? r1 : j->n_rows[p], thread);
+}
+
+static void b1_task(void *arg, int task, int thread) {
+    (void)task;
+    struct b1_job *j = arg;
+    int s0, n;
+    if (thread < j->n_ranges)
+        for (int p = 0; p < j->n_parts; p++)
+            while ((n = b1_take(&j->r[p][thread], 0, j->div, &s0)) > 0)
+                b1_rows(j, p, s0, n, thread);
+    /* The others' tails, last part first (the others work through the parts in order). */
+    for (int p = j->n_parts - 1; p >= 0; p--)
+        for (int d = 1; d <= j->n_ranges; d++)
+            while ((n = b1_take(&j->r[p][(thread + d) % j->n_ranges], 1, j->div, &s0)) > 0)
+                b1_rows(j, p, s0, n, thread);
+}
+
+int kvr_matmul_b1_div(enum kvr_dtype t) {
+    /* Measured (110M, 2 threads, the variants interleaved step by step in one process,
+     * 400 steps; docs/PERFORMANCE.md round 7), step time against the earlier fixed split
+     * (F32: 8 slices per thread handed out in turn; the others: one range per thread):
+     * F32 div 4 -2 to -5% (div 2 no gain, 6 and 8 less); F16 and BF16 div 3 -3 to -7%
+     * (div 2 about as good, 4 slower); Q8_0 +13-20% for div 2, so one claim: each call of
+     * its kernel starts a 16-row group without the prefetch the previous group issues. */
+    switch (t) {
+    case KVR_DTYPE_F32: return 4;
+    case KVR_DTYPE_F16:
+    case KVR_DTYPE_BF16: return 3;
+    default: return 1;
+    }
+}
+
+void kvr_matmul_b1_run(struct kvr_threadpool *tp, int n_parts, const int *n_rows, int div,
+                       void (*fn)(void *arg, int part, int r0, int r1, int thread), void *arg) {
+    KVR_ASSERT(n_parts >= 1 && n_parts <= KVR_MATMUL_MAX_OPS && div >= 1);
+    struct b1_job j = {.fn = fn, .arg = arg, .n_parts = n_parts, .div = div};
+    int nt = kvr_threadpool_n_threads(tp);
+    j.n_ranges = nt < B1_MAX_RANGES ? nt : B1_MAX_RANGES;
+    for (int p = 0; p < n_parts; p++) {
+        j.n_rows[p] = n_rows[p];
+        uint64_t n_sl = ((uint64_t)n_rows[p] + B1_SLICE - 1) / B1_SLICE;
+        for (int r = 0; r < j.n_ranges; r++) {
+            uint64_t lo = n_sl * (uint64_t)r / (uint64_t)j.n_ranges, hi = n_sl * (uint64_t)(r + 1) / (uint64_t)j.n_ranges;
+            atomic_init(&j.r[p][r].lohi, hi << 32 | lo);
+        }
+    }
+    kvr_threadpool_run(tp, b1_task, &j, nt);
+}
+
+/* ---- products of any batch ------------------------------------------------------ */
 
 struct mm_job {
     const struct kvr_matmul_op *ops;
@@ -322,7 +397,6 @@ struct mm_job {
     struct kvr_matmul_act act[KVR_MATMUL_MAX_OPS];
     int task0[KVR_MATMUL_MAX_OPS + 1]; /* first task of each op; task0[n_ops] = total */
     int chunk[KVR_MATMUL_MAX_OPS];
-    int nt;
 };
 
 static void mm_task(void *arg, int task, int thread) {
@@ -333,12 +407,17 @@ static void mm_task(void *arg, int task, int thread) {
         o++;
     const struct kvr_matmul_op *op = &j->ops[o];
     int i = task - j->task0[o];
-    if (op->m == 1)
-        i = kvr_matmul_task_order(i, j->task0[o + 1] - j->task0[o], j->nt);
     int n0 = i * j->chunk[o];
     int n = (int)op->w->rows;
     int n1 = n0 + j->chunk[o] < n ? n0 + j->chunk[o] : n;
     kvr_matmul_slice(op->y, n, &j->act[o], op->w, n0, n1, op->beta);
+}
+
+static void mm_b1_rows(void *arg, int o, int r0, int r1, int thread) {
+    (void)thread;
+    const struct mm_job *j = arg;
+    const struct kvr_matmul_op *op = &j->ops[o];
+    kvr_matmul_slice(op->y, (int)op->w->rows, &j->act[o], op->w, r0, r1, op->beta);
 }
 
 void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
@@ -346,8 +425,8 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
     KVR_ASSERT(n_ops >= 1 && n_ops <= KVR_MATMUL_MAX_OPS);
     struct mm_job j = {.ops = ops, .n_ops = n_ops};
     int nt = kvr_threadpool_n_threads(tp);
-    j.nt = nt;
     long work = 0;
+    int b1 = 1, div = 1 << 30, n_rows[KVR_MATMUL_MAX_OPS];
     int slot_used[KVR_MATMUL_WS_SLOTS] = {0};
     j.task0[0] = 0;
     for (int o = 0; o < n_ops; o++) {
@@ -371,13 +450,20 @@ void kvr_matmul_multi(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws,
                 slot_used[slot] = 1;
             kvr_matmul_act_prepare_rows(tp, ws, slot, op->x, op->m, k, op->w->type, op->prompt_rows, &j.act[o]);
         }
-        j.chunk[o] = op->m == 1 ? kvr_matmul_chunk_b1(n, op->w->type, nt)
-                                : kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
+        j.chunk[o] = kvr_matmul_chunk(op->m, n, op->w->row_nbytes, nt);
+        n_rows[o] = n;
+        b1 &= op->m == 1;
+        int d = kvr_matmul_b1_div(op->w->type);
+        div = d < div ? d : div;
         j.task0[o + 1] = j.task0[o] + (n + j.chunk[o] - 1) / j.chunk[o];
         work += (long)op->m * n * k;
     }
     /* Tiny problems (the bundled model) are not worth waking threads for. */
-    kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? tp : NULL, mm_task, &j, j.task0[n_ops]);
+    struct kvr_threadpool *run_tp = work >= KVR_PARALLEL_MIN_WORK ? tp : NULL;
+    if (b1)
+        kvr_matmul_b1_run(run_tp, n_ops, n_rows, div, mm_b1_rows, &j);
+    else
+        kvr_threadpool_run(run_tp, mm_task, &j, j.task0[n_ops]);
 }
 
 void kvr_matmul(struct kvr_threadpool *tp, struct kvr_matmul_ws *ws, float *y, const float *x,

@@ -120,13 +120,20 @@ void kvr_matmul_slice(float *y, int ldy, const struct kvr_matmul_act *a,
  * of row_nbytes bytes each on n_threads threads. */
 int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads);
 
-/* The same for one activation row (batch-1 decode) over n weight rows of type t. */
-int kvr_matmul_chunk_b1(int n, enum kvr_dtype t, int n_threads);
+/* Batch 1 (one activation row): a parallel loop over the rows of n_parts independent
+ * products (part p has n_rows[p] weight rows), cut into slices of 16 rows. Each thread owns
+ * one contiguous range of every part and reads its ranges part after part, front to back,
+ * as one sequential stream per part, each claim taking 1/div of what is left of the range
+ * (div 1: the whole range at once); a thread whose ranges are done claims the same way
+ * from the back of the others' ranges, so the threads end within a slice of each other.
+ * fn(arg, part, r0, r1, thread) computes rows [r0, r1) of a part; every row is computed
+ * once, in no particular order. Runs on the calling thread alone when tp is NULL or has
+ * one thread. 1 <= n_parts <= KVR_MATMUL_MAX_OPS, div >= 1. */
+void kvr_matmul_b1_run(struct kvr_threadpool *tp, int n_parts, const int *n_rows, int div,
+                       void (*fn)(void *arg, int part, int r0, int r1, int thread), void *arg);
 
-/* The slice a batch-1 product's task i of n_tasks computes on n_threads threads: tasks
- * are claimed in turn, so slices are handed out round-robin over n_threads contiguous
- * ranges (task i to range i % n_threads): while the threads keep pace, each reads one
- * contiguous range; a thread that falls behind leaves the tail of its range to others. */
-int kvr_matmul_task_order(int i, int n_tasks, int n_threads);
+/* The div kvr_matmul_b1_run is measured best with for weights of type t (how its kernel
+ * takes being cut into several calls); for several types, take the smallest. */
+int kvr_matmul_b1_div(enum kvr_dtype t);
 
 #endif /* KVR_MATMUL_H */

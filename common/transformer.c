@@ -366,18 +366,22 @@ struct ffn_job {
 
 /* Features [n0, n1) of hb = xb W1^T and hb2 = xb W3^T for every row, then SwiGLU on
  * them while they are still in cache. */
-static void ffn_task(void *arg, int task, int thread) {
+static void ffn_rows(void *arg, int part, int n0, int n1, int thread) {
+    (void)part;
     (void)thread;
     const struct ffn_job *j = arg;
     struct kvr_engine *e = j->e;
     int hid = e->c->hidden_dim, T = e->n_rows;
-    if (T == 1)
-        task = kvr_matmul_task_order(task, (hid + j->chunk - 1) / j->chunk, e->n_threads);
-    int n0 = task * j->chunk, n1 = n0 + j->chunk < hid ? n0 + j->chunk : hid;
     kvr_matmul_slice(e->hb, hid, &j->a1, j->w1, n0, n1, 0.0f);
     kvr_matmul_slice(e->hb2, hid, &j->a3, j->w3, n0, n1, 0.0f);
     for (int r = 0; r < T; r++)
         swiglu(e->hb + (size_t)r * hid + n0, e->hb2 + (size_t)r * hid + n0, n1 - n0);
+}
+
+static void ffn_task(void *arg, int task, int thread) {
+    const struct ffn_job *j = arg;
+    int hid = j->e->c->hidden_dim, n0 = task * j->chunk;
+    ffn_rows(arg, 0, n0, n0 + j->chunk < hid ? n0 + j->chunk : hid, thread);
 }
 
 static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const struct kvr_tensor *w3) {
@@ -390,15 +394,19 @@ static void ffn_up(struct kvr_engine *e, const struct kvr_tensor *w1, const stru
     else
         kvr_matmul_act_prepare_rows(e->tp, e->ws, w1->type == KVR_DTYPE_F32 ? 0 : 1, e->xb, T, d, w3->type,
                                     e->prompt_rows, &j.a3);
-    /* Each task reads two weight slices: half the plain chunk keeps the same task size
-     * (batch 1 keeps one range of features per thread, kvr_matmul_chunk_b1). */
-    j.chunk = T == 1 ? kvr_matmul_chunk_b1(hid, w1->type, e->n_threads)
-                     : kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
-    if (j.chunk >= 32 && T > 1 && T <= KVR_MATMUL_SMALL_M)
-        j.chunk = ((j.chunk / 2) + 15) & ~15;
     long work = 2L * T * hid * e->c->dim;
-    kvr_threadpool_run(work >= KVR_PARALLEL_MIN_WORK ? e->tp : NULL, ffn_task, &j,
-                       (hid + j.chunk - 1) / j.chunk);
+    struct kvr_threadpool *tp = work >= KVR_PARALLEL_MIN_WORK ? e->tp : NULL;
+    if (T == 1) {
+        /* Batch 1: one range of features per thread (kvr_matmul_b1_run). */
+        int d1 = kvr_matmul_b1_div(w1->type), d3 = kvr_matmul_b1_div(w3->type);
+        kvr_matmul_b1_run(tp, 1, &hid, d1 < d3 ? d1 : d3, ffn_rows, &j);
+        return;
+    }
+    /* Each task reads two weight slices: half the plain chunk keeps the same task size. */
+    j.chunk = kvr_matmul_chunk(T, hid, w1->row_nbytes, e->n_threads);
+    if (j.chunk >= 32 && T <= KVR_MATMUL_SMALL_M)
+        j.chunk = ((j.chunk / 2) + 15) & ~15;
+    kvr_threadpool_run(tp, ffn_task, &j, (hid + j.chunk - 1) / j.chunk);
 }
 
 /* ---- attention: per-query path over cache blocks -------------------------------- */

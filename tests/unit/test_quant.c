@@ -8,7 +8,8 @@
  *    1e-11), and with the exact activations (the convention's own error: NMSE per type);
  *  - kvr_matmul for each type, few rows and many, one thread and two, with beta, against
  *    the double reference; for non-F32 weights, slices and batches that change no bit;
- *    kvr_matmul_multi sharing one conversion across ops of mixed types;
+ *    kvr_matmul_multi sharing one conversion across ops of mixed types; batch 1 on the
+ *    pool (a range per thread) bit for bit one slice;
  *  - the prefill GEMM: every variant's f32 panel kernel against the fmaf chain, and the
  *    AVX512-BF16 one (where the CPU has it; said when skipped) against the double
  *    reference of its bf16 inputs, bit-identical at any m, row or column place.
@@ -437,6 +438,49 @@ static void test_matmul(struct kvr_threadpool *tp) {
         free(bufs[o]);
     }
     free(x), free(w), free(yr);
+
+    /* Batch 1 big enough for the pool (kvr_matmul_b1_run: a range per thread, tails
+     * taken by whoever is free): three products of one call, every type, row counts that
+     * are not whole 16-row slices; each equal, bit for bit, to one single-threaded slice
+     * over all its rows (the per-row kernels do not depend on where a call starts). */
+    k = 320;
+    const int b1n[3] = {1000, 333, 1040};
+    x = malloc((size_t)k * sizeof *x);
+    REQUIRE(x);
+    for (int i = 0; i < k; i++)
+        x[i] = frand(1.0f);
+    for (size_t ti = 0; ti < sizeof all_types / sizeof all_types[0]; ti++) {
+        enum kvr_dtype t = all_types[ti];
+        float *wv[3];
+        for (int o = 0; o < 3; o++) {
+            REQUIRE((wv[o] = malloc((size_t)b1n[o] * k * sizeof *wv[o])) != NULL);
+            for (int i = 0; i < b1n[o] * k; i++)
+                wv[o][i] = frand(0.05f);
+            wts[o] = make_weight(t, wv[o], b1n[o], k, &bufs[o]);
+            REQUIRE((ys[o] = malloc((size_t)b1n[o] * sizeof *ys[o])) != NULL);
+            ops[o] = (struct kvr_matmul_op){.y = ys[o], .x = x, .w = &wts[o], .m = 1, .beta = 0.0f};
+        }
+        for (int rep = 0; rep < 20; rep++) {
+            kvr_matmul_multi(tp, ws, ops, 3);
+            for (int o = 0; o < 3; o++) {
+                float *yr1 = malloc((size_t)b1n[o] * sizeof *yr1);
+                REQUIRE(yr1);
+                struct kvr_matmul_act a;
+                kvr_matmul_act_prepare(ws, 0, x, 1, k, t, &a);
+                kvr_matmul_slice(yr1, b1n[o], &a, &wts[o], 0, b1n[o], 0.0f);
+                if (memcmp(yr1, ys[o], (size_t)b1n[o] * sizeof *yr1) != 0) {
+                    fprintf(stderr, "  batch 1 on the pool, %s, product %d: differs from one slice\n",
+                            kvr_dtype_name(t), o);
+                    CHECK(0);
+                    rep = 20;
+                }
+                free(yr1);
+            }
+        }
+        for (int o = 0; o < 3; o++)
+            free(wv[o]), free(bufs[o]), free(ys[o]);
+    }
+    free(x);
     kvr_matmul_ws_free(ws);
 }
 
