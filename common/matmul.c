@@ -320,7 +320,7 @@ struct b1_job {
     struct b1_range r[KVR_MATMUL_MAX_OPS][B1_MAX_RANGES];
 };
 
-/* Claims a quarter of what is left of r (at least one slice), from its front or its back:
+/* Claims 1/div of what is left of r (at least one slice), from its front or its back:
  * slices [*s0, *s0 + returned count); 0 when r is empty. */
 static int b1_take(struct b1_range *r, int back, int div, int *s0) {
     uint64_t v = atomic_load_explicit(&r->lohi, memory_order_relaxed);
@@ -362,7 +362,7 @@ int kvr_matmul_b1_div(enum kvr_dtype t) {
      * 400 steps; docs/PERFORMANCE.md round 7), step time against the earlier fixed split
      * (F32: 8 slices per thread handed out in turn; the others: one range per thread):
      * F32 div 4 -2 to -5% (div 2 no gain, 6 and 8 less); F16 and BF16 div 3 -3 to -7%
-     * (div 2 about as good, 4 slower); Q8_0 +13-20% for div 2, so one claim: each call of
+     * (div 2 about as good, 4 slower); Q8_0 +13-21% for div 2, so one claim: each call of
      * its kernel starts a 16-row group without the prefetch the previous group issues. */
     switch (t) {
     case KVR_DTYPE_F32: return 4;
