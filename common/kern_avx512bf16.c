@@ -17,11 +17,11 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "kern_gemm512_impl.h"
+
 #if !defined(__AVX512F__) || !defined(__AVX512BF16__)
 #error "kern_avx512bf16.c needs -mavx512f -mavx512bf16"
 #endif
-
-#define GB_MR 12
 
 /* The pair (x[t], x[t+1]) of a bf16 row as one 32-bit word (x[t] in the low half, the
  * order vdpbf16ps pairs it with the panel's words); rows may be 2-byte aligned only. */
@@ -34,7 +34,7 @@ static inline __attribute__((always_inline)) __m512bh pair_bcast(const uint16_t 
 static inline __attribute__((always_inline)) void gb_block(float *y, size_t ldy, const uint16_t *x, size_t ldx,
                                                           const uint32_t *wp, int k, int mr, __mmask16 m0,
                                                           __mmask16 m1, float beta) {
-    __m512 a0[GB_MR], a1[GB_MR];
+    __m512 a0[GP_MR], a1[GP_MR];
     for (int r = 0; r < mr; r++)
         a0[r] = a1[r] = _mm512_setzero_ps();
     int kp = k / 2;
@@ -57,36 +57,16 @@ static inline __attribute__((always_inline)) void gb_block(float *y, size_t ldy,
             a1[r] = _mm512_dpbf16_ps(a1[r], xb, w1);
         }
     }
-    __m512 vb = _mm512_set1_ps(beta);
-    for (int r = 0; r < mr; r++) {
-        float *yr = y + (size_t)r * ldy;
-        if (beta != 0.0f) {
-            a0[r] = _mm512_add_ps(a0[r], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, yr)));
-            a1[r] = _mm512_add_ps(a1[r], _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m1, yr + 16)));
-        }
-        _mm512_mask_storeu_ps(yr, m0, a0[r]);
-        _mm512_mask_storeu_ps(yr + 16, m1, a1[r]);
-    }
+    gp_store512(y, ldy, a0, a1, mr, m0, m1, beta);
 }
 
 void kvr_gemm_panel_bf16_avx512(float *y, size_t ldy, const uint16_t *x, size_t ldx, int m, const uint32_t *wp,
                                 int n, int k, float beta) {
-    __mmask16 m0 = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-    __mmask16 m1 = n >= 32 ? (__mmask16)0xFFFF : n <= 16 ? 0 : (__mmask16)((1u << (n - 16)) - 1u);
-    int i = 0;
-    for (; i + GB_MR <= m; i += GB_MR)
-        gb_block(y + (size_t)i * ldy, ldy, x + (size_t)i * ldx, ldx, wp, k, GB_MR, m0, m1, beta);
-    switch (m - i) {
-#define GB_TAIL(R)                                                                                     \
-    case R:                                                                                            \
-        gb_block(y + (size_t)i * ldy, ldy, x + (size_t)i * ldx, ldx, wp, k, R, m0, m1, beta);          \
-        break;
-        GB_TAIL(1) GB_TAIL(2) GB_TAIL(3) GB_TAIL(4) GB_TAIL(5) GB_TAIL(6)
-        GB_TAIL(7) GB_TAIL(8) GB_TAIL(9) GB_TAIL(10) GB_TAIL(11)
-#undef GB_TAIL
-    default:
-        break;
-    }
+    __mmask16 m0, m1;
+    gp_masks512(n, &m0, &m1);
+#define GB_BLOCK(yb, xb, R) gb_block(yb, ldy, xb, ldx, wp, k, R, m0, m1, beta)
+    GP_ROWS512(GB_BLOCK, y, ldy, x, ldx, m);
+#undef GB_BLOCK
 }
 
 void kvr_gemm_pack_bf16(uint32_t *wp, const void *w, size_t wstride, int n, int k) {
