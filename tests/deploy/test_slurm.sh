@@ -327,6 +327,7 @@ for MODE in $MODES; do
         continue
     fi
     t1=$(now)
+    # Submits the job, waits until it runs and sets ADDR to its coordinator.
     submit() {
         JOB=$(cd "$W" && KVR_LAUNCH=$MODE KVR_BIN=$NODE_BIN KVR_MODEL=$SHARED/models/stories260K.bin \
             KVR_TOKENIZER=$SHARED/models/tok512.bin KVR_PREFILL=1 KVR_DECODE=2 KVR_PORT=$PORT \
@@ -335,8 +336,12 @@ for MODE in $MODES; do
             sbatch --parsable --nodes=4 --ntasks=4 --output="$W/job-%j.out" "$SRC/deploy/slurm/kvrelay.sbatch")
         JOB=${JOB%%;*}
         echo "job $JOB submitted"
+        wait_for 60 "job $JOB running" running
+        # The coordinator runs on the job's first node.
+        FIRST=$(squeue -h -j "$JOB" -o '%N' | xargs scontrol show hostnames | head -n1)
+        FIRST_IP=$(awk -v h="$FIRST" '$2 == h {print $1}' "$STATE/hosts")
+        ADDR="$FIRST_IP:$PORT"
     }
-    submit
     running() {
         local s
         s=$(job_state "$JOB")
@@ -346,10 +351,7 @@ for MODE in $MODES; do
         esac
         return 1
     }
-    wait_for 60 "job $JOB running" running
-    FIRST=$(squeue -h -j "$JOB" -o '%N' | xargs scontrol show hostnames | head -n1)
-    FIRST_IP=$(awk -v h="$FIRST" '$2 == h {print $1}' "$STATE/hosts")
-    ADDR="$FIRST_IP:$PORT"
+    submit
     # srun only: a rank that dies of SIGSEGV before the cluster serves. Measured (cores of
     # two such deaths in ~35 launches under load): inside MPI_Init, Open MPI 4.1.4's TCP
     # BTL hands a peer's first message (ob1 MATCH, tag 0x41) to a handler ob1 has not
@@ -374,10 +376,6 @@ for MODE in $MODES; do
         wait_for 60 "job $JOB gone after scancel" job_gone "$JOB"
         for _ in $(seq 1 300); do no_leftovers && break; sleep 0.1; done
         submit
-        wait_for 60 "job $JOB running" running
-        FIRST=$(squeue -h -j "$JOB" -o '%N' | xargs scontrol show hostnames | head -n1)
-        FIRST_IP=$(awk -v h="$FIRST" '$2 == h {print $1}' "$STATE/hosts")
-        ADDR="$FIRST_IP:$PORT"
         STARTUP_CRASH=0
         wait_for 90 "coordinator of job $JOB serving at $ADDR" serving
         [ "$STARTUP_CRASH" = 0 ] || { cat "$W/job-$JOB.out"; fail "srun: a rank died of SIGSEGV at start-up twice"; }
