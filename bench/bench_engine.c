@@ -311,6 +311,7 @@ static int step_probe_init(struct read_probe *rp, const struct kvr_model *m) {
         rc = probe_add(rp, w->wcls.data, (size_t)w->wcls.rows * w->wcls.row_nbytes);
     return rc;
 }
+
 /* Best cblas_sgemm GFLOP/s at n^3 with OpenBLAS's own n_threads threads. */
 static double measure_sgemm(int n, int n_threads, int reps) {
     size_t nn = (size_t)n * (size_t)n;

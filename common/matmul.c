@@ -302,7 +302,7 @@ int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads) {
  * (one sequential stream the hardware prefetchers follow, no cold restarts inside it)
  * and the ends are balanced by taking from the back of the others' ranges. A claim takes
  * 1/div of what is left (at least a slice): few claims while a range is long, single
- * slices at its end, so the threads finish within a slice of each other whatever pace
+ * slices at its end, so the threads finish within one claim of each other whatever pace
  * each had (a thread slowed by a busy core leaves its tail to the other). */
 #define B1_SLICE 16      /* rows per slice: whole 16-row groups (the Q8_0 kernel's) */
 #define B1_MAX_RANGES 16 /* threads past this own no range: they only take from the backs */

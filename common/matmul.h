@@ -125,7 +125,9 @@ int kvr_matmul_chunk(int m, int n, size_t row_nbytes, int n_threads);
  * one contiguous range of every part and reads its ranges part after part, front to back,
  * as one sequential stream per part, each claim taking 1/div of what is left of the range
  * (div 1: the whole range at once); a thread whose ranges are done claims the same way
- * from the back of the others' ranges, so the threads end within a slice of each other.
+ * from the back of the others' ranges, so the threads end within one claim of each other
+ * (the last claims are single slices; a claim in progress when the others run out is at
+ * most 1/div of what was left of its range).
  * fn(arg, part, r0, r1, thread) computes rows [r0, r1) of a part; every row is computed
  * once, in no particular order. Runs on the calling thread alone when tp is NULL or has
  * one thread. 1 <= n_parts <= KVR_MATMUL_MAX_OPS, div >= 1. */
